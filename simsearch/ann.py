@@ -1,0 +1,95 @@
+"""The FAISS index behind one small interface: add, remove by id, search, save, load.
+
+Vectors are L2-normalised, so inner product is cosine similarity. Ids are the catalog's row ids.
+The layout is a faiss ``index_factory`` string (default ``IDMap2,Flat``: exact search); other
+types (IVF, HNSW, PQ) slot in by changing that string, with nothing else touched. Saving writes
+a temporary file, fsyncs it and renames it over the old one, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import IndexCorruptError
+
+log = logging.getLogger(__name__)
+
+FAISS_FILE = "vectors.faiss"
+DEFAULT_FACTORY = "IDMap2,Flat"
+
+
+class VectorIndex:
+    """Cosine-similarity search over id-tagged vectors."""
+
+    def __init__(self, dim: int, factory: str = DEFAULT_FACTORY, index: faiss.Index | None = None) -> None:
+        self.dim = dim
+        self.factory = factory
+        self.index = index if index is not None else faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Only needed for trainable layouts (IVF, PQ); a no-op for Flat."""
+        if not self.index.is_trained:
+            self.index.train(_as_f32(vectors))
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        self.index.add_with_ids(_as_f32(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return 0
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+
+    def ids(self) -> np.ndarray:
+        """Every id held, in storage order."""
+        return faiss.vector_to_array(faiss.downcast_index(self.index).id_map).astype(np.int64)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n_queries, k), best first; missing neighbours have id -1."""
+        k = max(1, min(k, len(self))) if len(self) else 1
+        return self.index.search(_as_f32(queries), k)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_atomic(self.index, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], factory: str = DEFAULT_FACTORY) -> "VectorIndex":
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise IndexCorruptError(f"cannot read FAISS index {path}: {exc}") from exc
+        return cls(index.d, factory, index)
+
+
+def write_atomic(index: faiss.Index, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,307 @@
+"""The SQLite metadata of an index (through sqlite-utils): schema, description, rows, clusters.
+
+SQLite is the source of truth. Each indexed image is one row whose integer primary key is also
+its FAISS id, and whose float32 vector is stored with it, so the FAISS file can always be
+rebuilt or repaired from here. Only this module writes SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import sqlite_utils
+
+from .errors import IndexCorruptError, IndexNotFoundError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CATALOG_FILE = "catalog.db"
+
+# The fields of an index's description that must match for vectors to be comparable.
+IDENTITY_KEYS = ("model", "weights", "dim", "preprocessing")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class ImageRow:
+    """The catalog's view of one file."""
+
+    id: int
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    hash: str | None
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+_ROW_COLUMNS = "id, path, size, mtime_ns, hash, width, height, status, error"
+
+
+class Catalog:
+    """One index's SQLite database."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike[str], create: bool = False) -> "Catalog":
+        index_dir = Path(index_dir)
+        path = index_dir / CATALOG_FILE
+        if not path.exists():
+            if not create:
+                raise IndexNotFoundError(
+                    f"no index at {index_dir} (create one with: simsearch index FOLDER --index {index_dir})"
+                )
+            index_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+            db = sqlite_utils.Database(conn)
+            db.enable_wal()
+            db.execute("PRAGMA synchronous=NORMAL")
+            catalog = cls(db, path)
+            catalog._ensure_schema()
+        except sqlite3.DatabaseError as exc:
+            raise IndexCorruptError(f"cannot open {path}: {exc}") from exc
+        return catalog
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _ensure_schema(self) -> None:
+        db = self.db
+        if "meta" not in db.table_names():
+            with self.transaction():
+                db["meta"].create({"key": str, "value": str}, pk="key")
+                db["images"].create(
+                    {
+                        "id": int,
+                        "path": str,
+                        "size": int,
+                        "mtime_ns": int,
+                        "hash": str,
+                        "width": int,
+                        "height": int,
+                        "status": str,
+                        "error": str,
+                        "vector": bytes,
+                        "indexed_at": str,
+                    },
+                    pk="id",
+                    not_null={"path", "status"},
+                )
+                db["images"].create_index(["path"], unique=True)
+                db["images"].create_index(["hash"])
+                db["images"].create_index(["status"])
+                db["clusters"].create({"cluster": int, "size": int, "centroid": bytes}, pk="cluster")
+                db["cluster_members"].create({"image_id": int, "cluster": int, "distance": float}, pk="image_id")
+                db["cluster_members"].create_index(["cluster", "distance"])
+                self._set_meta_raw({"schema_version": SCHEMA_VERSION, "created_at": utc_now()})
+            return
+        version = self.get_meta().get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise IndexCorruptError(
+                f"{self.path} has schema version {version}, this simsearch reads version {SCHEMA_VERSION}; "
+                "rebuild the index with --rebuild"
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic unit of work: everything inside commits together or not at all."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    # -- description -----------------------------------------------------------------------
+    def get_meta(self) -> dict[str, Any]:
+        return {row["key"]: json.loads(row["value"]) for row in self.db["meta"].rows}
+
+    def _set_meta_raw(self, values: dict[str, Any]) -> None:
+        self.db["meta"].upsert_all(
+            [{"key": k, "value": json.dumps(v, sort_keys=True)} for k, v in values.items()], pk="key"
+        )
+
+    def set_meta(self, values: dict[str, Any]) -> None:
+        with self.transaction():
+            self._set_meta_raw(values)
+
+    def identity(self) -> dict[str, Any] | None:
+        """The model description the vectors were made with, or None for a fresh index."""
+        meta = self.get_meta()
+        if "model" not in meta:
+            return None
+        return {k: meta.get(k) for k in IDENTITY_KEYS}
+
+    # -- rows ------------------------------------------------------------------------------
+    def rows(self, where: str | None = None, params: Iterable[Any] = ()) -> list[ImageRow]:
+        sql = f"SELECT {_ROW_COLUMNS} FROM images"
+        if where:
+            sql += f" WHERE {where}"
+        return [ImageRow(*r) for r in self.db.execute(sql + " ORDER BY id", list(params)).fetchall()]
+
+    def rows_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
+        ids = [int(i) for i in ids]
+        out: dict[int, ImageRow] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self.db.execute(f"SELECT {_ROW_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
+                out[r[0]] = ImageRow(*r)
+        return out
+
+    def row_by_path(self, path: str) -> ImageRow | None:
+        rows = self.rows("path = ?", [path])
+        return rows[0] if rows else None
+
+    def ok_ids_by_hash(self, digest: str) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT id FROM images WHERE hash = ? AND status = 'ok'", [digest])]
+
+    def ok_ids(self) -> np.ndarray:
+        return np.array(
+            [r[0] for r in self.db.execute("SELECT id FROM images WHERE status = 'ok' ORDER BY id")], dtype=np.int64
+        )
+
+    def counts(self) -> dict[str, int]:
+        counts = {"ok": 0, "failed": 0}
+        for status, n in self.db.execute("SELECT status, count(*) FROM images GROUP BY status"):
+            counts[status] = n
+        return counts
+
+    def insert_row(self, record: dict[str, Any], vector: np.ndarray | None) -> int:
+        """Insert a new file's row (call inside a transaction); returns its id = FAISS id."""
+        record = dict(record, vector=_blob(vector), indexed_at=utc_now())
+        return int(self.db["images"].insert(record).last_pk)
+
+    def update_row(self, row_id: int, record: dict[str, Any], vector: np.ndarray | None = None, *, keep_vector: bool = False) -> None:
+        values = dict(record, indexed_at=utc_now())
+        if not keep_vector:
+            values["vector"] = _blob(vector)
+        self.db["images"].update(row_id, values)
+
+    def delete_rows(self, ids: Iterable[int]) -> None:
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
+            self.db.execute(f"DELETE FROM cluster_members WHERE image_id IN ({marks})", chunk)
+
+    def vector(self, row_id: int) -> np.ndarray | None:
+        r = self.db.execute("SELECT vector FROM images WHERE id = ?", [row_id]).fetchone()
+        return None if r is None or r[0] is None else np.frombuffer(r[0], dtype=np.float32).copy()
+
+    def iter_vectors(self, ids: Iterable[int] | None = None, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stored vectors of ok rows as (ids, matrix) chunks; memory stays bounded by ``chunk``."""
+        if ids is None:
+            cursor = self.db.execute("SELECT id, vector FROM images WHERE status = 'ok' ORDER BY id")
+            while True:
+                rows = cursor.fetchmany(chunk)
+                if not rows:
+                    return
+                yield _unpack(rows)
+        else:
+            id_list = [int(i) for i in ids]
+            for start in range(0, len(id_list), 500):
+                part = id_list[start : start + 500]
+                marks = ",".join("?" * len(part))
+                rows = self.db.execute(
+                    f"SELECT id, vector FROM images WHERE status = 'ok' AND id IN ({marks}) ORDER BY id", part
+                ).fetchall()
+                if rows:
+                    yield _unpack(rows)
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = list(self.iter_vectors())
+        if not parts:
+            dim = int(self.get_meta().get("dim") or 0)
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    # -- clusters --------------------------------------------------------------------------
+    def replace_clusters(
+        self,
+        centroids: np.ndarray,
+        sizes: np.ndarray,
+        ids: np.ndarray,
+        assignments: np.ndarray,
+        distances: np.ndarray,
+        info: dict[str, Any],
+    ) -> None:
+        """Swap in a new clustering atomically: readers see the old one or the new one, never a mix."""
+        with self.transaction():
+            self.db.execute("DELETE FROM clusters")
+            self.db.execute("DELETE FROM cluster_members")
+            self.db.conn.executemany(
+                "INSERT INTO clusters (cluster, size, centroid) VALUES (?, ?, ?)",
+                [(c, int(sizes[c]), _blob(centroids[c])) for c in range(len(centroids))],
+            )
+            self.db.conn.executemany(
+                "INSERT INTO cluster_members (image_id, cluster, distance) VALUES (?, ?, ?)",
+                zip(ids.tolist(), assignments.tolist(), distances.astype(float).tolist()),
+            )
+            self._set_meta_raw({"clustering": info})
+
+    def cluster_sizes(self) -> dict[int, int]:
+        return {c: n for c, n in self.db.execute("SELECT cluster, size FROM clusters ORDER BY cluster")}
+
+    def cluster_members(self, cluster: int, limit: int | None = None) -> list[tuple[ImageRow, float]]:
+        """Members of a cluster, nearest to its centroid first."""
+        sql = (
+            f"SELECT {', '.join('i.' + c.strip() for c in _ROW_COLUMNS.split(','))}, m.distance "
+            "FROM cluster_members m JOIN images i ON i.id = m.image_id WHERE m.cluster = ? ORDER BY m.distance, i.id"
+        )
+        params: list[Any] = [cluster]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [(ImageRow(*r[:-1]), float(r[-1])) for r in self.db.execute(sql, params)]
+
+    def clear_clusters(self) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM clusters")
+            self.db.execute("DELETE FROM cluster_members")
+            self.db.execute("DELETE FROM meta WHERE key = 'clustering'")
+
+    def clear_all(self) -> None:
+        """Drop every row and the model description (for --rebuild)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM images")
+            self.db.execute("DELETE FROM clusters")
+            self.db.execute("DELETE FROM cluster_members")
+            self.db.execute("DELETE FROM meta WHERE key NOT IN ('schema_version', 'created_at')")
+
+
+def _blob(vector: np.ndarray | None) -> bytes | None:
+    return None if vector is None else np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _unpack(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+    return ids, mat.copy()

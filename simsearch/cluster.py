@@ -1,0 +1,123 @@
+"""k-means over the stored vectors with FAISS; results persisted in the catalog.
+
+Vectors are L2-normalised, so spherical k-means (centroids re-normalised each iteration) is the
+natural fit for cosine similarity. Each image gets its nearest centroid and its Euclidean
+distance to it; a cluster's representatives are the members nearest its centroid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .catalog import utc_now
+from .errors import InputError
+from .store import IndexStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """An image in a cluster."""
+
+    path: str
+    distance: float
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class ClusterSummary:
+    cluster: int
+    size: int
+    representatives: list[Member] = field(default_factory=list)
+
+
+@dataclass
+class ClusterResult:
+    """A clustering of the whole index."""
+
+    k: int
+    n: int
+    niter: int
+    seed: int
+    objective: float
+    created_at: str
+    clusters: list[ClusterSummary] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def kmeans(vectors: np.ndarray, k: int, niter: int = 25, seed: int = 1234) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Spherical k-means: (centroids, assignments, distances, objective)."""
+    n, d = vectors.shape
+    if k < 1:
+        raise InputError("k must be at least 1")
+    if k > n:
+        raise InputError(f"cannot make {k} clusters from {n} images (k must be at most the number of images)")
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, verbose=False, max_points_per_centroid=1 << 30)
+    km.train(x)
+    centroids = km.centroids.copy()
+    index = faiss.IndexFlatL2(d)
+    index.add(centroids)
+    sq, assign = index.search(x, 1)
+    distances = np.sqrt(np.maximum(sq[:, 0], 0.0))
+    objective = float(km.obj[-1]) if len(km.obj) else float(sq.sum())
+    return centroids, assign[:, 0].astype(np.int64), distances.astype(np.float32), objective
+
+
+def cluster_index(
+    index_dir: str | os.PathLike[str], k: int, niter: int = 25, seed: int = 1234, representatives: int = 5
+) -> ClusterResult:
+    """Cluster every indexed image into ``k`` groups and store the result (replacing any earlier one)."""
+    t0 = time.perf_counter()
+    with IndexStore.open(index_dir) as store:
+        store.require_vectors()
+        ids, vectors = store.catalog.all_vectors()
+        centroids, assign, dist, objective = kmeans(vectors, k, niter=niter, seed=seed)
+        sizes = np.bincount(assign, minlength=k)
+        info = {"k": k, "n": int(len(ids)), "niter": niter, "seed": seed, "objective": objective, "created_at": utc_now()}
+        store.catalog.replace_clusters(centroids, sizes, ids, assign, dist, info)
+        result = _load(store, representatives)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _load(store: IndexStore, representatives: int) -> ClusterResult:
+    info = store.meta.get("clustering")
+    if not info:
+        raise InputError(f"the index at {store.path} has not been clustered yet (run simsearch cluster -k N)")
+    result = ClusterResult(**{k: info[k] for k in ("k", "n", "niter", "seed", "objective", "created_at")})
+    for c, size in store.catalog.cluster_sizes().items():
+        members = store.catalog.cluster_members(c, limit=representatives)
+        result.clusters.append(
+            ClusterSummary(c, size, [Member(r.path, round(d, 6), r.width, r.height) for r, d in members])
+        )
+    return result
+
+
+def load_clusters(index_dir: str | os.PathLike[str], representatives: int = 5) -> ClusterResult:
+    """The stored clustering, as the last ``cluster`` run left it."""
+    with IndexStore.open(index_dir) as store:
+        return _load(store, representatives)
+
+
+def cluster_members(index_dir: str | os.PathLike[str], cluster: int) -> list[Member]:
+    """All members of one stored cluster, nearest its centroid first."""
+    with IndexStore.open(index_dir) as store:
+        sizes = store.catalog.cluster_sizes()
+        if not sizes:
+            raise InputError(f"the index at {store.path} has not been clustered yet (run simsearch cluster -k N)")
+        if cluster not in sizes:
+            raise InputError(f"no cluster {cluster}; clusters are numbered 0 to {max(sizes)}")
+        return [Member(r.path, round(d, 6), r.width, r.height) for r, d in store.catalog.cluster_members(cluster)]

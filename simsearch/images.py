@@ -1,0 +1,221 @@
+"""Finding image files and decoding them robustly into RGB.
+
+Everything real collections throw at a decoder is handled here, once: EXIF orientation,
+palette/alpha/LA/CMYK/16-bit/grayscale modes, animated files (first frame), truncated and
+corrupt files, and decompression bombs. Failures raise :class:`ImageError`; callers decide
+whether to record and carry on (indexing) or stop (querying).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+JUNK_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default bomb limit (about 179 MP)
+
+# We enforce our own, configurable pixel limit in decode_image; Pillow's global one would
+# otherwise refuse files above twice its default before we could apply the user's setting.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A candidate image file found by the walk, with the stat fields incremental indexing uses."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_hidden_or_junk(name: str) -> bool:
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def _excluded(path: str, rel: str, patterns: tuple[str, ...]) -> bool:
+    name = os.path.basename(path)
+    return any(
+        fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(path, p) for p in patterns
+    )
+
+
+def iter_image_files(roots: Iterable[str | os.PathLike[str]], exclude: Iterable[str] = ()) -> Iterator[FileEntry]:
+    """Walk ``roots`` recursively and yield image files in a stable (sorted) order.
+
+    Hidden files and folders, OS junk (``._*``, ``Thumbs.db``, ``.DS_Store``) and paths matching
+    an ``exclude`` glob (tested against the name, the path relative to the root, and the absolute
+    path) are skipped. Symlinked folders are followed once: a loop or a second link to the same
+    folder never repeats it, and a file reachable by two paths is yielded once.
+    """
+    patterns = tuple(exclude)
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    for root in roots:
+        root_path = os.path.abspath(os.fspath(root))
+        if os.path.isfile(root_path):
+            st = os.stat(root_path)
+            if (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                yield FileEntry(root_path, st.st_size, st.st_mtime_ns)
+            continue
+        yield from _walk(root_path, root_path, patterns, seen_dirs, seen_files)
+
+
+def _walk(
+    root: str,
+    folder: str,
+    patterns: tuple[str, ...],
+    seen_dirs: set[tuple[int, int]],
+    seen_files: set[tuple[int, int]],
+) -> Iterator[FileEntry]:
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        log.warning("cannot read folder %s: %s", folder, exc)
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in seen_dirs:
+        return
+    seen_dirs.add(key)
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("cannot list folder %s: %s", folder, exc)
+        return
+    subdirs = []
+    for entry in entries:
+        if _is_hidden_or_junk(entry.name):
+            continue
+        rel = os.path.relpath(entry.path, root)
+        if patterns and _excluded(entry.path, rel, patterns):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=True):
+                subdirs.append(entry.path)
+                continue
+            if not entry.is_file(follow_symlinks=True) or not is_image_name(entry.name):
+                continue
+            fst = entry.stat(follow_symlinks=True)
+        except OSError:  # dangling link, permission denied
+            continue
+        fkey = (fst.st_dev, fst.st_ino)
+        if fkey in seen_files:
+            continue
+        seen_files.add(fkey)
+        yield FileEntry(entry.path, fst.st_size, fst.st_mtime_ns)
+    for sub in subdirs:
+        yield from _walk(root, sub, patterns, seen_dirs, seen_files)
+
+
+def content_hash(data: bytes) -> str:
+    """The content identity used to detect moved and touched files."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    with open(path, "rb") as f:
+        return content_hash(f.read())
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not data:
+        raise ImageError(f"{path} is empty (0 bytes)")
+    return data
+
+
+def decode_image(
+    data: bytes,
+    name: str = "<bytes>",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Decode encoded image bytes into an upright 8-bit RGB image.
+
+    ``draft_size``: when set, JPEGs are decoded at a reduced DCT scale whose shorter side is still
+    at least ``draft_size`` pixels (Pillow's ``Image.draft``), which is several times faster for
+    large photos that are about to be shrunk anyway.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageError(
+                f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                "(raise it with --max-pixels)"
+            )
+        if draft_size and img.format == "JPEG" and min(width, height) >= 2 * draft_size:
+            img.draft("RGB", (draft_size, draft_size))
+        img.seek(0)  # first frame of animated GIF/WebP/TIFF
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name} is not an image Pillow can read (unknown or unsupported format)") from exc
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise ImageError(f"{name} is not a readable image: {exc}") from exc
+
+
+def load_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Read and decode one file (see :func:`decode_image`)."""
+    return decode_image(read_bytes(path), str(path), max_pixels=max_pixels, draft_size=draft_size)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return _high_bit_depth_to_rgb(img)
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F" and arr.size and arr.max() <= 1.0:
+        arr = arr * 255.0
+    elif arr.size and arr.max() > 255:
+        arr = arr / 257.0  # 16-bit range 0..65535 -> 0..255
+    gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return gray.convert("RGB")

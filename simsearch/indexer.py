@@ -1,0 +1,325 @@
+"""The incremental indexing job: compare folders with the catalog, embed what changed, commit in batches.
+
+Files are matched by path, then by size + mtime; a changed size+mtime is confirmed by a content
+hash. A file that disappeared from one path and appeared at another with the same content is a
+move: its row (and vector) follow it instead of being re-embedded. Each embedded batch commits
+in one SQLite transaction; FAISS follows and is saved atomically every ``save_interval`` seconds
+and at the end. A run killed at any point leaves the catalog consistent, and the next run first
+repairs FAISS from stored vectors, then carries on with what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import numpy as np
+
+from .catalog import ImageRow, utc_now
+from .errors import InputError
+from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, iter_image_files
+from .store import IndexStore
+
+log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """What long-running library calls report to; the CLI renders it as a progress bar."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullProgress:
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class IndexSummary:
+    """What one ``index`` run did."""
+
+    index: str
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    repaired: int = 0
+    total_indexed: int = 0
+    total_failed: int = 0
+    embedded: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["images_per_second"] = round(self.images_per_second, 2)
+        return d
+
+
+@dataclass
+class EmbedOptions:
+    """How to embed: which model and how to run it (shared by index and query)."""
+
+    model: str = "resnet50"
+    weights: str = "imagenet"
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    draft: bool = True
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    for root in roots:
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _record(entry: FileEntry, digest: str | None, width: int | None, height: int | None, error: str | None) -> dict[str, Any]:
+    return {
+        "path": entry.path,
+        "size": entry.size,
+        "mtime_ns": entry.mtime_ns,
+        "hash": digest,
+        "width": width,
+        "height": height,
+        "status": "failed" if error else "ok",
+        "error": error,
+    }
+
+
+def _weights_source(weights: str) -> str:
+    """How to recreate the weights later (an absolute path for files)."""
+    if weights in ("imagenet", "random"):
+        return weights
+    return str(Path(weights).expanduser().resolve())
+
+
+def repair_index(index_dir: str | os.PathLike[str]) -> IndexSummary:
+    """Bring FAISS back in step with the catalog from stored vectors (no re-embedding)."""
+    with IndexStore.open(index_dir) as store:
+        found = store.repair()
+        counts = store.catalog.counts()
+        return IndexSummary(
+            index=str(index_dir),
+            repaired=len(found.missing) + len(found.extra),
+            total_indexed=counts["ok"],
+            total_failed=counts["failed"],
+        )
+
+
+def index_folders(
+    roots: Iterable[str | os.PathLike[str]],
+    index_dir: str | os.PathLike[str],
+    options: EmbedOptions | None = None,
+    exclude: Iterable[str] = (),
+    rebuild: bool = False,
+    progress: Progress | None = None,
+    save_interval: float = 30.0,
+) -> IndexSummary:
+    """Index (or bring up to date) every image under ``roots`` into the index at ``index_dir``."""
+    from .embed import Embedder
+    from .models import create_model
+
+    options = options or EmbedOptions()
+    progress = progress or NullProgress()
+    t0 = time.perf_counter()
+    root_list = [os.path.abspath(os.fspath(r)) for r in roots]
+    for root in root_list:
+        if not os.path.exists(root):
+            raise InputError(f"no such file or folder: {root}")
+
+    store = IndexStore.open(index_dir, create=True)
+    try:
+        model = create_model(options.model, options.weights, seed=options.seed)
+        description = dict(model.describe(), weights_source=_weights_source(options.weights), seed=options.seed)
+        store.ensure_identity(description, rebuild=rebuild)
+        store.catalog.set_meta({"weights_source": description["weights_source"], "seed": options.seed})
+        summary = IndexSummary(index=str(index_dir))
+        found = store.repair()
+        summary.repaired = len(found.missing) + len(found.extra)
+
+        plan = _plan(store, root_list, exclude, summary)
+        if plan.to_embed:
+            embedder = Embedder(
+                model,
+                device=options.device,
+                batch_size=options.batch_size,
+                workers=options.workers,
+                max_pixels=options.max_pixels,
+                draft=options.draft,
+            )
+            progress.start(len(plan.to_embed))
+            t_embed = time.perf_counter()
+            last_save = time.monotonic()
+            try:
+                paths = [e.path for e in plan.to_embed]
+                by_path = {e.path: e for e in plan.to_embed}
+                for batch in embedder.embed_files(paths, progress=progress.advance):
+                    _commit_batch(store, batch, by_path, plan.existing, summary)
+                    if time.monotonic() - last_save > save_interval:
+                        store.save_ann()
+                        last_save = time.monotonic()
+            finally:
+                progress.close()
+                summary.embed_seconds = time.perf_counter() - t_embed
+                store.save_ann()
+        else:
+            store.save_ann()
+        counts = store.catalog.counts()
+        summary.total_indexed, summary.total_failed = counts["ok"], counts["failed"]
+        summary.seconds = time.perf_counter() - t0
+        store.catalog.set_meta(
+            {
+                "updated_at": utc_now(),
+                "roots": sorted(set(store.meta.get("roots", [])) | set(root_list)),
+                "last_run": {k: v for k, v in summary.to_dict().items() if k != "failures"},
+            }
+        )
+        return summary
+    finally:
+        store.close()
+
+
+@dataclass
+class _Plan:
+    to_embed: list[FileEntry]
+    existing: dict[str, ImageRow]
+
+
+def _plan(store: IndexStore, roots: list[str], exclude: Iterable[str], summary: IndexSummary) -> _Plan:
+    """Classify files and apply the cheap changes (moves, touches, removals) before embedding."""
+    catalog = store.catalog
+    existing = {row.path: row for row in catalog.rows()}
+    seen: set[str] = set()
+    new: list[FileEntry] = []
+    to_embed: list[FileEntry] = []
+    touched: list[tuple[FileEntry, ImageRow]] = []
+    for entry in iter_image_files(roots, exclude):
+        seen.add(entry.path)
+        row = existing.get(entry.path)
+        if row is None:
+            new.append(entry)
+        elif row.size == entry.size and row.mtime_ns == entry.mtime_ns:
+            summary.unchanged += 1
+        elif row.size == entry.size and row.hash:
+            touched.append((entry, row))
+        else:
+            to_embed.append(entry)
+
+    gone = [row for path, row in existing.items() if path not in seen and _under(path, roots)]
+    gone_by_size: dict[int, list[ImageRow]] = defaultdict(list)
+    for row in gone:
+        if row.ok and row.hash and row.size is not None:
+            gone_by_size[row.size].append(row)
+
+    moves: list[tuple[FileEntry, ImageRow]] = []
+    for entry in new:
+        candidates = gone_by_size.get(entry.size)
+        match = None
+        if candidates:
+            try:
+                digest = hash_file(entry.path)
+            except OSError:
+                digest = None
+            match = next((r for r in candidates if r.hash == digest), None)
+        if match is not None:
+            candidates.remove(match)  # type: ignore[union-attr]
+            moves.append((entry, match))
+        else:
+            to_embed.append(entry)
+    moved_ids = {row.id for _, row in moves}
+    removed = [row for row in gone if row.id not in moved_ids]
+
+    touched_only: list[tuple[FileEntry, ImageRow]] = []
+    for entry, row in touched:
+        try:
+            same = hash_file(entry.path) == row.hash
+        except OSError:
+            same = False
+        if same:
+            touched_only.append((entry, row))
+        else:
+            to_embed.append(entry)
+
+    with catalog.transaction():
+        for entry, row in moves:
+            catalog.update_row(row.id, {"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns}, keep_vector=True)
+        for entry, row in touched_only:
+            catalog.update_row(row.id, {"mtime_ns": entry.mtime_ns}, keep_vector=True)
+        catalog.delete_rows(row.id for row in removed)
+    store.ann.remove([row.id for row in removed if row.ok])  # type: ignore[union-attr]
+    for entry, row in moves:
+        existing.pop(row.path, None)
+        log.info("moved: %s -> %s", row.path, entry.path)
+    summary.moved = len(moves)
+    summary.removed = len(removed)
+    summary.unchanged += len(touched_only)
+    return _Plan(to_embed=to_embed, existing=existing)
+
+
+def _commit_batch(store: IndexStore, batch: Any, by_path: dict[str, FileEntry], existing: dict[str, ImageRow], summary: IndexSummary) -> None:
+    """Write one embedded batch to SQLite in one transaction, then mirror it into FAISS."""
+    catalog, ann = store.catalog, store.ann
+    assert ann is not None
+    add_ids: list[int] = []
+    drop_ids: list[int] = []
+    vec_iter = iter(batch.vectors)
+    with catalog.transaction():
+        for item in batch.items:
+            entry = by_path[item.path]
+            vector = next(vec_iter) if item.ok else None
+            record = _record(entry, item.hash, item.width, item.height, item.error)
+            row = existing.get(item.path)
+            if row is None:
+                row_id = catalog.insert_row(record, vector)
+                if item.ok:
+                    summary.added += 1
+            else:
+                row_id = row.id
+                catalog.update_row(row_id, record, vector)
+                if row.ok:
+                    drop_ids.append(row_id)
+                if item.ok:
+                    summary.updated += 1
+            if item.ok:
+                add_ids.append(row_id)
+            else:
+                summary.failed += 1
+                summary.failures.append({"path": item.path, "error": item.error or ""})
+                log.warning("skipped: %s", item.error)
+    ann.remove(drop_ids)
+    ann.add(np.array(add_ids, dtype=np.int64), batch.vectors)
+    summary.embedded += len(batch.items)
+
+
+def failed_files(index_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Files that could not be indexed, with their errors."""
+    with IndexStore.open(index_dir) as store:
+        return [
+            {"path": r.path, "error": r.error, "size": r.size} for r in store.catalog.rows("status = 'failed'")
+        ]

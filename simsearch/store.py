@@ -1,0 +1,190 @@
+"""An index directory: the SQLite catalog and the FAISS file, kept in agreement.
+
+The catalog is the source of truth; the FAISS file is derived from its stored vectors. After a
+crash the FAISS file may lag the catalog by the last batches: :meth:`IndexStore.check` reports
+that, and :meth:`IndexStore.repair` fixes it from the stored vectors without re-embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .ann import DEFAULT_FACTORY, FAISS_FILE, VectorIndex
+from .catalog import IDENTITY_KEYS, Catalog
+from .errors import EmptyIndexError, IndexCorruptError, IndexMismatchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX_DIR = "index_data"
+INDEX_ENV_VAR = "SIMSEARCH_INDEX"
+
+
+def default_index_dir() -> Path:
+    """``$SIMSEARCH_INDEX`` if set, else ``./index_data`` relative to the working directory."""
+    return Path(os.environ.get(INDEX_ENV_VAR) or DEFAULT_INDEX_DIR)
+
+
+@dataclass
+class Consistency:
+    """How the FAISS ids differ from the catalog's ok rows."""
+
+    missing: np.ndarray  # ok rows not in FAISS
+    extra: np.ndarray  # FAISS ids with no ok row
+
+    @property
+    def ok(self) -> bool:
+        return len(self.missing) == 0 and len(self.extra) == 0
+
+
+class IndexStore:
+    """Catalog + vector index of one index directory."""
+
+    def __init__(self, path: Path, catalog: Catalog, ann: VectorIndex | None) -> None:
+        self.path = path
+        self.catalog = catalog
+        self.ann = ann
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], create: bool = False) -> "IndexStore":
+        path = Path(path)
+        catalog = Catalog.open(path, create=create)
+        store = cls(path, catalog, None)
+        store._load_ann()
+        return store
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> "IndexStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def ann_path(self) -> Path:
+        return self.path / FAISS_FILE
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.catalog.get_meta()
+
+    def _load_ann(self) -> None:
+        meta = self.catalog.get_meta()
+        dim = meta.get("dim")
+        factory = meta.get("faiss_factory", DEFAULT_FACTORY)
+        if self.ann_path.exists():
+            self.ann = VectorIndex.load(self.ann_path, factory)
+            if dim is not None and self.ann.dim != dim:
+                raise IndexCorruptError(f"{self.ann_path} holds {self.ann.dim}-d vectors, the catalog says {dim}")
+        elif dim is not None:
+            self.ann = VectorIndex(int(dim), factory)
+
+    # -- model identity --------------------------------------------------------------------
+    def ensure_identity(self, description: dict[str, Any], rebuild: bool = False) -> None:
+        """Record the model for a fresh index; refuse a different one unless ``rebuild``."""
+        current = self.catalog.identity()
+        wanted = {k: description[k] for k in IDENTITY_KEYS}
+        if current is not None and current != wanted:
+            if not rebuild:
+                raise IndexMismatchError(
+                    f"the index at {self.path} was built with {describe_identity(current)}; "
+                    f"this run uses {describe_identity(wanted)}. Use the same model, or --rebuild to start over"
+                )
+            log.warning("rebuilding %s: dropping every vector made with %s", self.path, describe_identity(current))
+        if current is None or current != wanted:
+            self.catalog.clear_all()
+            if self.ann_path.exists():
+                self.ann_path.unlink()
+            self.catalog.set_meta(dict(description, faiss_factory=DEFAULT_FACTORY))
+            self.ann = VectorIndex(int(description["dim"]), DEFAULT_FACTORY)
+
+    # -- consistency -----------------------------------------------------------------------
+    def check(self) -> Consistency:
+        ok_ids = self.catalog.ok_ids()
+        ann_ids = self.ann.ids() if self.ann is not None else np.zeros(0, np.int64)
+        return Consistency(
+            missing=np.setdiff1d(ok_ids, ann_ids, assume_unique=True),
+            extra=np.setdiff1d(ann_ids, ok_ids),
+        )
+
+    def repair(self) -> Consistency:
+        """Make FAISS match the catalog from the stored vectors; returns what was fixed."""
+        found = self.check()
+        if found.ok:
+            return found
+        if self.ann is None:
+            raise IndexCorruptError(f"{self.path} has rows but no recorded dim; rebuild it with --rebuild")
+        log.warning(
+            "repairing %s: %d vectors missing from FAISS, %d stale ones in it",
+            self.path,
+            len(found.missing),
+            len(found.extra),
+        )
+        self.ann.remove(found.extra)
+        for ids, vectors in self.catalog.iter_vectors(found.missing):
+            self.ann.add(ids, vectors)
+        self.save_ann()
+        return found
+
+    def require_consistent(self) -> None:
+        found = self.check()
+        if not found.ok:
+            raise IndexCorruptError(
+                f"the index at {self.path} is out of step: {len(found.missing)} catalog rows are missing from "
+                f"the FAISS file and {len(found.extra)} FAISS ids have no row (an interrupted run?). "
+                f"Run: simsearch index --repair --index {self.path}"
+            )
+
+    def require_vectors(self) -> VectorIndex:
+        if self.ann is None or len(self.ann) == 0:
+            raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
+        return self.ann
+
+    def save_ann(self) -> None:
+        if self.ann is not None:
+            self.ann.save(self.ann_path)
+
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    prep = identity.get("preprocessing") or {}
+    return (
+        f"model={identity.get('model')} weights={identity.get('weights')} dim={identity.get('dim')} "
+        f"input={prep.get('crop_size')}px"
+    )
+
+
+def index_info(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Location, model, dim, counts, size on disk, last update and last clustering of an index."""
+    with IndexStore.open(index_dir) as store:
+        meta = store.meta
+        counts = store.catalog.counts()
+        found = store.check()
+        clustering = meta.get("clustering")
+        return {
+            "index": str(store.path.resolve()),
+            "schema_version": meta.get("schema_version"),
+            "model": meta.get("model"),
+            "weights": meta.get("weights"),
+            "dim": meta.get("dim"),
+            "preprocessing": meta.get("preprocessing"),
+            "faiss_factory": meta.get("faiss_factory"),
+            "indexed": counts["ok"],
+            "failed": counts["failed"],
+            "faiss_vectors": len(store.ann) if store.ann is not None else 0,
+            "consistent": found.ok,
+            "size_bytes": store.size_on_disk(),
+            "created_at": meta.get("created_at"),
+            "updated_at": meta.get("updated_at"),
+            "roots": meta.get("roots", []),
+            "last_clustering": clustering,
+        }
