@@ -212,9 +212,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit modes always span 0..65535 (a dark 16-bit image must stay dark); "I" and "F" are
+    guessed from their values: 0..1 floats, 8-bit values stored wide, or a 16-bit range."""
     arr = np.asarray(img, dtype=np.float64)
-    if img.mode == "F" and arr.size and arr.max() <= 1.0:
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0  # 0..65535 -> 0..255
+    elif img.mode == "F" and arr.size and arr.max() <= 1.0:
         arr = arr * 255.0
+    elif arr.size and arr.max() > 65535:
+        arr = arr * (255.0 / arr.max())
     elif arr.size and arr.max() > 255:
         arr = arr / 257.0  # 16-bit range 0..65535 -> 0..255
     gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
