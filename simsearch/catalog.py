@@ -117,6 +117,7 @@ class Catalog:
                 db["clusters"].create({"cluster": int, "size": int, "centroid": bytes}, pk="cluster")
                 db["cluster_members"].create({"image_id": int, "cluster": int, "distance": float}, pk="image_id")
                 db["cluster_members"].create_index(["cluster", "distance"])
+                db["ann_pending"].create({"id": int}, pk="id")
                 self._set_meta_raw({"schema_version": SCHEMA_VERSION, "created_at": utc_now()})
             return
         version = self.get_meta().get("schema_version")
@@ -125,6 +126,8 @@ class Catalog:
                 f"{self.path} has schema version {version}, this simsearch reads version {SCHEMA_VERSION}; "
                 "rebuild the index with --rebuild"
             )
+        if "ann_pending" not in db.table_names():  # indexes made before the table existed
+            db.execute("CREATE TABLE IF NOT EXISTS ann_pending (id INTEGER PRIMARY KEY)")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -196,21 +199,44 @@ class Catalog:
     def insert_row(self, record: dict[str, Any], vector: np.ndarray | None) -> int:
         """Insert a new file's row (call inside a transaction); returns its id = FAISS id."""
         record = dict(record, vector=_blob(vector), indexed_at=utc_now())
-        return int(self.db["images"].insert(record).last_pk)
+        row_id = int(self.db["images"].insert(record).last_pk)
+        self._mark_pending([row_id])
+        return row_id
 
     def update_row(self, row_id: int, record: dict[str, Any], vector: np.ndarray | None = None, *, keep_vector: bool = False) -> None:
         values = dict(record, indexed_at=utc_now())
         if not keep_vector:
             values["vector"] = _blob(vector)
+            self._mark_pending([row_id])
         self.db["images"].update(row_id, values)
 
     def delete_rows(self, ids: Iterable[int]) -> None:
         ids = [int(i) for i in ids]
+        self._mark_pending(ids)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             self.db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
             self.db.execute(f"DELETE FROM cluster_members WHERE image_id IN ({marks})", chunk)
+
+    # -- ids whose vector changed since the FAISS file was last saved ---------------------------
+    # An id can keep its number while its vector changes (a modified file, or SQLite reusing the
+    # id of a deleted last row), which comparing id sets cannot see. Every vector change records
+    # its id here in the same transaction; the store re-syncs these ids into FAISS before it
+    # saves, and clears them only after the save.
+    def _mark_pending(self, ids: list[int]) -> None:
+        if ids:
+            self.db.conn.executemany("INSERT OR IGNORE INTO ann_pending (id) VALUES (?)", [(i,) for i in ids])
+
+    def pending_ids(self) -> np.ndarray:
+        return np.array([r[0] for r in self.db.execute("SELECT id FROM ann_pending ORDER BY id")], dtype=np.int64)
+
+    def clear_pending(self, ids: Iterable[int] | None = None) -> None:
+        with self.transaction():
+            if ids is None:
+                self.db.execute("DELETE FROM ann_pending")
+            else:
+                self.db.conn.executemany("DELETE FROM ann_pending WHERE id = ?", [(int(i),) for i in ids])
 
     def vector(self, row_id: int) -> np.ndarray | None:
         r = self.db.execute("SELECT vector FROM images WHERE id = ?", [row_id]).fetchone()
@@ -292,6 +318,7 @@ class Catalog:
         """Drop every row and the model description (for --rebuild)."""
         with self.transaction():
             self.db.execute("DELETE FROM images")
+            self.db.execute("DELETE FROM ann_pending")
             self.db.execute("DELETE FROM clusters")
             self.db.execute("DELETE FROM cluster_members")
             self.db.execute("DELETE FROM meta WHERE key NOT IN ('schema_version', 'created_at')")

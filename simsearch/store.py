@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,20 @@ def default_index_dir() -> Path:
 
 @dataclass
 class Consistency:
-    """How the FAISS ids differ from the catalog's ok rows."""
+    """How the FAISS file differs from the catalog's ok rows."""
 
     missing: np.ndarray  # ok rows not in FAISS
     extra: np.ndarray  # FAISS ids with no ok row
+    stale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # ids whose vector changed since FAISS was saved (or held twice): same id, maybe another vector
 
     @property
     def ok(self) -> bool:
-        return len(self.missing) == 0 and len(self.extra) == 0
+        return len(self.missing) == 0 and len(self.extra) == 0 and len(self.stale) == 0
+
+    @property
+    def count(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.stale)
 
 
 class IndexStore:
@@ -109,9 +115,12 @@ class IndexStore:
     def check(self) -> Consistency:
         ok_ids = self.catalog.ok_ids()
         ann_ids = self.ann.ids() if self.ann is not None else np.zeros(0, np.int64)
+        unique, counts = np.unique(ann_ids, return_counts=True)
+        stale = np.union1d(self.catalog.pending_ids(), unique[counts > 1])
         return Consistency(
-            missing=np.setdiff1d(ok_ids, ann_ids, assume_unique=True),
-            extra=np.setdiff1d(ann_ids, ok_ids),
+            missing=np.setdiff1d(ok_ids, unique, assume_unique=True),
+            extra=np.setdiff1d(unique, ok_ids, assume_unique=True),
+            stale=stale,
         )
 
     def repair(self) -> Consistency:
@@ -122,16 +131,25 @@ class IndexStore:
         if self.ann is None:
             raise IndexCorruptError(f"{self.path} has rows but no recorded dim; rebuild it with --rebuild")
         log.warning(
-            "repairing %s: %d vectors missing from FAISS, %d stale ones in it",
+            "repairing %s: %d vectors missing from FAISS, %d ids in it with no row, %d possibly stale",
             self.path,
             len(found.missing),
             len(found.extra),
+            len(found.stale),
         )
         self.ann.remove(found.extra)
-        for ids, vectors in self.catalog.iter_vectors(found.missing):
-            self.ann.add(ids, vectors)
+        self._resync(np.union1d(found.missing, found.stale))
         self.save_ann()
         return found
+
+    def _resync(self, ids: np.ndarray) -> None:
+        """Replace whatever FAISS holds for ``ids`` with the catalog's stored vectors (ok rows only)."""
+        assert self.ann is not None
+        if len(ids) == 0:
+            return
+        self.ann.remove(ids)
+        for chunk_ids, vectors in self.catalog.iter_vectors(ids):
+            self.ann.add(chunk_ids, vectors)
 
     def require_consistent(self) -> None:
         found = self.check()
@@ -148,8 +166,15 @@ class IndexStore:
         return self.ann
 
     def save_ann(self) -> None:
-        if self.ann is not None:
-            self.ann.save(self.ann_path)
+        """Bring the ids changed since the last save in step with the catalog, write FAISS atomically,
+        and only then forget them (a crash in between just redoes them)."""
+        if self.ann is None:
+            return
+        pending = self.catalog.pending_ids()
+        self._resync(pending)
+        self.ann.save(self.ann_path)
+        if len(pending):
+            self.catalog.clear_pending(pending)
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
