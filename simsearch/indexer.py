@@ -126,7 +126,7 @@ def repair_index(index_dir: str | os.PathLike[str]) -> IndexSummary:
         counts = store.catalog.counts()
         return IndexSummary(
             index=str(index_dir),
-            repaired=len(found.missing) + len(found.extra),
+            repaired=found.count,
             total_indexed=counts["ok"],
             total_failed=counts["failed"],
         )
@@ -153,17 +153,20 @@ def index_folders(
         if not os.path.exists(root):
             raise InputError(f"no such file or folder: {root}")
 
+    # The model first: a weights error must not leave an empty index directory behind.
+    model = create_model(options.model, options.weights, seed=options.seed)
     store = IndexStore.open(index_dir, create=True)
     try:
-        model = create_model(options.model, options.weights, seed=options.seed)
         description = dict(model.describe(), weights_source=_weights_source(options.weights), seed=options.seed)
         store.ensure_identity(description, rebuild=rebuild)
         store.catalog.set_meta({"weights_source": description["weights_source"], "seed": options.seed})
         summary = IndexSummary(index=str(index_dir))
         found = store.repair()
-        summary.repaired = len(found.missing) + len(found.extra)
+        summary.repaired = found.count
 
-        plan = _plan(store, root_list, exclude, summary)
+        # Files refused under a lower --max-pixels get another chance when the limit is raised.
+        retry_failed = _pixel_limit(options.max_pixels) > _pixel_limit(store.meta.get("max_pixels", DEFAULT_MAX_PIXELS))
+        plan = _plan(store, root_list, exclude, summary, retry_failed=retry_failed)
         if plan.to_embed:
             embedder = Embedder(
                 model,
@@ -196,6 +199,7 @@ def index_folders(
         store.catalog.set_meta(
             {
                 "updated_at": utc_now(),
+                "max_pixels": options.max_pixels,
                 "roots": sorted(set(store.meta.get("roots", [])) | set(root_list)),
                 "last_run": {k: v for k, v in summary.to_dict().items() if k != "failures"},
             }
@@ -211,7 +215,13 @@ class _Plan:
     existing: dict[str, ImageRow]
 
 
-def _plan(store: IndexStore, roots: list[str], exclude: Iterable[str], summary: IndexSummary) -> _Plan:
+def _pixel_limit(max_pixels: int | None) -> float:
+    return float("inf") if max_pixels is None else float(max_pixels)
+
+
+def _plan(
+    store: IndexStore, roots: list[str], exclude: Iterable[str], summary: IndexSummary, retry_failed: bool = False
+) -> _Plan:
     """Classify files and apply the cheap changes (moves, touches, removals) before embedding."""
     catalog = store.catalog
     existing = {row.path: row for row in catalog.rows()}
@@ -225,7 +235,10 @@ def _plan(store: IndexStore, roots: list[str], exclude: Iterable[str], summary: 
         if row is None:
             new.append(entry)
         elif row.size == entry.size and row.mtime_ns == entry.mtime_ns:
-            summary.unchanged += 1
+            if retry_failed and not row.ok:
+                to_embed.append(entry)
+            else:
+                summary.unchanged += 1
         elif row.size == entry.size and row.hash:
             touched.append((entry, row))
         else:
@@ -261,7 +274,7 @@ def _plan(store: IndexStore, roots: list[str], exclude: Iterable[str], summary: 
             same = hash_file(entry.path) == row.hash
         except OSError:
             same = False
-        if same:
+        if same and (row.ok or not retry_failed):
             touched_only.append((entry, row))
         else:
             to_embed.append(entry)
