@@ -65,7 +65,10 @@ def kmeans(vectors: np.ndarray, k: int, niter: int = 25, seed: int = 1234) -> tu
     if k > n:
         raise InputError(f"cannot make {k} clusters from {n} images (k must be at most the number of images)")
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, verbose=False, max_points_per_centroid=1 << 30)
+    # min_points_per_centroid=1: small collections are legitimate here; faiss would print a warning.
+    km = faiss.Kmeans(
+        d, k, niter=niter, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 30
+    )
     km.train(x)
     centroids = km.centroids.copy()
     index = faiss.IndexFlatL2(d)
