@@ -69,3 +69,62 @@ def tiny_model():
     from simsearch.models import create_model
 
     return create_model("resnet18", "random", seed=0)
+
+
+# -- helpers shared by the core tests (index / query / cluster) ---------------------------------
+
+FAST_ARGS = ["--model", "resnet18", "--weights", "random", "--workers", "0", "--device", "cpu", "--batch-size", "8"]
+
+
+def fast_options(**overrides):
+    """EmbedOptions for a seeded random ResNet-18 on CPU in-process (no worker processes): fast and offline."""
+    from simsearch.indexer import EmbedOptions
+
+    values = dict(model="resnet18", weights="random", seed=0, device="cpu", batch_size=8, workers=0)
+    values.update(overrides)
+    return EmbedOptions(**values)
+
+
+def run_index(roots, index_dir, **kwargs):
+    """index_folders with :func:`fast_options` (``options=`` overrides them)."""
+    from simsearch.indexer import index_folders
+
+    if not isinstance(roots, (list, tuple)):
+        roots = [roots]
+    options = kwargs.pop("options", None) or fast_options()
+    return index_folders(roots, index_dir, options, **kwargs)
+
+
+def catalog_state(index_dir) -> dict[str, tuple[int, str, bytes | None]]:
+    """path -> (id, status, vector bytes) straight from SQLite, for before/after comparisons."""
+    import sqlite3
+
+    conn = sqlite3.connect(str(Path(index_dir) / "catalog.db"))
+    try:
+        return {p: (i, s, v) for i, p, s, v in conn.execute("SELECT id, path, status, vector FROM images")}
+    finally:
+        conn.close()
+
+
+def assert_consistent(index_dir) -> None:
+    """FAISS holds exactly the ok rows' ids, once each, with exactly their stored vectors; nothing pending."""
+    import faiss
+
+    from simsearch.store import IndexStore
+
+    with IndexStore.open(index_dir) as store:
+        ok_ids = store.catalog.ok_ids()
+        found = store.check()
+        assert found.ok, f"inconsistent: missing={found.missing} extra={found.extra} stale={found.stale}"
+        # the FAISS file on disk, not the in-memory copy
+        index = faiss.read_index(str(store.ann_path)) if store.ann_path.exists() else None
+        ann_ids = (
+            np.sort(faiss.vector_to_array(faiss.downcast_index(index).id_map)) if index is not None else np.zeros(0)
+        )
+        assert ann_ids.tolist() == sorted(ok_ids.tolist())
+        if len(ok_ids):
+            ids, vectors = store.catalog.all_vectors()
+            got = np.stack([index.reconstruct(int(i)) for i in ids])
+            np.testing.assert_allclose(got, vectors, rtol=0, atol=0)
+        rows = store.catalog.rows()
+        assert len({r.path for r in rows}) == len(rows)

@@ -1,0 +1,217 @@
+"""The FAISS wrapper against numpy brute force, and the catalog/FAISS consistency checks and repair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from conftest import assert_consistent
+from simsearch.ann import FAISS_FILE, VectorIndex
+from simsearch.catalog import Catalog
+from simsearch.errors import IndexCorruptError, IndexMismatchError, IndexNotFoundError
+from simsearch.store import IndexStore
+
+DIM = 24
+
+
+def unit_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(ids: np.ndarray, x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = x @ q
+    order = np.argsort(-scores, kind="stable")[:k]
+    return scores[order], ids[order]
+
+
+@pytest.fixture
+def populated() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    x = unit_vectors(300, seed=0)
+    ids = np.random.default_rng(1).permutation(10_000)[:300].astype(np.int64)  # sparse, unordered ids
+    index = VectorIndex(DIM)
+    index.add(ids, x)
+    return index, ids, x
+
+
+def test_search_equals_numpy_brute_force(populated) -> None:
+    index, ids, x = populated
+    queries = unit_vectors(7, seed=2)
+    scores, got = index.search(queries, 15)
+    assert scores.shape == got.shape == (7, 15)
+    for q, s_row, id_row in zip(queries, scores, got):
+        exp_scores, exp_ids = brute_force(ids, x, q, 15)
+        np.testing.assert_allclose(s_row, exp_scores, atol=1e-5)
+        assert id_row.tolist() == exp_ids.tolist()
+
+
+def test_remove_by_id_then_search(populated) -> None:
+    index, ids, x = populated
+    drop = ids[::3]
+    assert index.remove(drop) == len(drop)
+    assert index.remove(np.array([], dtype=np.int64)) == 0
+    keep = ~np.isin(ids, drop)
+    assert len(index) == keep.sum()
+    assert sorted(index.ids().tolist()) == sorted(ids[keep].tolist())
+    q = unit_vectors(1, seed=3)[0]
+    scores, got = index.search(q[None], 10)
+    exp_scores, exp_ids = brute_force(ids[keep], x[keep], q, 10)
+    assert got[0].tolist() == exp_ids.tolist()
+    np.testing.assert_allclose(scores[0], exp_scores, atol=1e-5)
+
+
+def test_k_larger_than_collection_and_empty_index() -> None:
+    index = VectorIndex(DIM)
+    scores, ids = index.search(unit_vectors(1, seed=4), 5)
+    assert ids.tolist() == [[-1]]
+    index.add(np.array([7, 9]), unit_vectors(2, seed=5))
+    scores, ids = index.search(unit_vectors(1, seed=6), 50)
+    assert sorted(ids[0].tolist()) == [7, 9]
+
+
+def test_save_load_round_trip_is_atomic(tmp_path: Path, populated) -> None:
+    index, ids, x = populated
+    path = tmp_path / FAISS_FILE
+    index.save(path)
+    index.remove(ids[:10])
+    index.save(path)  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FAISS_FILE]  # no .tmp left behind
+    loaded = VectorIndex.load(path)
+    assert loaded.dim == DIM and len(loaded) == len(ids) - 10
+    assert sorted(loaded.ids().tolist()) == sorted(ids[10:].tolist())
+    q = unit_vectors(3, seed=7)
+    for a, b in zip(index.search(q, 20), loaded.search(q, 20)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_garbage_is_index_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / FAISS_FILE
+    path.write_bytes(b"not a faiss index")
+    with pytest.raises(IndexCorruptError):
+        VectorIndex.load(path)
+
+
+# -- IndexStore: catalog + FAISS ----------------------------------------------------------------
+
+DESCRIPTION = {
+    "model": "fake",
+    "weights": "random:seed=0",
+    "dim": DIM,
+    "preprocessing": {"resize_size": 256, "crop_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"},
+}
+
+
+def fill_store(index_dir: Path, n: int = 20, failed: int = 2) -> dict[int, np.ndarray]:
+    """A store with ``n`` ok rows (random vectors) and ``failed`` failed rows, saved consistently."""
+    vectors = unit_vectors(n, seed=11)
+    out = {}
+    with IndexStore.open(index_dir, create=True) as store:
+        store.ensure_identity(DESCRIPTION)
+        with store.catalog.transaction():
+            for i in range(n):
+                record = {"path": f"/p/{i}.jpg", "size": 10, "mtime_ns": 1, "hash": f"h{i}", "width": 4, "height": 3, "status": "ok", "error": None}
+                out[store.catalog.insert_row(record, vectors[i])] = vectors[i]
+            for i in range(failed):
+                record = {"path": f"/p/bad{i}.jpg", "size": 0, "mtime_ns": 1, "hash": None, "width": None, "height": None, "status": "failed", "error": "empty"}
+                store.catalog.insert_row(record, None)
+        assert not store.check().ok  # rows written, FAISS not yet
+        store.save_ann()  # syncs the new ids into FAISS before writing it
+        assert store.check().ok
+    assert_consistent(index_dir)
+    return out
+
+
+def test_missing_index_dir_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(IndexNotFoundError, match="simsearch index"):
+        IndexStore.open(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
+    catalog = Catalog.open(tmp_path, create=True)
+    with pytest.raises(RuntimeError):
+        with catalog.transaction():
+            catalog.insert_row({"path": "/a.jpg", "status": "ok"}, np.zeros(4, np.float32))
+            raise RuntimeError("boom")
+    assert catalog.rows() == [] and catalog.pending_ids().tolist() == []
+    catalog.close()
+
+
+def test_identity_mismatch_needs_rebuild(tmp_path: Path) -> None:
+    fill_store(tmp_path)
+    other = dict(DESCRIPTION, model="other")
+    with IndexStore.open(tmp_path) as store:
+        with pytest.raises(IndexMismatchError, match="--rebuild"):
+            store.ensure_identity(other)
+        assert store.catalog.counts()["ok"] == 20
+        store.ensure_identity(other, rebuild=True)
+        assert store.catalog.counts() == {"ok": 0, "failed": 0}
+        assert store.catalog.identity()["model"] == "other"
+
+
+def test_repair_after_faiss_file_deleted(tmp_path: Path) -> None:
+    stored = fill_store(tmp_path)
+    (tmp_path / FAISS_FILE).unlink()
+    with IndexStore.open(tmp_path) as store:
+        found = store.check()
+        assert sorted(found.missing.tolist()) == sorted(stored) and len(found.extra) == 0
+        with pytest.raises(IndexCorruptError, match="--repair"):
+            store.require_consistent()
+        store.repair()
+    assert_consistent(tmp_path)
+
+
+def test_repair_missing_and_stray_ids(tmp_path: Path) -> None:
+    stored = fill_store(tmp_path)
+    ids = sorted(stored)
+    with IndexStore.open(tmp_path) as store:
+        store.ann.remove(ids[:3])
+        store.ann.add(np.array([9000, 9001]), unit_vectors(2, seed=12))
+        store.ann.save(store.ann_path)  # the raw FAISS write, as a crash would leave it
+    with IndexStore.open(tmp_path) as store:
+        found = store.check()
+        assert found.missing.tolist() == ids[:3]
+        assert found.extra.tolist() == [9000, 9001]
+        fixed = store.repair()
+        assert fixed.count == 5
+        assert store.check().ok
+    assert_consistent(tmp_path)
+
+
+def test_repair_stale_vector_under_same_id(tmp_path: Path) -> None:
+    """A row whose vector changed after the FAISS file was written: same id, different vector."""
+    stored = fill_store(tmp_path)
+    victim = sorted(stored)[4]
+    new_vector = unit_vectors(1, seed=13)[0]
+    with IndexStore.open(tmp_path) as store:
+        with store.catalog.transaction():
+            store.catalog.update_row(victim, {"hash": "new"}, new_vector)
+        # crash here: FAISS on disk still has the old vector for the same id
+    with IndexStore.open(tmp_path) as store:
+        found = store.check()
+        assert found.stale.tolist() == [victim] and not found.ok
+        store.repair()
+        np.testing.assert_array_equal(store.ann.index.reconstruct(int(victim)), new_vector)
+    assert_consistent(tmp_path)
+
+
+def test_repair_duplicate_faiss_ids(tmp_path: Path) -> None:
+    stored = fill_store(tmp_path)
+    dup = sorted(stored)[0]
+    with IndexStore.open(tmp_path) as store:
+        store.ann.add(np.array([dup]), unit_vectors(1, seed=14))
+        store.ann.save(store.ann_path)
+    with IndexStore.open(tmp_path) as store:
+        assert store.check().stale.tolist() == [dup]
+        store.repair()
+    assert_consistent(tmp_path)
+
+
+def test_dim_disagreement_is_corrupt(tmp_path: Path) -> None:
+    fill_store(tmp_path)
+    faiss.write_index(faiss.index_factory(DIM + 1, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), str(tmp_path / FAISS_FILE))
+    with pytest.raises(IndexCorruptError, match="catalog says"):
+        IndexStore.open(tmp_path)
