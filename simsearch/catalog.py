@@ -294,7 +294,12 @@ class Catalog:
             self._set_meta_raw({"clustering": info})
 
     def cluster_sizes(self) -> dict[int, int]:
-        return {c: n for c, n in self.db.execute("SELECT cluster, size FROM clusters ORDER BY cluster")}
+        """Current members per stored cluster (files removed since the clustering no longer count)."""
+        sql = (
+            "SELECT c.cluster, count(m.image_id) FROM clusters c LEFT JOIN cluster_members m ON m.cluster = c.cluster "
+            "GROUP BY c.cluster ORDER BY c.cluster"
+        )
+        return {c: n for c, n in self.db.execute(sql)}
 
     def cluster_members(self, cluster: int, limit: int | None = None) -> list[tuple[ImageRow, float]]:
         """Members of a cluster, nearest to its centroid first."""

@@ -79,6 +79,8 @@ def query_images(
         images, digests, names = [], [], []
         for q in queries:
             path = Path(q)
+            if path.is_dir():
+                raise InputError(f"query image {q} is a folder; give image files")
             if not path.is_file():
                 raise InputError(f"query image not found: {q}")
             data = read_bytes(path)
@@ -92,10 +94,14 @@ def query_images(
         for name, digest, vector in zip(names, digests, vectors):
             skip: set[int] = set()
             if not include_self:
-                skip.update(store.catalog.ok_ids_by_hash(digest))
+                # "Self" is the query's own row when the query is an indexed file; other indexed
+                # copies of it are real results (duplicates). A query from outside the index is
+                # "self" to every indexed file with the same bytes.
                 row = store.catalog.row_by_path(os.path.abspath(name))
-                if row is not None:
+                if row is not None and row.ok:
                     skip.add(row.id)
+                else:
+                    skip.update(store.catalog.ok_ids_by_hash(digest))
             scores, ids = ann.search(vector[None, :], k + len(skip))
             keep = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
             if threshold is not None:

@@ -161,8 +161,12 @@ class IndexStore:
             )
 
     def require_vectors(self) -> VectorIndex:
-        if self.ann is None or len(self.ann) == 0:
+        """The vector index; an error for an index with no images, or with images its FAISS file lost."""
+        if self.catalog.counts()["ok"] == 0:
             raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
+        if self.ann is None or len(self.ann) == 0:
+            self.require_consistent()  # rows but an empty or deleted FAISS file: say how to repair it
+        assert self.ann is not None
         return self.ann
 
     def save_ann(self) -> None:
