@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except SimsearchError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except sqlite3.Error as exc:  # e.g. "database is locked" while another run holds it too long
+            raise click.ClickException(f"index database error: {exc}") from exc
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # permissions, a file where a folder should be, a full disk
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
