@@ -263,3 +263,10 @@ def test_version_and_help() -> None:
     assert invoke("--version").stdout.startswith("simsearch")
     for cmd in ("index", "query", "cluster", "info", "models"):
         assert invoke(cmd, "--help").exit_code == 0
+
+
+def test_os_errors_are_one_line(tmp_path: Path) -> None:
+    make_collection(tmp_path / "p", n=1)
+    (tmp_path / "a_file").write_text("")
+    result = invoke("index", tmp_path / "p", "--index", tmp_path / "a_file" / "idx", *FAST_ARGS, "-q")
+    assert_one_line_error(result, "a_file")

@@ -219,3 +219,10 @@ def test_draft_decoding_shrinks_large_jpegs_but_not_below_draft_size() -> None:
     # an image not at least twice the draft size is decoded in full
     mid = encode(Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)), "JPEG")
     assert decode_image(mid, draft_size=256).size == (400, 300)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_corrupt_exif_does_not_lose_the_image() -> None:
+    for exif in (b"Exif\x00\x00II*\x00\xff\xff\xff\x7f", b"Exif\x00\x00garbage-garbage-garbage"):
+        img = decode_image(encode(Image.new("RGB", (20, 10), RED), "JPEG", exif=exif))
+        assert img.size == (20, 10) and close(img.getpixel((10, 5)), RED)

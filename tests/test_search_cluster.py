@@ -225,3 +225,43 @@ def test_cluster_errors(built, tmp_path: Path) -> None:
         load_clusters(tmp_path / "idx")
     with pytest.raises(InputError, match="not been clustered"):
         cluster_members(tmp_path / "idx", 0)
+
+
+def test_indexed_duplicates_are_results_but_an_outside_copy_is_self(tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    a = make_image(root / "a.jpg", color=(200, 30, 30), seed=1)
+    b = root / "b_copy.jpg"
+    shutil.copyfile(a, b)
+    other = make_image(root / "c.jpg", color=(30, 30, 200), shape="stripes", seed=2)
+    run_index(root, tmp_path / "idx")
+    [from_a] = query_images([a], tmp_path / "idx", k=5, device="cpu")
+    assert [h.path for h in from_a.results] == [str(b), str(other)]  # its duplicate first, itself excluded
+    assert from_a.results[0].score > 0.9999
+    outside = tmp_path / "outside.jpg"
+    shutil.copyfile(a, outside)
+    [from_outside] = query_images([outside], tmp_path / "idx", k=5, device="cpu")
+    assert [h.path for h in from_outside.results] == [str(other)]
+    with pytest.raises(InputError, match="folder"):
+        query_images([root], tmp_path / "idx", device="cpu")
+
+
+def test_deleted_faiss_file_asks_for_repair_not_reindex(tmp_path: Path) -> None:
+    make_collection(tmp_path / "p", n=3)
+    run_index(tmp_path / "p", tmp_path / "idx")
+    (tmp_path / "idx" / "vectors.faiss").unlink()
+    with pytest.raises(IndexCorruptError, match="--repair"):
+        query_images([tmp_path / "p" / "a" / "img000.jpg"], tmp_path / "idx", device="cpu")
+    with pytest.raises(IndexCorruptError, match="--repair"):
+        cluster_index(tmp_path / "idx", k=2)
+
+
+def test_cluster_sizes_follow_removed_files(tmp_path: Path) -> None:
+    paths = make_collection(tmp_path / "p", n=5)
+    run_index(tmp_path / "p", tmp_path / "idx")
+    cluster_index(tmp_path / "idx", k=2, seed=3)
+    paths[0].unlink()
+    run_index(tmp_path / "p", tmp_path / "idx")
+    result = load_clusters(tmp_path / "idx")
+    assert sum(c.size for c in result.clusters) == 4
+    for c in result.clusters:
+        assert len(cluster_members(tmp_path / "idx", c.cluster)) == c.size
