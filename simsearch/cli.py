@@ -139,6 +139,8 @@ def cli(verbose: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [default: 32 CPU, 256 CUDA].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU count, at most 8].")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse images larger than this (decompression-bomb limit).")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True, help="JPEG decoder: gpu (nvJPEG; needs CUDA), cpu (Pillow), auto (gpu when the model runs on CUDA).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slow start, faster on long runs).")
 @json_option
 @quiet_option
 @handle_errors
@@ -156,6 +158,8 @@ def index(
     batch_size: int | None,
     workers: int | None,
     max_pixels: int,
+    decode: str,
+    compile_model: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -175,7 +179,8 @@ def index(
             return
         raise click.UsageError("give at least one FOLDER to index (or --repair / --show-failed)")
     options = EmbedOptions(
-        model=model, weights=weights, seed=seed, device=device, batch_size=batch_size, workers=workers, max_pixels=max_pixels
+        model=model, weights=weights, seed=seed, device=device, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+        decode=decode, compile=compile_model
     )
     summary = index_folders(
         folders, index_dir, options, exclude=exclude, rebuild=rebuild, progress=TqdmProgress("indexing", quiet)

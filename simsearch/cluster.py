@@ -57,17 +57,29 @@ class ClusterResult:
         return asdict(self)
 
 
-def kmeans(vectors: np.ndarray, k: int, niter: int = 25, seed: int = 1234) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Spherical k-means: (centroids, assignments, distances, objective)."""
+def kmeans(
+    vectors: np.ndarray, k: int, niter: int = 25, seed: int = 1234, device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Spherical k-means: (centroids, assignments, distances, objective).
+
+    ``device``: ``cpu`` (FAISS), ``cuda`` (FAISS's GPU k-means if this FAISS has GPUs, else torch on
+    CUDA, see :mod:`simsearch.gpu_ops`), or ``auto`` (``cuda`` when a GPU is present).
+    """
     n, d = vectors.shape
     if k < 1:
         raise InputError("k must be at least 1")
     if k > n:
         raise InputError(f"cannot make {k} clusters from {n} images (k must be at most the number of images)")
+    backend = _kmeans_backend(device)
+    if backend == "torch":
+        from .gpu_ops import kmeans_torch
+
+        return kmeans_torch(vectors, k, niter=niter, seed=seed, device="cuda")
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     # min_points_per_centroid=1: small collections are legitimate here; faiss would print a warning.
     km = faiss.Kmeans(
-        d, k, niter=niter, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 30
+        d, k, niter=niter, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 30,
+        **({"gpu": True} if backend == "faiss-gpu" else {}),
     )
     km.train(x)
     centroids = km.centroids.copy()
@@ -79,15 +91,40 @@ def kmeans(vectors: np.ndarray, k: int, niter: int = 25, seed: int = 1234) -> tu
     return centroids, assign[:, 0].astype(np.int64), distances.astype(np.float32), objective
 
 
+def _kmeans_backend(device: str) -> str:
+    """faiss (CPU), faiss-gpu, or torch (CUDA without a GPU build of FAISS).
+
+    On a machine with no NVIDIA driver, ``auto`` never imports torch (``cluster`` stays fast)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cpu":
+        return "faiss"
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    if get_num_gpus is not None and get_num_gpus() > 0:
+        return "faiss-gpu"
+    from .cuda_probe import cuda_maybe_present
+
+    if device == "auto" and not cuda_maybe_present():
+        return "faiss"
+    import torch
+
+    if torch.cuda.is_available():
+        return "torch"
+    if device == "cuda":
+        raise InputError("k-means on cuda was asked for, but no CUDA device is available (use cpu or auto)")
+    return "faiss"
+
+
 def cluster_index(
-    index_dir: str | os.PathLike[str], k: int, niter: int = 25, seed: int = 1234, representatives: int = 5
+    index_dir: str | os.PathLike[str], k: int, niter: int = 25, seed: int = 1234, representatives: int = 5,
+    device: str = "auto",
 ) -> ClusterResult:
     """Cluster every indexed image into ``k`` groups and store the result (replacing any earlier one)."""
     t0 = time.perf_counter()
     with IndexStore.open(index_dir) as store:
         store.require_vectors()
         ids, vectors = store.catalog.all_vectors()
-        centroids, assign, dist, objective = kmeans(vectors, k, niter=niter, seed=seed)
+        centroids, assign, dist, objective = kmeans(vectors, k, niter=niter, seed=seed, device=device)
         sizes = np.bincount(assign, minlength=k)
         info = {"k": k, "n": int(len(ids)), "niter": niter, "seed": seed, "objective": objective, "created_at": utc_now()}
         store.catalog.replace_clusters(centroids, sizes, ids, assign, dist, info)

@@ -1,18 +1,28 @@
 """Turning images into L2-normalised float32 vectors, in batches, on the chosen device.
 
-Decoding runs in DataLoader worker processes that hand back *uint8* crops (4x less to copy
-than float); normalisation happens on the device, right before the forward pass, so the CPU
-and GPU decode paths share it. On CUDA the forward runs under autocast (bf16, or fp16 where
-bf16 is unsupported) with channels_last memory format.
+``Embedder.embed_files`` is a pipeline whose stages run concurrently, joined by bounded queues
+(:mod:`simsearch.pipeline`), so that no stage waits for another when it does not have to:
+
+1. DataLoader worker processes read, hash and decode files, a batch at a time. With
+   ``decode="cpu"`` they hand back uint8 crops (4x less to copy than float); with ``decode="gpu"``
+   they hand back the raw JPEG bytes (one blob per batch) plus CPU-decoded crops of whatever the
+   GPU cannot decode (:mod:`simsearch.gpu_decode`).
+2. On CUDA, a "prepare" thread on its own stream decodes the JPEGs with nvJPEG, resizes and crops
+   them, copies the CPU crops in from pinned memory, and normalises (shared ``normalize_batch``).
+3. A "forward" thread on another stream runs the model (bf16, or fp16 where bf16 is unsupported,
+   channels_last, optionally torch.compile'd) and copies the vectors back asynchronously.
+4. The caller (the indexer) consumes batches from the generator and writes them to SQLite/FAISS
+   while the next batches are being decoded and embedded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +31,14 @@ from PIL import Image
 from .errors import ImageError, InputError
 from .images import DEFAULT_MAX_PIXELS, content_hash, decode_image, read_bytes
 from .models import EmbeddingModel, Preprocessing
+from .pipeline import Stage
 
 log = logging.getLogger(__name__)
+
+DECODE_CHOICES = ("auto", "cpu", "gpu")
+# Batch sizes tried, largest first, when none is given on CUDA (the first whose forward fits).
+CUDA_BATCH_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+CPU_BATCH_SIZE = 32
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,6 +59,39 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``auto`` = gpu when the model runs on CUDA and torchvision can decode JPEGs there, else cpu."""
+    if decode not in DECODE_CHOICES:
+        raise InputError(f"unknown decoder {decode!r}; use auto, cpu or gpu")
+    if decode == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        if decode == "gpu":
+            raise InputError(
+                "--decode gpu needs the model on a CUDA device, but it runs on the CPU here "
+                "(no CUDA device available, or --device cpu); use --decode cpu or auto"
+            )
+        return "cpu"
+    from .gpu_decode import nvjpeg_unavailable_reason
+
+    reason = nvjpeg_unavailable_reason(device)
+    if reason is None:
+        return "gpu"
+    if decode == "gpu":
+        raise InputError(f"--decode gpu: {reason}; use --decode cpu or auto")
+    log.warning("decoding on the CPU: %s", reason)
+    return "cpu"
+
+
+def check_embed_options(device: str, decode: str) -> None:
+    """Fail fast (before any index is touched) on a device/decoder combination that cannot work."""
+    dev = resolve_device(device)
+    if decode not in DECODE_CHOICES:
+        raise InputError(f"unknown decoder {decode!r}; use auto, cpu or gpu")
+    if decode == "gpu" and dev.type != "cuda":
+        resolve_decode(decode, dev)  # raises the explanatory InputError
+
+
 def preprocess_pil(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
     """Resize the shorter side, centre-crop, return a uint8 CHW tensor (normalised later, on device)."""
     from torchvision.transforms import InterpolationMode
@@ -53,11 +102,11 @@ def preprocess_pil(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
     return F.pil_to_tensor(img)
 
 
-def normalize_batch(batch: torch.Tensor, prep: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NCHW -> float, scaled to [0, 1] and normalised with the preprocessing's mean/std."""
+def normalize_batch(batch: torch.Tensor, prep: Preprocessing, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """uint8 (or float in [0, 255]) NCHW -> float, scaled to [0, 1] and normalised with the preprocessing's mean/std."""
     mean = torch.tensor(prep.mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
     std = torch.tensor(prep.std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return ((batch.float() - mean) / std).to(dtype)
+    return ((batch.float() - mean) / std).to(dtype or torch.float32)
 
 
 @dataclass
@@ -83,33 +132,23 @@ class EmbeddedBatch:
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
-class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[str], prep: Preprocessing, max_pixels: int | None, draft: bool) -> None:
-        self.paths = list(paths)
-        self.prep = prep
-        self.max_pixels = max_pixels
-        self.draft = draft
+def decode_file_bytes(
+    item: DecodedItem, data: bytes, prep: Preprocessing, max_pixels: int | None, draft: bool
+) -> torch.Tensor | None:
+    """The CPU decode path for one file's bytes: a uint8 crop, or None with ``item.error`` set.
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, DecodedItem]:
-        path = self.paths[i]
-        item = DecodedItem(path)
-        try:
-            data = read_bytes(path)
-            item.hash = content_hash(data)
-            img = decode_image(
-                data, path, max_pixels=self.max_pixels, draft_size=self.prep.resize_size if self.draft else None
-            )
-            item.width, item.height = _original_size(data, img)
-            return preprocess_pil(img, self.prep), item
-        except ImageError as exc:
-            item.error = str(exc)
-            return None, item
-        except Exception as exc:  # never let one file kill a worker and the whole run
-            item.error = f"{path}: unexpected decoding failure: {exc!r}"
-            return None, item
+    Fills ``item.width``/``item.height`` (upright, full size, even when decoded at a draft scale).
+    """
+    try:
+        img = decode_image(data, item.path, max_pixels=max_pixels, draft_size=prep.resize_size if draft else None)
+        item.width, item.height = _original_size(data, img)
+        return preprocess_pil(img, prep)
+    except ImageError as exc:
+        item.error = str(exc)
+    except Exception as exc:  # never let one file kill a worker and the whole run
+        item.error = f"{item.path}: unexpected decoding failure: {exc!r}"
+    item.width = item.height = None
+    return None
 
 
 def _original_size(data: bytes, img: Image.Image) -> tuple[int, int]:
@@ -120,11 +159,27 @@ def _original_size(data: bytes, img: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _collate(samples: list[tuple[torch.Tensor | None, DecodedItem]]) -> tuple[torch.Tensor, list[DecodedItem]]:
-    tensors = [t for t, _ in samples if t is not None]
-    items = [item for _, item in samples]
-    batch = torch.stack(tensors) if tensors else torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
-    return batch, items
+class _BatchDataset(torch.utils.data.Dataset):
+    """Index = a list of positions; item = one :class:`~simsearch.gpu_decode.RawBatch` (read in a worker)."""
+
+    def __init__(self, paths: Sequence[str], prep: Preprocessing, max_pixels: int | None, draft: bool, gpu: bool) -> None:
+        self.paths = list(paths)
+        self.prep = prep
+        self.max_pixels = max_pixels
+        self.draft = draft
+        self.gpu = gpu
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, indices: list[int]) -> Any:
+        from .gpu_decode import read_batch
+
+        return read_batch([self.paths[i] for i in indices], self.prep, self.max_pixels, self.draft, self.gpu)
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 def _worker_init(_: int) -> None:
@@ -135,8 +190,32 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _iterate_loader(it: Any) -> Iterator[Any]:
+    """Yield from a DataLoader iterator; shut its workers down however iteration ends."""
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+
+
+@dataclass
+class _Pending:
+    items: list[DecodedItem]
+    vectors: torch.Tensor
+    event: Any = None
+
+
 class Embedder:
-    """Runs an :class:`EmbeddingModel` over files or images, batch by batch."""
+    """Runs an :class:`EmbeddingModel` over files or images, batch by batch.
+
+    ``decode``: ``auto`` (nvJPEG when the model is on CUDA and torchvision supports it), ``cpu``
+    or ``gpu`` (an :class:`InputError` without CUDA). ``compile``: wrap the model in
+    ``torch.compile`` (pays off on long runs; batches are padded to one shape so it compiles once).
+    ``batch_size=None`` picks the largest of :data:`CUDA_BATCH_CANDIDATES` whose forward fits in
+    GPU memory (32 on CPU).
+    """
 
     def __init__(
         self,
@@ -146,38 +225,87 @@ class Embedder:
         workers: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         draft: bool = True,
+        decode: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = autocast_dtype(self.device)
-        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
-        if self.batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise InputError("--batch-size must be at least 1")
+        self.decode = resolve_decode(decode, self.device)
         self.workers = default_workers() if workers is None else workers
+        if self.workers < 0:
+            raise InputError("--workers must be at least 0")
         self.max_pixels = max_pixels
         self.draft = draft
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.compiled = compile
         self.prep = model.preprocessing
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+            model = model.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        else:
+            model = model.to(self.device)
+        self.model = model.eval()
+        self._forward_module: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if compile:
+            self._forward_module = torch.compile(self.model, dynamic=False)
+        self.batch_size = batch_size or (self._auto_batch_size() if self.cuda else CPU_BATCH_SIZE)
+        # padding every batch to one shape: one compilation, one set of cuDNN algorithms
+        self.pad_batches = self.cuda or compile
 
     @property
     def dim(self) -> int:
         return self.model.dim
+
+    # -- the model ---------------------------------------------------------------------------
+
+    def _input_dtype(self) -> torch.dtype:
+        return self.dtype or torch.float32
+
+    def _auto_batch_size(self) -> int:
+        """The largest candidate batch whose forward pass fits (probed; also warms up cuDNN/compile)."""
+        c = self.prep.crop_size
+        for size in CUDA_BATCH_CANDIDATES:
+            try:
+                x = torch.randn((size, 3, c, c), device=self.device, dtype=self._input_dtype())
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    self._forward_module(x)
+                torch.cuda.synchronize(self.device)
+                del x
+                log.info("batch size %d (probed on %s)", size, self.device)
+                return size
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                continue
+        raise InputError("not even a batch of 1 fits in GPU memory; use --device cpu")
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Model output (float32, L2-normalised) for a prepared input batch, padded to one shape if needed."""
+        n = x.shape[0]
+        if self.pad_batches and 0 < n < self.batch_size:
+            pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
+            x = torch.cat([x, pad])
+            if self.cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+        out = self._forward_module(x)
+        return out[:n].float()
+
+    def _prepare_crops(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True)
+        x = normalize_batch(x, self.prep, self._input_dtype())
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     @torch.inference_mode()
     def embed_uint8(self, batch: torch.Tensor) -> np.ndarray:
         """Embed a uint8 NCHW batch of preprocessed crops."""
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
-        x = batch.to(self.device, non_blocking=True)
-        x = normalize_batch(x, self.prep)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=self.dtype):
-                out = self.model(x)
-        else:
-            out = self.model(x)
-        return out.float().cpu().numpy()
+        out = [self._forward(self._prepare_crops(chunk)) for chunk in batch.split(self.batch_size)]
+        return torch.cat(out).cpu().numpy()
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed already-decoded RGB images (used for queries)."""
@@ -187,26 +315,102 @@ class Embedder:
             out.append(self.embed_uint8(torch.stack([preprocess_pil(im, self.prep) for im in chunk])))
         return np.concatenate(out)
 
+    # -- files: the pipeline -------------------------------------------------------------------
+
+    def _loader(self, paths: Sequence[str]) -> Any:
+        gpu = self.decode == "gpu"
+        batches = [list(range(s, min(s + self.batch_size, len(paths)))) for s in range(0, len(paths), self.batch_size)]
+        workers = min(self.workers, len(batches)) if self.workers else 0
+        dataset = _BatchDataset(paths, self.prep, self.max_pixels, self.draft, gpu)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=batches,
+            num_workers=workers,
+            collate_fn=_identity,
+            pin_memory=self.cuda,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=2 if workers else None,
+        )
+
+    def _stage_context(self, stream: Any) -> Callable[[], Any]:
+        def setup() -> Any:
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.inference_mode())
+            if stream is not None:
+                stack.enter_context(torch.cuda.stream(stream))
+            return stack
+
+        return setup
+
+    def _make_decoder(self) -> Any:
+        from .gpu_decode import GpuBatchDecoder
+
+        decoder = GpuBatchDecoder(self.device, self.prep, self._input_dtype())
+        decoder.max_pixels = self.max_pixels
+        decoder.draft = self.draft
+        return decoder
+
+    def _prepare_raw(self, raw: Any) -> Any:
+        """RawBatch of CPU crops -> prepared input (on CUDA with ``decode=cpu``, or on CPU)."""
+        from .gpu_decode import PreparedBatch
+
+        x = self._prepare_crops(raw.crops) if raw.slots else None
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        return PreparedBatch(raw.items, x if x is not None else torch.zeros(0), event)
+
+    def _embed_prepared(self, prepared: Any) -> _Pending:
+        if self.cuda and prepared.event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(prepared.event)
+            prepared.x.record_stream(stream)
+        ok = sum(1 for item in prepared.items if item.ok)
+        if ok == 0:
+            return _Pending(prepared.items, torch.zeros((0, self.dim)))
+        out = self._forward(prepared.x)
+        if self.cuda:
+            host = out.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            return _Pending(prepared.items, host, event)
+        return _Pending(prepared.items, out)
+
     def embed_files(
         self, paths: Sequence[str], progress: Callable[[int], None] | None = None
     ) -> Iterator[EmbeddedBatch]:
-        """Decode files in parallel workers and yield embedded batches in input order."""
+        """Decode, embed and yield batches in input order, each stage running ahead of the next by a
+        bounded number of batches (so the caller's writes overlap the next batches' work)."""
         if not paths:
             return
-        dataset = _FileDataset(paths, self.prep, self.max_pixels, self.draft)
-        workers = min(self.workers, max(1, len(paths) // self.batch_size)) if self.workers else 0
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=4 if workers else None,
-        )
-        for batch, items in loader:
-            vectors = self.embed_uint8(batch)
-            if progress is not None:
-                progress(len(items))
-            yield EmbeddedBatch(items, vectors)
+        it = iter(self._loader(paths))  # workers fork here, before any pipeline thread exists
+        source: Any = _iterate_loader(it)
+        stages: list[Stage[Any]] = []
+        try:
+            if self.decode == "gpu":  # (runs on CPU too, with torchvision's CPU decoder: used by tests)
+                decoder = self._make_decoder()
+                stages.append(Stage(source, decoder, maxsize=2, name="prepare", setup=self._stage_context(decoder.stream)))
+            elif self.cuda:
+                stream = torch.cuda.Stream(self.device)
+                stages.append(Stage(source, self._prepare_raw, maxsize=2, name="prepare", setup=self._stage_context(stream)))
+            fwd_stream = torch.cuda.Stream(self.device) if self.cuda else None
+            if stages:
+                forward: Callable[[Any], _Pending] = self._embed_prepared
+                upstream: Any = stages[-1]
+            else:  # CPU decode, CPU model: normalise in the forward thread
+                forward, upstream = (lambda raw: self._embed_prepared(self._prepare_raw(raw))), source
+            stages.append(Stage(upstream, forward, maxsize=3, name="forward", setup=self._stage_context(fwd_stream)))
+            for pending in stages[-1]:
+                if pending.event is not None:
+                    pending.event.synchronize()
+                vectors = pending.vectors.numpy().astype(np.float32, copy=True)
+                if progress is not None:
+                    progress(len(pending.items))
+                yield EmbeddedBatch(pending.items, vectors.reshape(-1, self.dim))
+        finally:
+            for stage in reversed(stages):
+                stage.close()
+            if not stages:
+                source.close()

@@ -168,7 +168,8 @@ def decode_image(
                 f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
                 "(raise it with --max-pixels)"
             )
-        if draft_size and img.format == "JPEG" and min(width, height) >= 2 * draft_size:
+        # MPO = a JPEG with extra frames (many phone photos): its first frame drafts the same way
+        if draft_size and img.format in ("JPEG", "MPO") and min(width, height) >= 2 * draft_size:
             img.draft("RGB", (draft_size, draft_size))
         img.seek(0)  # first frame of animated GIF/WebP/TIFF
         img.load()

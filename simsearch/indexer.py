@@ -90,6 +90,8 @@ class EmbedOptions:
     workers: int | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     draft: bool = True
+    decode: str = "auto"  # auto | cpu | gpu (nvJPEG), see simsearch.embed
+    compile: bool = False  # torch.compile the model (pays off on long runs)
 
 
 def _under(path: str, roots: Sequence[str]) -> bool:
@@ -142,7 +144,7 @@ def index_folders(
     save_interval: float = 30.0,
 ) -> IndexSummary:
     """Index (or bring up to date) every image under ``roots`` into the index at ``index_dir``."""
-    from .embed import Embedder
+    from .embed import Embedder, check_embed_options
     from .models import create_model
 
     options = options or EmbedOptions()
@@ -155,6 +157,7 @@ def index_folders(
 
     # The model first: a weights error must not leave an empty index directory behind.
     model = create_model(options.model, options.weights, seed=options.seed)
+    check_embed_options(options.device, options.decode)  # likewise --decode gpu without CUDA
     store = IndexStore.open(index_dir, create=True)
     try:
         description = dict(model.describe(), weights_source=_weights_source(options.weights), seed=options.seed)
@@ -175,6 +178,8 @@ def index_folders(
                 workers=options.workers,
                 max_pixels=options.max_pixels,
                 draft=options.draft,
+                decode=options.decode,
+                compile=options.compile,
             )
             progress.start(len(plan.to_embed))
             t_embed = time.perf_counter()

@@ -1,0 +1,290 @@
+"""The embedding pipeline (bounded background stages), the Embedder's options, and the torch k-means/search."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_collection, make_image
+from simsearch.embed import Embedder
+from simsearch.errors import InputError
+from simsearch.pipeline import Stage
+
+# -- pipeline stages ------------------------------------------------------------------------------
+
+
+def test_stage_keeps_order_and_applies_fn() -> None:
+    out = list(Stage(range(100), lambda x: x * x, maxsize=3))
+    assert out == [x * x for x in range(100)]
+
+
+def test_chained_stages_keep_order_with_uneven_speeds() -> None:
+    def slow_odd(x: int) -> int:
+        if x % 2:
+            time.sleep(0.002)
+        return x
+
+    first = Stage(range(60), slow_odd, maxsize=2, name="a")
+    second = Stage(first, lambda x: x + 1000, maxsize=1, name="b")
+    assert list(second) == [x + 1000 for x in range(60)]
+
+
+def test_stage_is_bounded() -> None:
+    """A fast producer runs at most maxsize + 1 items ahead of a slow consumer (bounded memory)."""
+    produced: list[int] = []
+
+    def source():
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    stage = Stage(source(), maxsize=3)
+    ahead = []
+    for consumed, _ in enumerate(stage, 1):
+        time.sleep(0.01)
+        ahead.append(len(produced) - consumed)
+    assert max(ahead) <= 3 + 1
+    assert max(ahead) >= 2  # it did run ahead: the overlap is real
+
+
+def test_stage_reraises_errors_in_the_consumer() -> None:
+    def boom(x: int) -> int:
+        if x == 5:
+            raise ValueError("bad item 5")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="bad item 5"):
+        for x in Stage(Stage(range(10), boom, maxsize=2), maxsize=2):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_closing_early_stops_every_thread_and_closes_the_source() -> None:
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in range(10_000):
+                yield i
+        finally:
+            closed.set()
+
+    first = Stage(source(), maxsize=2, name="first")
+    second = Stage(first, lambda x: x, maxsize=2, name="second")
+    assert next(second) == 0
+    second.close()
+    assert not second.thread.is_alive()
+    first.thread.join(5)
+    assert not first.thread.is_alive()
+    assert closed.wait(5)
+    assert first.produced < 100
+
+
+# -- the Embedder --------------------------------------------------------------------------------
+
+
+def _flat(batches):
+    items = [(i.path, i.hash, i.width, i.height, i.error) for b in batches for i in b.items]
+    return items, np.concatenate([b.vectors for b in batches])
+
+
+def test_embed_files_order_metadata_and_invariance(tmp_path, tiny_model) -> None:
+    """Input order, exact metadata and the same vectors whatever the workers and batch size."""
+    paths = [str(p) for p in make_collection(tmp_path / "c", n=9)]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    make_image(tmp_path / "wide.png", size=(300, 90), fmt="PNG")
+    paths[2:2] = [str(tmp_path / "empty.jpg")]
+    paths[6:6] = [str(tmp_path / "junk.png"), str(tmp_path / "wide.png")]
+    runs = [
+        _flat(list(Embedder(tiny_model, device="cpu", batch_size=bs, workers=w).embed_files(paths)))
+        for bs, w in ((4, 0), (3, 2), (32, 1))
+    ]
+    items, vectors = runs[0]
+    assert [p for p, *_ in items] == paths
+    failed = {Path(p).name: e for p, _, _, _, e in items if e}
+    assert set(failed) == {"empty.jpg", "junk.png"}
+    assert "empty" in failed["empty.jpg"]
+    assert vectors.shape == (len(paths) - 2, 512)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    wide = next(i for i in items if i[0].endswith("wide.png"))
+    assert (wide[2], wide[3]) == (300, 90)
+    for other_items, other_vectors in runs[1:]:
+        assert other_items == items
+        np.testing.assert_allclose(other_vectors, vectors, atol=1e-5)
+
+
+def test_embed_files_equals_embed_images(tmp_path, tiny_model) -> None:
+    from simsearch.images import load_image
+
+    paths = [str(p) for p in make_collection(tmp_path / "c", n=5)]
+    emb = Embedder(tiny_model, device="cpu", batch_size=2, workers=0)
+    _, vectors = _flat(list(emb.embed_files(paths)))
+    direct = emb.embed_images([load_image(p, draft_size=256) for p in paths])
+    np.testing.assert_allclose(vectors, direct, atol=1e-5)
+
+
+def test_progress_counts_every_file(tmp_path, tiny_model) -> None:
+    paths = [str(p) for p in make_collection(tmp_path / "c", n=7)]
+    seen: list[int] = []
+    list(Embedder(tiny_model, device="cpu", batch_size=3, workers=0).embed_files(paths, progress=seen.append))
+    assert seen == [3, 3, 1]
+
+
+def test_consumer_stopping_early_shuts_the_pipeline_down(tmp_path, tiny_model) -> None:
+    paths = [str(p) for p in make_collection(tmp_path / "c", n=12)]
+    before = {t.name for t in threading.enumerate()}
+    gen = Embedder(tiny_model, device="cpu", batch_size=2, workers=2).embed_files(paths)
+    next(gen)
+    gen.close()
+    leftover = [t for t in threading.enumerate() if t.name.startswith("simsearch-") and t.name not in before]
+    assert not any(t.is_alive() for t in leftover)
+
+
+def test_compile_pads_batches_to_one_shape(tmp_path, tiny_model, monkeypatch) -> None:
+    """With --compile every forward sees the full batch shape (one compilation); results unchanged."""
+    shapes: list[tuple] = []
+
+    def fake_compile(module, **kwargs):
+        assert kwargs.get("dynamic") is False
+
+        def run(x):
+            shapes.append(tuple(x.shape))
+            return module(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    paths = [str(p) for p in make_collection(tmp_path / "c", n=5)]
+    compiled = Embedder(tiny_model, device="cpu", batch_size=4, workers=0, compile=True)
+    _, v1 = _flat(list(compiled.embed_files(paths)))
+    assert shapes and set(shapes) == {(4, 3, 224, 224)}
+    _, v2 = _flat(list(Embedder(tiny_model, device="cpu", batch_size=4, workers=0).embed_files(paths)))
+    np.testing.assert_allclose(v1, v2, atol=1e-5)
+
+
+def test_decode_option_errors(tiny_model) -> None:
+    with pytest.raises(InputError, match="needs the model on a CUDA device"):
+        Embedder(tiny_model, device="cpu", decode="gpu")
+    with pytest.raises(InputError, match="unknown decoder"):
+        Embedder(tiny_model, device="cpu", decode="fast")
+
+
+def test_cli_decode_gpu_without_cuda_fails_cleanly(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from simsearch.cli import cli
+
+    make_collection(tmp_path / "c", n=2)
+    result = CliRunner().invoke(
+        cli, ["index", str(tmp_path / "c"), "--index", str(tmp_path / "idx"), "--model", "resnet18", "--weights",
+              "random", "--device", "cpu", "--decode", "gpu", "--quiet"],
+    )
+    assert result.exit_code == 1
+    assert "--decode gpu" in result.output
+    assert not (tmp_path / "idx").exists()  # nothing created before the check
+
+
+# -- torch k-means and exact search, checked against FAISS / numpy on CPU -----------------------
+
+
+def _blobs(n: int, d: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d))
+    x = centers[rng.integers(0, k, size=n)] + 0.35 * rng.normal(size=(n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def test_torch_kmeans_equals_faiss_given_the_same_init() -> None:
+    from simsearch.gpu_ops import init_centroids, spherical_kmeans
+
+    x = _blobs(3000, 32, 12, seed=0)
+    init = init_centroids(torch.from_numpy(x), 12, seed=3)
+    c, labels, obj = spherical_kmeans(torch.from_numpy(x), 12, niter=15, init=init)
+    km = faiss.Kmeans(32, 12, niter=15, spherical=True, verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=1 << 30)
+    km.train(x, init_centroids=init.numpy().copy())
+    np.testing.assert_allclose(c.numpy(), km.centroids, atol=1e-4)
+    _, faiss_labels = km.index.search(x, 1)
+    assert (labels.numpy() == faiss_labels[:, 0]).mean() > 0.999
+    assert abs(obj - float(km.obj[-1])) / abs(float(km.obj[-1])) < 1e-4
+
+
+def test_torch_kmeans_contract_matches_cluster_kmeans() -> None:
+    """Same shapes and meanings as the FAISS path; a comparable objective from its own random init."""
+    from simsearch.cluster import kmeans
+    from simsearch.gpu_ops import kmeans_torch
+
+    x = _blobs(2000, 16, 8, seed=1)
+    c, assign, dist, obj = kmeans_torch(x, 8, niter=20, seed=5, device="cpu")
+    fc, fassign, fdist, fobj = kmeans(x, 8, niter=20, seed=5, device="cpu")
+    assert c.shape == fc.shape and assign.shape == fassign.shape and assign.dtype == np.int64
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(dist, np.linalg.norm(x - c[assign], axis=1), atol=1e-5)
+    brute = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+    assert (brute == assign).all()
+    assert obj > 0.97 * fobj  # sum of inner products: higher is better
+
+
+def test_torch_kmeans_splits_empty_clusters() -> None:
+    from simsearch.gpu_ops import spherical_kmeans
+
+    x = _blobs(400, 8, 3, seed=2)
+    init = torch.from_numpy(np.vstack([x[:3], -x[:1], -x[:1]]))  # two duplicate far-away seeds
+    c, labels, _ = spherical_kmeans(torch.from_numpy(x), 5, niter=10, init=init)
+    assert torch.isfinite(c).all()
+    assert len(torch.unique(labels)) == 5  # the empty clusters were given points
+
+
+def test_cluster_auto_does_not_import_torch_without_a_driver() -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from simsearch.cluster import kmeans\n"
+        "x = np.random.default_rng(0).normal(size=(200, 8)).astype('float32')\n"
+        "x /= np.linalg.norm(x, axis=1, keepdims=True)\n"
+        "kmeans(x, 4)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    from simsearch.cuda_probe import cuda_maybe_present
+
+    if cuda_maybe_present():
+        pytest.skip("an NVIDIA driver is present here")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_cluster_kmeans_cuda_without_cuda_is_an_input_error() -> None:
+    from simsearch.cluster import kmeans
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(InputError, match="no CUDA device"):
+        kmeans(_blobs(100, 4, 2, seed=0), 2, device="cuda")
+
+
+@pytest.mark.parametrize("k, chunk", [(5, None), (5, 7), (40, 16), (60, 9)])
+def test_exact_search_matches_numpy(k, chunk) -> None:
+    from simsearch.gpu_ops import exact_search
+
+    rng = np.random.default_rng(k)
+    db = rng.normal(size=(50, 24)).astype(np.float32)
+    q = rng.normal(size=(6, 24)).astype(np.float32)
+    scores, idx = exact_search(torch.from_numpy(q), torch.from_numpy(db), k, chunk=chunk)
+    full = q @ db.T
+    kk = min(k, 50)
+    expected = np.argsort(-full, axis=1)[:, :kk]
+    np.testing.assert_array_equal(idx[:, :kk].numpy(), expected)
+    np.testing.assert_allclose(scores[:, :kk].numpy(), np.take_along_axis(full, expected, 1), rtol=1e-5, atol=1e-5)
+    if k > 50:
+        assert (idx[:, 50:] == -1).all() and torch.isinf(scores[:, 50:]).all()
