@@ -35,6 +35,24 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def storable_path(path: str) -> str:
+    """The text a path is stored and looked up under.
+
+    POSIX file names are bytes; one that is not valid UTF-8 reaches Python with surrogate escapes,
+    which SQLite cannot store. Such a name is kept with its odd bytes written as ``\\xff`` escapes,
+    so the file is still indexed, shown readably, and found again under the same key next run.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _storable_record(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: storable_path(v) if isinstance(v, str) else v for k, v in record.items()}
+
+
 @dataclass
 class ImageRow:
     """The catalog's view of one file."""
@@ -179,7 +197,7 @@ class Catalog:
         return out
 
     def row_by_path(self, path: str) -> ImageRow | None:
-        rows = self.rows("path = ?", [path])
+        rows = self.rows("path = ?", [storable_path(path)])
         return rows[0] if rows else None
 
     def ok_ids_by_hash(self, digest: str) -> list[int]:
@@ -198,13 +216,13 @@ class Catalog:
 
     def insert_row(self, record: dict[str, Any], vector: np.ndarray | None) -> int:
         """Insert a new file's row (call inside a transaction); returns its id = FAISS id."""
-        record = dict(record, vector=_blob(vector), indexed_at=utc_now())
+        record = dict(_storable_record(record), vector=_blob(vector), indexed_at=utc_now())
         row_id = int(self.db["images"].insert(record).last_pk)
         self._mark_pending([row_id])
         return row_id
 
     def update_row(self, row_id: int, record: dict[str, Any], vector: np.ndarray | None = None, *, keep_vector: bool = False) -> None:
-        values = dict(record, indexed_at=utc_now())
+        values = dict(_storable_record(record), indexed_at=utc_now())
         if not keep_vector:
             values["vector"] = _blob(vector)
             self._mark_pending([row_id])

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from .catalog import ImageRow, utc_now
+from .catalog import ImageRow, storable_path, utc_now
 from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, iter_image_files
 from .store import IndexStore
@@ -235,8 +235,9 @@ def _plan(
     to_embed: list[FileEntry] = []
     touched: list[tuple[FileEntry, ImageRow]] = []
     for entry in iter_image_files(roots, exclude):
-        seen.add(entry.path)
-        row = existing.get(entry.path)
+        key = storable_path(entry.path)
+        seen.add(key)
+        row = existing.get(key)
         if row is None:
             new.append(entry)
         elif row.size == entry.size and row.mtime_ns == entry.mtime_ns:
@@ -312,7 +313,7 @@ def _commit_batch(store: IndexStore, batch: Any, by_path: dict[str, FileEntry], 
             entry = by_path[item.path]
             vector = next(vec_iter) if item.ok else None
             record = _record(entry, item.hash, item.width, item.height, item.error)
-            row = existing.get(item.path)
+            row = existing.get(storable_path(item.path))
             if row is None:
                 row_id = catalog.insert_row(record, vector)
                 if item.ok:
