@@ -319,3 +319,28 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     assert all(status == "ok" for _, status, _ in state.values())
     assert f"unchanged {killed_at}" in done.stdout
     assert_consistent(index_dir)
+
+
+def test_file_names_that_are_not_utf8(tmp_path: Path, spy) -> None:
+    root = tmp_path / "p"
+    make_collection(root, n=2)
+    odd = make_image(root / "tmp.jpg", color=(9, 9, 250), seed=8)
+    odd_name = os.fsdecode(os.fsencode(str(root)) + b"/odd\xff name.jpg")  # as os.scandir reports it
+    os.rename(odd, odd_name)
+    broken_name = os.fsdecode(os.fsencode(str(root)) + b"/broken\xfe.jpg")
+    Path(broken_name).write_bytes(b"not a jpeg")
+    summary = run_index(root, tmp_path / "idx")  # must not abort the run
+    assert (summary.added, summary.failed) == (3, 1)
+    state = catalog_state(tmp_path / "idx")
+    assert str(root / "odd\\xff name.jpg") in state  # stored readably, odd byte escaped
+    assert [Path(f["path"]).name for f in failed_files(tmp_path / "idx")] == ["broken\\xfe.jpg"]
+    spy.clear()
+    again = run_index(root, tmp_path / "idx")
+    assert spy == [] and again.unchanged == 4  # found again under the same key: not re-embedded
+    from simsearch.search import query_images
+
+    [result] = query_images([odd_name], tmp_path / "idx", k=5, device="cpu")
+    assert len(result.results) == 2 and all("odd" not in h.path for h in result.results)  # itself excluded
+    os.unlink(odd_name)
+    assert run_index(root, tmp_path / "idx").removed == 1
+    assert_consistent(tmp_path / "idx")
