@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -104,9 +105,17 @@ def preprocess_pil(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
 
 def normalize_batch(batch: torch.Tensor, prep: Preprocessing, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
     """uint8 (or float in [0, 255]) NCHW -> float, scaled to [0, 1] and normalised with the preprocessing's mean/std."""
-    mean = torch.tensor(prep.mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std = torch.tensor(prep.std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    mean, std = _mean_std(prep.mean, prep.std, batch.device)
     return ((batch.float() - mean) / std).to(dtype or torch.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants on ``device``, made once (not two small host-to-device copies per batch)."""
+    with torch.inference_mode(False):  # ordinary tensors, usable inside and outside inference mode
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).mul_(255.0).to(device)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).mul_(255.0).to(device)
+    return m, s
 
 
 @dataclass
@@ -250,9 +259,14 @@ class Embedder:
         self._forward_module: Callable[[torch.Tensor], torch.Tensor] = self.model
         if compile:
             self._forward_module = torch.compile(self.model, dynamic=False)
-        self.batch_size = batch_size or (self._auto_batch_size() if self.cuda else CPU_BATCH_SIZE)
-        # padding every batch to one shape: one compilation, one set of cuDNN algorithms
-        self.pad_batches = self.cuda or compile
+        self._batch_size = batch_size or (None if self.cuda else CPU_BATCH_SIZE)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass; on CUDA, unless given, probed on first use (queries never need to)."""
+        if self._batch_size is None:
+            self._batch_size = self._auto_batch_size()
+        return self._batch_size
 
     @property
     def dim(self) -> int:
@@ -281,12 +295,16 @@ class Embedder:
                 continue
         raise InputError("not even a batch of 1 fits in GPU memory; use --device cpu")
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Model output (float32, L2-normalised) for a prepared input batch, padded to one shape if needed."""
+    def _forward(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
+        """Model output (float32, L2-normalised) for a prepared input batch.
+
+        Batches are padded to one shape when compiled (one compilation) and, with ``pad``, on CUDA
+        (one set of cuDNN algorithms: a short last batch would otherwise be autotuned anew).
+        """
         n = x.shape[0]
-        if self.pad_batches and 0 < n < self.batch_size:
-            pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
-            x = torch.cat([x, pad])
+        if (self.compiled or (pad and self.cuda)) and 0 < n < self.batch_size:
+            filler = x.new_zeros((self.batch_size - n, *x.shape[1:]))
+            x = torch.cat([x, filler])
             if self.cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
         out = self._forward_module(x)
@@ -304,14 +322,20 @@ class Embedder:
         """Embed a uint8 NCHW batch of preprocessed crops."""
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
-        out = [self._forward(self._prepare_crops(chunk)) for chunk in batch.split(self.batch_size)]
+        step = self._query_batch_size()
+        out = [self._forward(self._prepare_crops(chunk), pad=False) for chunk in batch.split(step)]
         return torch.cat(out).cpu().numpy()
+
+    def _query_batch_size(self) -> int:
+        # a few query images need no probe for the largest batch that fits (unless compiled)
+        return self._batch_size or (self.batch_size if self.compiled else 64)
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed already-decoded RGB images (used for queries)."""
         out = [np.zeros((0, self.dim), np.float32)]
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
+        step = self._query_batch_size()
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
             out.append(self.embed_uint8(torch.stack([preprocess_pil(im, self.prep) for im in chunk])))
         return np.concatenate(out)
 
@@ -366,7 +390,8 @@ class Embedder:
         if self.cuda and prepared.event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(prepared.event)
-            prepared.x.record_stream(stream)
+            if prepared.x.is_cuda:
+                prepared.x.record_stream(stream)
         ok = sum(1 for item in prepared.items if item.ok)
         if ok == 0:
             return _Pending(prepared.items, torch.zeros((0, self.dim)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -56,6 +57,7 @@ class JpegProbe:
     component_ids: tuple[int, ...]
     adobe_transform: int | None
     end: int  # offset just past the first EOI after the first scan (the primary image's end)
+    header_end: int  # offset just past the first SOS header: everything Pillow reads to open the file
 
     @property
     def gpu_ok(self) -> bool:
@@ -76,7 +78,8 @@ def probe_jpeg(data: bytes | bytearray | memoryview) -> JpegProbe | None:
 
     "Complete" means an EOI marker follows the first scan: a truncated file never has one there
     (0xFF in entropy-coded data is always stuffed or a restart marker), so truncated files go to
-    the CPU decoder, which reports them exactly as it does without a GPU.
+    the CPU decoder, which reports them exactly as it does without a GPU. A file that ends with
+    EOI and holds no MPF (multi-picture) index is one image: no need to search for its end.
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
@@ -84,6 +87,7 @@ def probe_jpeg(data: bytes | bytearray | memoryview) -> JpegProbe | None:
     pos = 2
     sof: tuple[int, int, int, int, int, tuple[int, ...]] | None = None
     adobe: int | None = None
+    mpf = False
     sos_end = -1
     while pos + 4 <= n:
         if data[pos] != 0xFF:
@@ -117,17 +121,23 @@ def probe_jpeg(data: bytes | bytearray | memoryview) -> JpegProbe | None:
                 )
         elif marker == 0xEE and seglen >= 14 and bytes(data[start : start + 5]) == b"Adobe":
             adobe = data[start + 11]
+        elif marker == 0xE2 and bytes(data[start : start + 4]) == b"MPF\x00":
+            mpf = True
         elif marker == 0xDA:
             sos_end = end
             break
         pos = end
     if sof is None or sos_end < 0:
         return None
-    eoi = bytes(data).find(b"\xff\xd9", sos_end) if not isinstance(data, bytes) else data.find(b"\xff\xd9", sos_end)
-    if eoi < 0:
-        return None
+    if not mpf and data[n - 2] == 0xFF and data[n - 1] == 0xD9:
+        end = n
+    else:  # trailing bytes, several images, or truncated: find the first image's EOI, if any
+        eoi = (data if isinstance(data, bytes) else bytes(data)).find(b"\xff\xd9", sos_end)
+        if eoi < 0:
+            return None
+        end = eoi + 2
     marker, precision, width, height, ncomp, ids = sof
-    return JpegProbe(marker, precision, width, height, ncomp, ids, adobe, eoi + 2)
+    return JpegProbe(marker, precision, width, height, ncomp, ids, adobe, end, sos_end)
 
 
 # -- geometry (device-agnostic) -------------------------------------------------------------
@@ -238,7 +248,7 @@ class RawBatch:
         return self
 
 
-def gpu_route(data: bytes, max_pixels: int | None) -> tuple[JpegProbe, int, tuple[int, int]] | None:
+def gpu_route(data: bytes | memoryview, max_pixels: int | None) -> tuple[JpegProbe, int, tuple[int, int]] | None:
     """(probe, EXIF orientation, upright size) when ``data`` should be decoded on the GPU, else None.
 
     Size and orientation come from Pillow itself, so the metadata matches the CPU path exactly.
@@ -246,8 +256,8 @@ def gpu_route(data: bytes, max_pixels: int | None) -> tuple[JpegProbe, int, tupl
     probe = probe_jpeg(data)
     if probe is None or not probe.gpu_ok:
         return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
+    try:  # Pillow reads markers up to the first scan only: the header is all it needs
+        with Image.open(io.BytesIO(bytes(data[: probe.header_end]))) as im:
             if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L"):
                 return None
             w, h = im.size
@@ -271,48 +281,91 @@ def read_batch(
     draft: bool,
     gpu: bool,
 ) -> RawBatch:
-    """Read one batch of files (in a worker): JPEG bytes for the GPU, CPU-decoded crops for the rest."""
+    """Read one batch of files (in a worker): JPEG bytes for the GPU, CPU-decoded crops for the rest.
+
+    With ``gpu``, files are read straight into one blob (in shared memory when running in a
+    DataLoader worker, so handing it to the main process copies nothing); the hash and the
+    routing work on views of it.
+    """
     from .embed import DecodedItem, decode_file_bytes
 
     batch = RawBatch(items=[])
-    chunks: list[bytes] = []
-    offset = 0
     crops: list[torch.Tensor] = []
-    for path in paths:
-        item = DecodedItem(path)
-        batch.items.append(item)
-        try:
-            data = read_bytes(path)
-        except ImageError as exc:
-            item.error = str(exc)
-            continue
-        item.hash = content_hash(data)
-        route = gpu_route(data, max_pixels) if gpu else None
-        if route is not None:
-            probe, orientation, (item.width, item.height) = route
-            batch.jpegs.append(
-                JpegRef(len(batch.slots), offset, len(data), probe.end, orientation, probe.width * probe.height)
-            )
-            batch.slots.append(len(batch.items) - 1)
-            chunks.append(data)
-            offset += len(data)
-            continue
+
+    def cpu_decode(item: DecodedItem, data: bytes) -> None:
         crop = decode_file_bytes(item, data, prep, max_pixels, draft)
         if crop is not None:
             batch.crop_slots.append(len(batch.slots))
             batch.slots.append(len(batch.items) - 1)
             crops.append(crop)
-    if chunks:
-        blob = torch.empty(offset, dtype=torch.uint8)
-        view = blob.numpy()
-        pos = 0
-        for chunk in chunks:
-            view[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-            pos += len(chunk)
-        batch.blob = blob
+
+    if not gpu:
+        for path in paths:
+            item = DecodedItem(path)
+            batch.items.append(item)
+            try:
+                data = read_bytes(path)
+            except ImageError as exc:
+                item.error = str(exc)
+                continue
+            item.hash = content_hash(data)
+            cpu_decode(item, data)
+        if crops:
+            batch.crops = torch.stack(crops)
+        return batch
+
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(os.stat(path).st_size)
+        except OSError:
+            sizes.append(0)
+    blob = torch.empty(sum(sizes), dtype=torch.uint8)
+    if len(blob) and torch.utils.data.get_worker_info() is not None:
+        blob.share_memory_()
+    view = memoryview(blob.numpy()) if len(blob) else memoryview(b"")
+    pos = 0
+    for path in paths:
+        item = DecodedItem(path)
+        batch.items.append(item)
+        mv = _read_into(path, view, pos)
+        if mv is None:  # empty, unreadable, changed under us...: the CPU path's reading and errors
+            try:
+                data = read_bytes(path)
+            except ImageError as exc:
+                item.error = str(exc)
+                continue
+            item.hash = content_hash(data)
+            cpu_decode(item, data)
+            continue
+        item.hash = content_hash(mv)  # type: ignore[arg-type]
+        route = gpu_route(mv, max_pixels)
+        if route is None:
+            cpu_decode(item, bytes(mv))  # its blob space is reused by the next file
+            continue
+        probe, orientation, (item.width, item.height) = route
+        batch.jpegs.append(JpegRef(len(batch.slots), pos, len(mv), probe.end, orientation, probe.width * probe.height))
+        batch.slots.append(len(batch.items) - 1)
+        pos += len(mv)
+    batch.blob = blob[:pos]
     if crops:
         batch.crops = torch.stack(crops)
     return batch
+
+
+def _read_into(path: str, view: memoryview, pos: int) -> memoryview | None:
+    """Read a whole file into ``view[pos:]``; None if it is empty, unreadable or does not fit."""
+    try:
+        with open(path, "rb") as f:
+            n = os.fstat(f.fileno()).st_size
+            if n <= 0 or pos + n > len(view):
+                return None
+            mv = view[pos : pos + n]
+            if f.readinto(mv) != n or f.read(1):
+                return None
+            return mv
+    except OSError:
+        return None
 
 
 # -- main-process side: decode on the GPU -----------------------------------------------------

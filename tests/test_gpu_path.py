@@ -82,10 +82,11 @@ def variants(tmp_path_factory, arr) -> dict[str, Path]:
         "empty": b"",
         "text": b"this is not an image at all",
     }
+    # orientation only in XMP (Pillow reads it from there too); segment written by hand: any Pillow
     xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=90, xmp=xmp)
-    files["xmp6"] = buf.getvalue()
+    payload = b"http://ns.adobe.com/xap/1.0/\x00" + xmp
+    plain = jpeg_bytes(arr)
+    files["xmp6"] = plain[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + plain[2:]
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     files["png"] = buf.getvalue()
@@ -296,10 +297,12 @@ def test_fallback_failure_is_recorded_like_cpu(variants, monkeypatch) -> None:
     assert float((out.x - normalize_batch(ref, PREP)).abs().mean(dim=(1, 2, 3)).max()) < 0.05
 
 
-def test_gpu_pipeline_on_cpu_matches_cpu_pipeline(variants, tiny_model) -> None:
-    """The whole embed_files pipeline with the GPU decode stage (CPU decoder standing in) equals the CPU one."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_pipeline_on_cpu_matches_cpu_pipeline(variants, tiny_model, workers) -> None:
+    """The whole embed_files pipeline with the GPU decode stage (CPU decoder standing in) equals the CPU one
+    (with worker processes: the JPEG blob travels through shared memory)."""
     paths = [str(p) for p in variants.values()] * 2
-    emb = Embedder(tiny_model, device="cpu", batch_size=5, workers=0)
+    emb = Embedder(tiny_model, device="cpu", batch_size=5, workers=workers)
     ref = list(emb.embed_files(paths))
     emb.decode = "gpu"
     got = list(emb.embed_files(paths))
@@ -348,10 +351,10 @@ def test_cuda_decode_stage_matches_cpu_crops(variants) -> None:
     per_image = (x - normalize_batch(ref, PREP)).abs().mean(dim=(1, 2, 3))
     names = [Path(out.items[s].path).stem for s in raw.slots]
     report = dict(zip(names, [round(float(v), 4) for v in per_image]))
-    print("mean |gpu - cpu| per image (normalised units):", report)
-    # nvJPEG upsamples chroma without libjpeg's "fancy" filter and decodes at full size (no draft):
-    # a few grey levels at most on average (1 level = 0.017 normalised units)
-    assert float(per_image.max()) < 0.15, report
+    print("mean |gpu - cpu| per image (normalised units; 1 grey level = 0.017):", report)
+    # nvJPEG upsamples chroma without libjpeg's "fancy" filter: a few grey levels at most on average.
+    # (corrupt data decodes to whatever each decoder makes of it: metadata only for that one)
+    assert max(v for k, v in report.items() if k != "corrupt_scan") < 0.1, report
 
 
 @cuda
@@ -372,12 +375,22 @@ def test_cuda_embeddings_match_cpu_decode(tmp_path, variants, tiny_model) -> Non
     key = lambda bs: [(i.path, i.hash, i.width, i.height, i.error) for b in bs for i in b.items]  # noqa: E731
     assert key(g) == key(c)
     a, b = np.concatenate([x.vectors for x in g]), np.concatenate([x.vectors for x in c])
-    cos = (a * b).sum(1)
+    # a random-weight net maps all images close together (raw cosines ~0.98 between different
+    # photos): compare after removing the mean embedding of unrelated photos, as test_draft does
+    others = [str(tmp_path / f"other{i}.jpg") for i in range(6)]
+    for i, p in enumerate(others):
+        write_jpeg(p, 320, 240, seed=200 + i)
+    mu = np.concatenate([x.vectors for x in cpu.embed_files(others)]).mean(0)
+    raw = (a * b).sum(1)
+    ac, bc = a - mu, b - mu
+    centred = (ac * bc).sum(1) / np.linalg.norm(ac, axis=1) / np.linalg.norm(bc, axis=1)
     ok_names = [Path(i.path).stem for x in g for i in x.items if i.ok]
-    print("cosine gpu vs cpu decode:", dict(zip(ok_names, np.round(cos, 4).tolist())))
-    assert float(cos.min()) >= 0.99
-    # and two different photos are further apart than that, so the check can fail
-    assert float((a[-1] * a[-2]).sum()) < float(cos.min())
+    print("cosine gpu vs cpu decode (raw, centred):", {n: (round(float(r), 4), round(float(cc), 4)) for n, r, cc in zip(ok_names, raw, centred)})
+    keep = [i for i, n in enumerate(ok_names) if n != "corrupt_scan"]
+    assert float(raw[keep].min()) >= 0.99
+    assert float(centred[keep].min()) >= 0.98
+    # and two different photos are far apart, so the check can fail
+    assert float((ac[-1] * ac[-2]).sum() / np.linalg.norm(ac[-1]) / np.linalg.norm(ac[-2])) < 0.9
 
 
 @cuda
