@@ -12,15 +12,17 @@
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 BUDGET=${BUDGET:-420}   # seconds for the whole script
 N=${N:-10000}
-WORK=/tmp/simsearch_bench
+DEVICE=${DEVICE:-cuda}          # (cpu: a dry run of this script's plumbing on a machine without a GPU)
+KM_N=${KM_N:-1000000}; KM_K=${KM_K:-1000,100}; KM_FAISS_N=${KM_FAISS_N:-100000}
+WORK=${WORK:-/tmp/simsearch_bench}
 step() { echo; echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 
+main() {
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv || true
 nproc; free -g | head -2; df -h /dev/shm /tmp 2>/dev/null | cat
@@ -44,8 +46,8 @@ print('generated', len(p), 'JPEGs in %.1fs' % (time.time() - t))
 GEN=$!
 
 step "tests: CUDA tests, then the CPU-side GPU-path / embed / draft tests"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -s -k cuda tests/test_gpu_path.py 2>&1 | tail -40
-timeout 120 python3 -m pytest -q -p no:cacheprovider -k "not cuda" tests/test_gpu_path.py tests/test_embed.py tests/test_draft.py 2>&1 | tail -15
+timeout 150 python3 -m pytest -q -p no:cacheprovider -s -k cuda tests/test_gpu_path.py 2>&1
+timeout 100 python3 -m pytest -q -p no:cacheprovider -k "not cuda" tests/test_gpu_path.py tests/test_embed.py tests/test_draft.py 2>&1
 
 step "waiting for the JPEGs"
 wait $GEN; cat "$OUT/gen.txt"
@@ -53,20 +55,25 @@ du -sh "$WORK/imagenet_like_$N" 2>/dev/null
 
 step "bench_embed: ResNet-50, eager, decoders gpu and cpu end-to-end ($(left)s left)"
 timeout $(( $(left) - 150 > 60 ? $(left) - 150 : 60 )) python3 benchmarks/bench_embed.py --model resnet50 --n "$N" \
-  --workdir "$WORK" --device cuda --decode gpu,cpu --model-seconds 5 --json-out "$OUT/bench_eager.json" 2>&1 | tail -30
+  --workdir "$WORK" --device "$DEVICE" --decode "$([ "$DEVICE" = cuda ] && echo gpu,cpu || echo cpu)" --model-seconds 5 \
+  --json-out "$OUT/bench_eager.json" 2>&1
 
 step "k-means 1M x 512 on the GPU, exact search, FAISS-CPU comparison ($(left)s left)"
-timeout 90 python3 benchmarks/bench_kmeans.py --n 1000000 --d 512 --k 1000,100 --niter 25 --device cuda \
-  --faiss-n 100000 --json-out "$OUT/kmeans.json" 2>&1 | tail -12
+timeout 90 python3 benchmarks/bench_kmeans.py --n "$KM_N" --d 512 --k "$KM_K" --niter 25 --device "$DEVICE" \
+  --faiss-n "$KM_FAISS_N" --json-out "$OUT/kmeans.json" 2>&1
 
 REM=$(left)
 if [ "$REM" -gt 100 ]; then
   step "bench_embed: ResNet-50 with --compile, gpu decode (${REM}s left)"
-  timeout $(( REM - 10 )) python3 benchmarks/bench_embed.py --model resnet50 --n "$N" --workdir "$WORK" --device cuda \
-    --decode gpu --compile --skip decode,commit --model-seconds 5 --json-out "$OUT/bench_compile.json" 2>&1 | tail -12
+  timeout $(( REM - 10 )) python3 benchmarks/bench_embed.py --model resnet50 --n "$N" --workdir "$WORK" --device "$DEVICE" \
+    --decode "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" --compile --skip decode,commit --model-seconds 5 \
+    --json-out "$OUT/bench_compile.json" 2>&1
 else
   step "skipping --compile: only ${REM}s left"
 fi
 
 step "done after $(( $(date +%s) - T0 ))s; files in $OUT:"
 ls -la "$OUT"
+}
+
+main 2>&1 | tee "$OUT/log.txt"

@@ -223,7 +223,8 @@ class Embedder:
     or ``gpu`` (an :class:`InputError` without CUDA). ``compile``: wrap the model in
     ``torch.compile`` (pays off on long runs; batches are padded to one shape so it compiles once).
     ``batch_size=None`` picks the largest of :data:`CUDA_BATCH_CANDIDATES` whose forward fits in
-    GPU memory (32 on CPU).
+    GPU memory (32 on CPU), probed on first use. ``warmup``: do that probe, cuDNN's autotuning and
+    the compilation in the constructor (the indexer does; a one-off query need not).
     """
 
     def __init__(
@@ -236,6 +237,7 @@ class Embedder:
         draft: bool = True,
         decode: str = "auto",
         compile: bool = False,
+        warmup: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = autocast_dtype(self.device)
@@ -260,6 +262,20 @@ class Embedder:
         if compile:
             self._forward_module = torch.compile(self.model, dynamic=False)
         self._batch_size = batch_size or (None if self.cuda else CPU_BATCH_SIZE)
+        if warmup and (self.cuda or compile):
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Pay the one-off costs now (batch-size probe, cuDNN autotuning, compilation), not in the first batch."""
+        if self._batch_size is None:
+            self._batch_size = self._auto_batch_size()  # its probe is a full-size forward
+            return
+        c = self.prep.crop_size
+        x = torch.randint(0, 256, (self._batch_size, 3, c, c), dtype=torch.uint8)
+        with torch.inference_mode():
+            self._forward(self._prepare_crops(x))
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     @property
     def batch_size(self) -> int:

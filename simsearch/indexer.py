@@ -180,6 +180,7 @@ def index_folders(
                 draft=options.draft,
                 decode=options.decode,
                 compile=options.compile,
+                warmup=True,
             )
             progress.start(len(plan.to_embed))
             t_embed = time.perf_counter()

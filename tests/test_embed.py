@@ -288,3 +288,24 @@ def test_exact_search_matches_numpy(k, chunk) -> None:
     np.testing.assert_allclose(scores[:, :kk].numpy(), np.take_along_axis(full, expected, 1), rtol=1e-5, atol=1e-5)
     if k > 50:
         assert (idx[:, 50:] == -1).all() and torch.isinf(scores[:, 50:]).all()
+
+
+def test_warm_up_compiles_before_the_first_batch(tmp_path, tiny_model, monkeypatch) -> None:
+    """warmup=True (what the indexer asks for) pays compilation / autotuning in the constructor."""
+    calls: list[tuple] = []
+
+    def fake_compile(module, **kwargs):
+        def run(x):
+            calls.append(tuple(x.shape))
+            return module(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    Embedder(tiny_model, device="cpu", batch_size=3, workers=0, compile=True, warmup=False)
+    assert calls == []
+    Embedder(tiny_model, device="cpu", batch_size=3, workers=0, compile=True, warmup=True)
+    assert calls == [(3, 3, 224, 224)]
+    calls.clear()
+    Embedder(tiny_model, device="cpu", batch_size=3, workers=0, warmup=True)  # eager CPU: nothing to pay
+    assert calls == []
