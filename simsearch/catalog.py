@@ -216,10 +216,47 @@ class Catalog:
 
     def insert_row(self, record: dict[str, Any], vector: np.ndarray | None) -> int:
         """Insert a new file's row (call inside a transaction); returns its id = FAISS id."""
-        record = dict(_storable_record(record), vector=_blob(vector), indexed_at=utc_now())
-        row_id = int(self.db["images"].insert(record).last_pk)
-        self._mark_pending([row_id])
-        return row_id
+        return self.insert_rows([record], [vector])[0]
+
+    # Batched writes: one executemany per batch instead of a statement (and a Python-level
+    # sqlite-utils round trip) per row; the indexer's commit stays well ahead of a GPU encoder.
+    _WRITE_COLUMNS = ("path", "size", "mtime_ns", "hash", "width", "height", "status", "error")
+
+    def _values(self, record: dict[str, Any], vector: np.ndarray | None, now: str) -> tuple[Any, ...]:
+        rec = _storable_record(record)
+        return tuple(rec.get(c) for c in self._WRITE_COLUMNS) + (_blob(vector), now)
+
+    def insert_rows(self, records: list[dict[str, Any]], vectors: list[np.ndarray | None]) -> list[int]:
+        """Insert new files' rows (call inside a transaction); returns their ids = FAISS ids.
+
+        Ids are assigned here, after the current maximum, which the surrounding write
+        transaction (BEGIN IMMEDIATE) keeps stable.
+        """
+        if not records:
+            return []
+        start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]) + 1
+        ids = list(range(start, start + len(records)))
+        now = utc_now()
+        cols = ", ".join(("id",) + self._WRITE_COLUMNS + ("vector", "indexed_at"))
+        marks = ", ".join("?" * (len(self._WRITE_COLUMNS) + 3))
+        self.db.conn.executemany(
+            f"INSERT INTO images ({cols}) VALUES ({marks})",
+            [(i,) + self._values(r, v, now) for i, r, v in zip(ids, records, vectors)],
+        )
+        self._mark_pending(ids)
+        return ids
+
+    def update_rows(self, ids: list[int], records: list[dict[str, Any]], vectors: list[np.ndarray | None]) -> None:
+        """Replace existing rows' metadata and vectors (call inside a transaction)."""
+        if not ids:
+            return
+        now = utc_now()
+        sets = ", ".join(f"{c} = ?" for c in self._WRITE_COLUMNS + ("vector", "indexed_at"))
+        self.db.conn.executemany(
+            f"UPDATE images SET {sets} WHERE id = ?",
+            [self._values(r, v, now) + (int(i),) for i, r, v in zip(ids, records, vectors)],
+        )
+        self._mark_pending([int(i) for i in ids])
 
     def update_row(self, row_id: int, record: dict[str, Any], vector: np.ndarray | None = None, *, keep_vector: bool = False) -> None:
         values = dict(_storable_record(record), indexed_at=utc_now())

@@ -306,32 +306,44 @@ def _commit_batch(store: IndexStore, batch: Any, by_path: dict[str, FileEntry], 
     """Write one embedded batch to SQLite in one transaction, then mirror it into FAISS."""
     catalog, ann = store.catalog, store.ann
     assert ann is not None
-    add_ids: list[int] = []
+    new_records: list[dict[str, Any]] = []
+    new_vectors: list[np.ndarray | None] = []
+    new_ok: list[bool] = []
+    upd_ids: list[int] = []
+    upd_records: list[dict[str, Any]] = []
+    upd_vectors: list[np.ndarray | None] = []
+    upd_ok: list[bool] = []
     drop_ids: list[int] = []
+    slots: list[tuple[bool, int]] = []  # per item: (is new, index into new_records | existing row id)
     vec_iter = iter(batch.vectors)
+    for item in batch.items:
+        vector = next(vec_iter) if item.ok else None
+        record = _record(by_path[item.path], item.hash, item.width, item.height, item.error)
+        row = existing.get(storable_path(item.path))
+        if row is None:
+            slots.append((True, len(new_records)))
+            new_records.append(record)
+            new_vectors.append(vector)
+            new_ok.append(item.ok)
+        else:
+            slots.append((False, row.id))
+            upd_ids.append(row.id)
+            upd_records.append(record)
+            upd_vectors.append(vector)
+            upd_ok.append(item.ok)
+            if row.ok:
+                drop_ids.append(row.id)
+        if not item.ok:
+            summary.failed += 1
+            summary.failures.append({"path": item.path, "error": item.error or ""})
+            log.warning("skipped: %s", item.error)
     with catalog.transaction():
-        for item in batch.items:
-            entry = by_path[item.path]
-            vector = next(vec_iter) if item.ok else None
-            record = _record(entry, item.hash, item.width, item.height, item.error)
-            row = existing.get(storable_path(item.path))
-            if row is None:
-                row_id = catalog.insert_row(record, vector)
-                if item.ok:
-                    summary.added += 1
-            else:
-                row_id = row.id
-                catalog.update_row(row_id, record, vector)
-                if row.ok:
-                    drop_ids.append(row_id)
-                if item.ok:
-                    summary.updated += 1
-            if item.ok:
-                add_ids.append(row_id)
-            else:
-                summary.failed += 1
-                summary.failures.append({"path": item.path, "error": item.error or ""})
-                log.warning("skipped: %s", item.error)
+        new_ids = catalog.insert_rows(new_records, new_vectors)
+        catalog.update_rows(upd_ids, upd_records, upd_vectors)
+    summary.added += sum(new_ok)
+    summary.updated += sum(upd_ok)
+    # FAISS ids in the order of batch.vectors (the ok items, in input order)
+    add_ids = [new_ids[k] if is_new else k for (is_new, k), item in zip(slots, batch.items) if item.ok]
     ann.remove(drop_ids)
     ann.add(np.array(add_ids, dtype=np.int64), batch.vectors)
     summary.embedded += len(batch.items)
