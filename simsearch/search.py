@@ -61,6 +61,97 @@ def load_index_model(store: IndexStore, device: str = "auto", batch_size: int | 
     return Embedder(model, device=device, batch_size=batch_size, workers=0)
 
 
+def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:
+    for q in queries:
+        path = Path(q)
+        if path.is_dir():
+            raise InputError(f"query image {q} is a folder; give image files")
+        if not path.is_file():
+            raise InputError(f"query image not found: {q}")
+
+
+class Searcher:
+    """An open index and its model, ready for many queries (the model is built once).
+
+    ``query_images`` makes one per call; a long-lived caller (a service, a notebook, a benchmark)
+    keeps one and pays the model's start-up once.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | os.PathLike[str],
+        device: str = "auto",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.store = IndexStore.open(index_dir)
+        try:
+            self.ann = self.store.require_vectors()
+            self.store.require_consistent()
+            self.max_pixels = max_pixels
+            self.draft_size = int(self.store.meta["preprocessing"]["resize_size"])
+            self.embedder = load_index_model(self.store, device=device)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def query(
+        self,
+        queries: Sequence[str | os.PathLike[str]],
+        k: int = 10,
+        threshold: float | None = None,
+        include_self: bool = False,
+    ) -> list[QueryResult]:
+        """Nearest indexed neighbours (cosine similarity) of each query image."""
+        if k < 1:
+            raise InputError("--top-k must be at least 1")
+        _check_query_paths(queries)
+        images, digests = [], []
+        for q in queries:
+            data = read_bytes(q)
+            images.append(decode_image(data, str(q), max_pixels=self.max_pixels, draft_size=self.draft_size))
+            digests.append(content_hash(data))
+        vectors = self.embedder.embed_images(images)
+        return [
+            self._neighbours(str(q), digest, vector, k, threshold, include_self)
+            for q, digest, vector in zip(queries, digests, vectors)
+        ]
+
+    def _neighbours(
+        self, name: str, digest: str, vector: np.ndarray, k: int, threshold: float | None, include_self: bool
+    ) -> QueryResult:
+        catalog = self.store.catalog
+        skip: set[int] = set()
+        if not include_self:
+            # "Self" is the query's own row when the query is an indexed file; other indexed
+            # copies of it are real results (duplicates). A query from outside the index is
+            # "self" to every indexed file with the same bytes.
+            row = catalog.row_by_path(os.path.abspath(name))
+            if row is not None and row.ok:
+                skip.add(row.id)
+            else:
+                skip.update(catalog.ok_ids_by_hash(digest))
+        scores, ids = self.ann.search(vector[None, :], k + len(skip))
+        keep = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
+        if threshold is not None:
+            keep = [(s, i) for s, i in keep if s >= threshold]
+        keep = keep[:k]
+        rows = catalog.rows_by_ids(i for _, i in keep)
+        hits = [
+            Hit(rank=r + 1, score=round(s, 6), path=rows[i].path, width=rows[i].width, height=rows[i].height, id=i)
+            for r, (s, i) in enumerate(keep)
+        ]
+        return QueryResult(name, hits)
+
+
 def query_images(
     queries: Sequence[str | os.PathLike[str]],
     index_dir: str | os.PathLike[str],
@@ -70,52 +161,9 @@ def query_images(
     device: str = "auto",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[QueryResult]:
-    """Nearest indexed neighbours (cosine similarity) of each query image."""
+    """Nearest indexed neighbours (cosine similarity) of each query image (one-shot)."""
     if k < 1:
         raise InputError("--top-k must be at least 1")
-    with IndexStore.open(index_dir) as store:
-        ann = store.require_vectors()
-        store.require_consistent()
-        images, digests, names = [], [], []
-        for q in queries:
-            path = Path(q)
-            if path.is_dir():
-                raise InputError(f"query image {q} is a folder; give image files")
-            if not path.is_file():
-                raise InputError(f"query image not found: {q}")
-            data = read_bytes(path)
-            draft = store.meta["preprocessing"]["resize_size"]
-            images.append(decode_image(data, str(q), max_pixels=max_pixels, draft_size=draft))
-            digests.append(content_hash(data))
-            names.append(str(q))
-        embedder = load_index_model(store, device=device)
-        vectors = embedder.embed_images(images)
-        results = []
-        for name, digest, vector in zip(names, digests, vectors):
-            skip: set[int] = set()
-            if not include_self:
-                # "Self" is the query's own row when the query is an indexed file; other indexed
-                # copies of it are real results (duplicates). A query from outside the index is
-                # "self" to every indexed file with the same bytes.
-                row = store.catalog.row_by_path(os.path.abspath(name))
-                if row is not None and row.ok:
-                    skip.add(row.id)
-                else:
-                    skip.update(store.catalog.ok_ids_by_hash(digest))
-            scores, ids = ann.search(vector[None, :], k + len(skip))
-            keep = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
-            if threshold is not None:
-                keep = [(s, i) for s, i in keep if s >= threshold]
-            keep = keep[:k]
-            rows = store.catalog.rows_by_ids(i for _, i in keep)
-            hits = [
-                Hit(rank=r + 1, score=round(s, 6), path=rows[i].path, width=rows[i].width, height=rows[i].height, id=i)
-                for r, (s, i) in enumerate(keep)
-            ]
-            results.append(QueryResult(name, hits))
-        return results
-
-
-def search_vectors(store: IndexStore, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw (scores, ids) search, for callers that already hold query vectors."""
-    return store.require_vectors().search(vectors, k)
+    _check_query_paths(queries)  # fail fast, before the model is built
+    with Searcher(index_dir, device=device, max_pixels=max_pixels) as searcher:
+        return searcher.query(queries, k=k, threshold=threshold, include_self=include_self)
