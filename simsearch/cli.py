@@ -337,6 +337,169 @@ def models(as_json: bool) -> None:
         click.echo(f"{row['model']:<20} {row['dim']:>5}-d  {row['crop']}px")
 
 
+class _TrainProgress:
+    """Renders simsearch.train's callbacks on stderr: a bar for the feature pass, one per epoch."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+        self.phase = ""
+        self.epochs = 0
+        self.steps = 0
+        self.epoch = 0
+
+    def _tqdm(self, **kwargs: Any) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_extract_start(self, total: int, what: str) -> None:
+        if not self.quiet:
+            self.bar = self._tqdm(total=total, desc=what, unit="img")
+
+    def on_extract_advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def on_extract_end(self) -> None:
+        self._close()
+
+    def on_phase_start(self, phase: str, epochs: int, steps_per_epoch: int) -> None:
+        self.phase, self.epochs, self.steps, self.epoch = phase, epochs, steps_per_epoch, 0
+        self._new_epoch_bar()
+
+    def _new_epoch_bar(self) -> None:
+        self._close()
+        if not self.quiet and self.epoch < self.epochs:
+            self.bar = self._tqdm(total=self.steps, desc=f"{self.phase} {self.epoch + 1}/{self.epochs}", unit="step")
+
+    def on_step(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def on_epoch_end(self, record: Any) -> None:
+        self._close()
+        self.epoch = record.epoch
+        if not self.quiet:
+            val = "" if record.recall_at_1 is None else f", val R@1 {record.recall_at_1:.4f}"
+            loss = "" if record.loss is None else f"loss {record.loss:.4f}"
+            mark = "  (best so far)" if record.best else ""
+            click.echo(f"{record.phase} epoch {record.epoch}/{self.epochs}: {loss}{val} [{record.seconds:.1f}s]{mark}", err=True)
+        self._new_epoch_bar()
+
+    def on_phase_end(self, phase: str) -> None:
+        self._close()
+
+
+@cli.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Checkpoint file to write (e.g. model.pt).")
+@click.option("--model", default="resnet50", show_default=True, help="Backbone (see: simsearch models).")
+@click.option("--weights", default="imagenet", show_default=True, help="Backbone weights to start from: imagenet, random, or a state dict path.")
+@click.option("--dim", type=click.IntRange(min=2), default=512, show_default=True, help="Embedding size (the head's output).")
+@click.option("--loss", type=click.Choice(["arcface", "cosface", "proxyanchor", "triplet", "ms", "supcon"]), default="proxyanchor", show_default=True, help="Metric-learning loss (pytorch-metric-learning).")
+@click.option("--miner", type=click.Choice(["batch-hard", "multi-similarity"]), default=None, help="Triplet miner [default: batch-hard].")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per phase (early stopping may end sooner).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True, help="Images per training step.")
+@click.option("--lr-head", type=float, default=1e-3, show_default=True, help="Learning rate of the head (and loss proxies, scaled).")
+@click.option("--lr-backbone", type=float, default=1e-5, show_default=True, help="Learning rate of the unfrozen backbone stages.")
+@click.option("--unfreeze", type=click.IntRange(min=1), default=1, show_default=True, help="Top backbone stages to fine-tune (1: layer4 of a ResNet).")
+@click.option("--phases", type=click.Choice(["head", "finetune", "both"]), default="both", show_default=True, help="Head only on frozen features, fine-tuning, or both in turn.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True, help="Hold out this fraction of each class's images for validation.")
+@click.option("--val-classes", default=None, metavar="N|A,B,..", help="Hold out whole classes instead (a count, or names): open-set validation.")
+@click.option("--in-chans", type=click.Choice(["1", "3"]), default="3", show_default=True, help="1: gray-level data (colour images are turned gray).")
+@click.option("--adapt-first-conv", is_flag=True, help="With --in-chans 1: a 1-channel first conv (summed RGB filters) instead of replicating gray.")
+@click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True, help="Dropout in the head.")
+@click.option("--no-bn", is_flag=True, help="No BatchNorm in the head.")
+@click.option("--head-init", type=click.Choice(["lda", "pca", "random"]), default="lda", show_default=True, help="Start the head as a within-class whitening (lda) or the PCA of the frozen features, or at random.")
+@click.option("--image-size", type=click.IntRange(16, 1024), default=None, help="Train and embed at this crop size [default: the backbone's].")
+@click.option("--no-augment", is_flag=True, help="No augmentation when fine-tuning on images.")
+@click.option("--cache-trunk", is_flag=True, help="Fine-tune on cached activations of the frozen trunk (fast on CPU; flips only).")
+@click.option("--freeze-all-bn", is_flag=True, help="Keep BatchNorm statistics frozen in the fine-tuned stages too.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights, the split, sampling and augmentation.")
+@device_option
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: 2 on CPU, up to 8 on CUDA].")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True, help="Stop a phase after this many epochs without a better validation Recall@1.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse images larger than this.")
+@json_option
+@quiet_option
+@handle_errors
+def train(data: Path, out: Path, in_chans: str, no_bn: bool, no_augment: bool, as_json: bool, quiet: bool, **options: Any) -> None:
+    """Train a metric head (then fine-tune the backbone's top) on DATA: one sub-folder per class, or a CSV of path,label."""
+    from .train.loop import TrainConfig
+    from .train.loop import train as run_training
+
+    config = TrainConfig(in_chans=int(in_chans), bn=not no_bn, augment=not no_augment, **options)
+    summary = run_training(data, out, config, callback=_TrainProgress(quiet))  # type: ignore[arg-type]
+    if as_json:
+        _dump(summary.to_dict())
+        return
+    def line(name: str, m: dict[str, Any] | None) -> None:
+        if m is not None:
+            click.echo(
+                f"{name:>10}: R@1 {m['recall@1']:.4f}  R@2 {m['recall@2']:.4f}  R@4 {m['recall@4']:.4f}  "
+                f"R@8 {m['recall@8']:.4f}  MAP@R {m['map@r']:.4f}  NMI {m['nmi'] if m['nmi'] is None else format(m['nmi'], '.4f')}"
+            )
+
+    click.echo(
+        f"{summary.classes} classes, {summary.train_images} training / {summary.val_images} validation images"
+        + (f", {summary.unreadable} unreadable skipped" if summary.unreadable else "")
+    )
+    click.echo("validation:")
+    line("frozen", summary.frozen_metrics)
+    line("head", summary.head_metrics)
+    line("finetune", summary.finetune_metrics)
+    best = f"{summary.best_phase} epoch {summary.best_epoch}" if summary.best_phase else "none"
+    click.echo(f"kept: {best}; {summary.dim}-d {summary.model} embedding written to {summary.out} [{summary.seconds:.1f}s]")
+
+
+@cli.command("eval")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@model_options
+@click.option("--gallery", type=click.Path(exists=True, path_type=Path), default=None, help="Reference set (labelled like DATA); default: leave-one-out within DATA.")
+@device_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes.")
+@json_option
+@quiet_option
+@handle_errors
+def eval_command(
+    data: Path,
+    model: str,
+    weights: str,
+    seed: int,
+    gallery: Path | None,
+    device: str,
+    batch_size: int | None,
+    workers: int | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Retrieval quality of a model on labelled DATA: Recall@1/2/4/8, MAP@R, k-means NMI (exact search)."""
+    from .evaluate import evaluate_folder, format_metrics
+
+    result = evaluate_folder(
+        data, model=model, weights=weights, seed=seed, gallery=gallery, device=device,
+        batch_size=batch_size, workers=workers, progress=TqdmProgress("embedding", quiet),
+    )
+    if as_json:
+        _dump(result.to_dict())
+        return
+    m = result.metrics
+    where = f"against {result.gallery} ({result.n_gallery_images} images)" if result.gallery else "leave-one-out"
+    click.echo(f"model: {result.model['model']} ({result.model['weights']}), {result.model['dim']}-d")
+    click.echo(f"data: {result.data}: {result.n_images} images, {result.classes} classes, {where}")
+    click.echo(format_metrics(m))
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -70,6 +70,9 @@ class BackboneSpec:
     load_imagenet: Callable[[nn.Module], str] | None = None  # custom pretrained loader -> identity
     stages: tuple[str, ...] = field(default_factory=tuple)  # top-level modules, input to output
     first_conv: str = "conv1"
+    # The forward pass as an ordered list of (name, module), stages included (for splitting a
+    # backbone into a frozen trunk and a trainable top); None when the backbone cannot be split.
+    sequence: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -113,6 +116,11 @@ def _resnet_preprocessing(weights: Any) -> Preprocessing:
     )
 
 
+def _resnet_sequence(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
+    return [(n, getattr(net, n)) for n in names] + [("flatten", nn.Flatten(1))]
+
+
 def _register_resnets() -> None:
     import torchvision
 
@@ -127,6 +135,7 @@ def _register_resnets() -> None:
                 preprocessing=_resnet_preprocessing(enum.DEFAULT),
                 imagenet_weights=lambda e=enum: e.DEFAULT,
                 stages=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
+                sequence=_resnet_sequence,
             )
         )
 
@@ -141,8 +150,18 @@ def _register_optional_backbones() -> None:
         pass
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights: colour -> gray for 1-channel models
+
+
 class EmbeddingModel(nn.Module):
-    """Backbone (pooled features) plus an optional metric head, with L2-normalised output."""
+    """Backbone (pooled features) plus an optional metric head, with L2-normalised output.
+
+    ``in_chans=1`` makes a gray-level model: whatever RGB batch comes in (normalised with
+    ``preprocessing``) is turned into gray first, so colour and gray files embed alike. The gray
+    image is then either replicated to the 3 channels of an RGB backbone, or, when the backbone's
+    first convolution was adapted to 1 channel (``conv_in=1``, see :func:`adapt_first_conv_to_gray`), fed
+    as one channel.
+    """
 
     def __init__(
         self,
@@ -152,22 +171,45 @@ class EmbeddingModel(nn.Module):
         head: nn.Module | None = None,
         dim: int | None = None,
         preprocessing: Preprocessing | None = None,
+        in_chans: int = 3,
+        conv_in: int = 3,
     ) -> None:
         super().__init__()
+        if in_chans not in (1, 3) or conv_in not in (1, 3) or (conv_in == 1 and in_chans != 1):
+            raise InputError(f"unsupported channels: in_chans={in_chans}, first conv input={conv_in}")
         self.backbone = backbone
         self.head = head
         self.spec = spec
         self.weights_id = weights_id
         self.dim = dim if dim is not None else spec.dim
         self.preprocessing = preprocessing or spec.preprocessing
+        self.in_chans = in_chans
+        self.conv_in = conv_in
 
     @property
     def model_name(self) -> str:
         return self.spec.name
 
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a normalised RGB batch to what the backbone takes (identity for RGB models)."""
+        if self.in_chans == 3:
+            return x
+        if x.shape[1] == 1 and self.conv_in == 1:
+            return x  # already one normalised gray channel
+        return self._gray(x)
+
+    def _gray(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.preprocessing.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocessing.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        luma = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        gray = ((x * std + mean) * luma).sum(1, keepdim=True)  # back to [0, 1], then BT.601 luma
+        if self.conv_in == 1:
+            return (gray - mean.mean()) / std.mean()
+        return (gray - mean) / std  # replicated to 3 channels, each with its own mean/std
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, before the head and before normalisation."""
-        f = self.backbone(x)
+        f = self.backbone(self.adapt_input(x))
         return torch.flatten(f, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +226,71 @@ class EmbeddingModel(nn.Module):
             "dim": self.dim,
             "preprocessing": self.preprocessing.to_dict(),
         }
+
+
+def gray_preprocessing(prep: Preprocessing) -> Preprocessing:
+    """One mean/std for all channels (the mean of the three), as a 1-channel first conv needs."""
+    m = sum(prep.mean) / 3.0
+    s = sum(prep.std) / 3.0
+    return Preprocessing(prep.resize_size, prep.crop_size, (m, m, m), (s, s, s), prep.interpolation)
+
+
+def adapt_first_conv_to_gray(model: EmbeddingModel) -> EmbeddingModel:
+    """Turn an RGB model into a 1-channel one whose first conv sums the pretrained RGB filters.
+
+    For a gray image, sum_c w_c * (g - m) / s with the averaged mean/std approximates what the
+    RGB network computed on the replicated gray image, so pretrained weights keep working.
+    """
+    import copy
+
+    net = model.backbone
+    name = model.spec.first_conv
+    try:
+        conv = net.get_submodule(name)
+    except AttributeError:
+        raise InputError(f"{model.model_name} has no first convolution {name!r} to adapt") from None
+    if not isinstance(conv, nn.Conv2d) or conv.in_channels != 3 or conv.groups != 1:
+        raise InputError(f"{model.model_name}: {name} is not a 3-channel convolution; cannot adapt it")
+    new = copy.deepcopy(conv)
+    new.in_channels = 1
+    new.weight = nn.Parameter(conv.weight.detach().sum(dim=1, keepdim=True).clone())
+    parent_name, _, child = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, child, new)
+    model.in_chans = 1
+    model.conv_in = 1
+    model.preprocessing = gray_preprocessing(model.preprocessing)
+    return model
+
+
+def backbone_sequence(model: EmbeddingModel) -> list[tuple[str, nn.Module]]:
+    """The backbone's forward pass as ordered (name, module) pairs (see BackboneSpec.sequence)."""
+    if model.spec.sequence is None:
+        raise InputError(f"{model.model_name} cannot be split into stages")
+    return model.spec.sequence(model.backbone)
+
+
+def split_backbone(model: EmbeddingModel, n_top: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(trunk, top): the backbone cut before its top ``n_top`` stages; modules are shared, not copied.
+
+    ``top(trunk(model.adapt_input(x)))`` equals ``model.features(x)``.
+    """
+    stages = model.spec.stages
+    if not 1 <= n_top <= len(stages):
+        raise InputError(f"--unfreeze must be between 1 and {len(stages)} for {model.model_name} ({', '.join(stages)})")
+    first_top = stages[len(stages) - n_top]
+    seq = backbone_sequence(model)
+    names = [n for n, _ in seq]
+    cut = names.index(first_top)
+    return nn.Sequential(*[m for _, m in seq[:cut]]), nn.Sequential(*[m for _, m in seq[cut:]])
+
+
+def top_stages(model: EmbeddingModel, n_top: int) -> list[str]:
+    """Names of the top ``n_top`` stages (the ones fine-tuning unfreezes)."""
+    stages = model.spec.stages
+    if not 1 <= n_top <= len(stages):
+        raise InputError(f"--unfreeze must be between 1 and {len(stages)} for {model.model_name} ({', '.join(stages)})")
+    return list(stages[len(stages) - n_top :])
 
 
 def imagenet_cache_path(weights: Any) -> Path:
@@ -256,12 +363,20 @@ def create_model(
     name: str = "resnet50",
     weights: str | os.PathLike[str] = "imagenet",
     seed: int = 0,
+    in_chans: int = 3,
+    adapt_first_conv: bool = False,
 ) -> EmbeddingModel:
     """Build an embedding model by registry name; ``weights`` is imagenet, random or a file path.
 
-    A path to a simsearch training checkpoint carries its own backbone name, which wins over
-    ``name`` (a different ``name`` is logged, since the checkpoint knows what it holds).
+    A path to a simsearch training checkpoint carries its own backbone name, channels and head,
+    which win over ``name``/``in_chans`` (the checkpoint knows what it holds).
+    ``in_chans=1`` makes a gray-level model (gray replicated to RGB), and with
+    ``adapt_first_conv`` its first convolution takes one channel (see :func:`adapt_first_conv_to_gray`).
     """
+    if in_chans not in (1, 3):
+        raise InputError(f"--in-chans must be 1 or 3, not {in_chans}")
+    if adapt_first_conv and in_chans != 1:
+        raise InputError("--adapt-first-conv needs --in-chans 1")
     weights = str(weights)
     if weights not in ("imagenet", "random"):
         path = Path(weights).expanduser()
@@ -273,6 +388,8 @@ def create_model(
         if isinstance(state, dict) and state.get("format") == "simsearch-checkpoint":
             from .train.checkpoint import model_from_checkpoint
 
+            if name != state.get("backbone", {}).get("name", name):
+                log.info("%s holds a %s checkpoint; using that, not %s", path, state["backbone"]["name"], name)
             return model_from_checkpoint(state, path)
         spec = get_spec(name)
         net = spec.build()
@@ -296,6 +413,10 @@ def create_model(
             net = spec.build()
             weights_id = _load_imagenet(spec, net)
         model = EmbeddingModel(net, spec, weights_id)
+    if in_chans == 1:
+        model.in_chans = 1
+        if adapt_first_conv:
+            adapt_first_conv_to_gray(model)
     model.eval()
     return model
 
