@@ -136,7 +136,7 @@ def cli(verbose: int) -> None:
 @click.option("--repair", is_flag=True, help="Bring FAISS back in step with the catalog from stored vectors.")
 @click.option("--show-failed", is_flag=True, help="List the files that could not be indexed, and stop.")
 @device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [default: 32 CPU, 256 CUDA].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [default: 32 on CPU; on CUDA the largest that fits, at most 256].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU count, at most 8].")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse images larger than this (decompression-bomb limit).")
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True, help="JPEG decoder: gpu (nvJPEG; needs CUDA), cpu (Pillow), auto (gpu when the model runs on CUDA).")
@@ -255,10 +255,24 @@ def query(
 @click.option("--seed", type=int, default=1234, show_default=True, help="k-means seed.")
 @click.option("-r", "--representatives", type=click.IntRange(min=0), default=5, show_default=True, help="Images shown per cluster.")
 @click.option("--show", "show", type=int, default=None, metavar="C", help="List every member of cluster C (from the last run).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where k-means runs (auto: the GPU when present, via FAISS-GPU or torch).",
+)
 @json_option
 @handle_errors
 def cluster(
-    index_dir: Path | None, k: int | None, niter: int, seed: int, representatives: int, show: int | None, as_json: bool
+    index_dir: Path | None,
+    k: int | None,
+    niter: int,
+    seed: int,
+    representatives: int,
+    show: int | None,
+    device: str,
+    as_json: bool,
 ) -> None:
     """Group the indexed images into k clusters (k-means); show a stored clustering without -k."""
     from .cluster import cluster_index, cluster_members, load_clusters
@@ -273,7 +287,7 @@ def cluster(
                 click.echo(f"{m.distance:.4f}\t{m.path}")
         return
     result = (
-        cluster_index(index_dir, k, niter=niter, seed=seed, representatives=representatives)
+        cluster_index(index_dir, k, niter=niter, seed=seed, representatives=representatives, device=device)
         if k is not None
         else load_clusters(index_dir, representatives)
     )
