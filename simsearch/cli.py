@@ -401,10 +401,12 @@ class _TrainProgress:
         self._close()
         self.epoch = record.epoch
         if not self.quiet:
-            val = "" if record.recall_at_1 is None else f", val R@1 {record.recall_at_1:.4f}"
-            loss = "" if record.loss is None else f"loss {record.loss:.4f}"
+            parts = ["initial state" if record.epoch == 0 else "" if record.loss is None else f"loss {record.loss:.4f}"]
+            if record.recall_at_1 is not None:
+                parts.append(f"val R@1 {record.recall_at_1:.4f} MAP@R {record.metrics['map@r']:.4f}")
             mark = "  (best so far)" if record.best else ""
-            click.echo(f"{record.phase} epoch {record.epoch}/{self.epochs}: {loss}{val} [{record.seconds:.1f}s]{mark}", err=True)
+            text = ", ".join(p for p in parts if p)
+            click.echo(f"{record.phase} epoch {record.epoch}/{self.epochs}: {text} [{record.seconds:.1f}s]{mark}", err=True)
         self._new_epoch_bar()
 
     def on_phase_end(self, phase: str) -> None:

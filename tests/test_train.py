@@ -148,13 +148,18 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], pr
     return {k for k in keys if not torch.equal(before[k], after[k])}
 
 
-@pytest.mark.parametrize("unfreeze, freeze_all_bn", [(1, False), (2, True)])
-def test_finetune_changes_only_the_unfrozen_stages(shapes: Path, tmp_path: Path, unfreeze: int, freeze_all_bn: bool):
+@pytest.mark.parametrize("unfreeze, freeze_all_bn, cache_trunk", [(1, False, False), (2, True, False), (1, False, True)])
+def test_finetune_changes_only_the_unfrozen_stages(
+    shapes: Path, tmp_path: Path, unfreeze: int, freeze_all_bn: bool, cache_trunk: bool
+):
     before = _states(create_model("resnet18", "random", seed=0))
     out = tmp_path / "ft.pt"
     summary = train(
         shapes, out,
-        config(phases="finetune", epochs=1, unfreeze=unfreeze, freeze_all_bn=freeze_all_bn, val_fraction=0.0, lr_backbone=1e-3),
+        config(
+            phases="finetune", epochs=1, unfreeze=unfreeze, freeze_all_bn=freeze_all_bn, val_fraction=0.0,
+            lr_backbone=1e-3, cache_trunk=cache_trunk,
+        ),
     )
     assert summary.best_phase == "finetune"
     after = {k: v for k, v in load_checkpoint(out)["backbone"]["state_dict"].items()}

@@ -50,7 +50,7 @@ from .data import (
     split_by_image,
 )
 from .head import MetricHead
-from .losses import LOSSES, MINERS, LossSetup, make_loss
+from .losses import LOSSES, MINERS, LossSetup, init_proxies, make_loss
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +310,10 @@ def train(
         head.init_pca(tr_cache.features)
     elif tr_cache is not None and config.head_init == "lda":
         head.init_lda(tr_cache.features, train_labels)
+    if tr_cache is not None and config.head_init != "random":
+        head.eval()
+        with torch.no_grad():
+            init_proxies(loss, head(tr_cache.features), train_labels)  # proxies start at the class means
     run = _Run(model, trunk, top, head, loss, config, device, cb, retrieval_metrics)
     frozen_metrics = None
     if val_set is not None and val_cache is not None:
@@ -447,7 +451,7 @@ def _scan(
     if device.type == "cuda":
         trunk.to(memory_format=torch.channels_last)
         top.to(memory_format=torch.channels_last)
-    cb.on_extract_start(n, "features" if feats is not None else "checking images")
+    cb.on_extract_start(n, "frozen features" if feats is not None else "checking images")
     try:
         with torch.inference_mode():
             for b in loader:
