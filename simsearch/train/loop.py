@@ -7,7 +7,9 @@ before the first optimiser step:
    counted) which, when the head phase runs, also caches the frozen backbone's pooled features
    (and, with ``cache_trunk``, the frozen trunk's activations); class checks; the split.
 1. **head** phase: only the metric head (and the loss's proxies) train, on the cached features,
-   so an epoch costs milliseconds; the head starts as the features' PCA projection by default.
+   so an epoch costs milliseconds. The head starts as a shrunk within-class whitening of the
+   features (``head_init="lda"``; or their PCA, or random) and the loss's proxies at the class
+   means, so training starts from the pretrained geometry; that start competes as "epoch 0".
 2. **finetune** phase: the top ``unfreeze`` stages of the backbone train too, with their own,
    smaller learning rate; the frozen trunk stays in eval mode (its BatchNorm statistics frozen).
    Images are augmented (random resized crop, flip, colour jitter), or with ``cache_trunk`` the
