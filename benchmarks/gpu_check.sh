@@ -28,6 +28,8 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --
 nproc; free -g | head -2; df -h /dev/shm /tmp 2>/dev/null | cat
 python3 -c "import sys, torch, torchvision, PIL, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| pillow', PIL.__version__, '| numpy', numpy.__version__); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', '| bf16', torch.cuda.is_bf16_supported())"
 
+echo "torch hub cache:"; ls "$(python3 -c 'import torch; print(torch.hub.get_dir())')/checkpoints" 2>/dev/null || echo "  (empty)"
+
 step "wheels -> /tmp/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || echo "WHEEL INSTALL FAILED"
