@@ -225,6 +225,10 @@ class Embedder:
     ``batch_size=None`` picks the largest of :data:`CUDA_BATCH_CANDIDATES` whose forward fits in
     GPU memory (32 on CPU), probed on first use. ``warmup``: do that probe, cuDNN's autotuning and
     the compilation in the constructor (the indexer does; a one-off query need not).
+
+    The model is moved to the device and put in eval mode in place; on CUDA it is also converted
+    in place to bf16 (fp16) and channels_last, so the GPU never holds a second copy of the weights.
+    Pass a copy if you need the original (for example to keep training it).
     """
 
     def __init__(
