@@ -299,17 +299,21 @@ def read_batch(
             batch.slots.append(len(batch.items) - 1)
             crops.append(crop)
 
+    def read_and_cpu_decode(item: DecodedItem) -> None:
+        """The CPU path's reading, hashing, decoding and errors, for one file."""
+        try:
+            data = read_bytes(item.path)
+        except ImageError as exc:
+            item.error = str(exc)
+            return
+        item.hash = content_hash(data)
+        cpu_decode(item, data)
+
     if not gpu:
         for path in paths:
             item = DecodedItem(path)
             batch.items.append(item)
-            try:
-                data = read_bytes(path)
-            except ImageError as exc:
-                item.error = str(exc)
-                continue
-            item.hash = content_hash(data)
-            cpu_decode(item, data)
+            read_and_cpu_decode(item)
         if crops:
             batch.crops = torch.stack(crops)
         return batch
@@ -330,13 +334,7 @@ def read_batch(
         batch.items.append(item)
         mv = _read_into(path, view, pos)
         if mv is None:  # empty, unreadable, changed under us...: the CPU path's reading and errors
-            try:
-                data = read_bytes(path)
-            except ImageError as exc:
-                item.error = str(exc)
-                continue
-            item.hash = content_hash(data)
-            cpu_decode(item, data)
+            read_and_cpu_decode(item)
             continue
         item.hash = content_hash(mv)  # type: ignore[arg-type]
         route = gpu_route(mv, max_pixels)

@@ -509,6 +509,7 @@ class _Run:
         self.best_epoch: int | None = None
         self.best_metrics: dict[str, Any] | None = None
         self.finetuning = False
+        self._stale = 0  # epochs since the phase's last better validation (early stopping)
         self.top_initial: dict[str, Any] = {}
         self.phase_best: dict[str, tuple[tuple[float, float], dict[str, Any]]] = {}
         self.head.to(device)
@@ -599,6 +600,18 @@ class _Run:
         return v
 
     def _end_epoch(self, phase: str, epoch: int, losses: list[float], metrics: dict[str, Any] | None, t0: float) -> bool:
+        """Record a training epoch; True when the phase should stop (``patience`` epochs without a better validation)."""
+        if self._record_epoch(phase, epoch, losses, metrics, t0):
+            self._stale = 0
+            return False
+        self._stale += 1
+        if self._stale >= self.config.patience:
+            log.info("%s phase: no better validation Recall@1 for %d epochs; stopping", phase, self._stale)
+            return True
+        return False
+
+    def _record_epoch(self, phase: str, epoch: int, losses: list[float], metrics: dict[str, Any] | None, t0: float) -> bool:
+        """Add an epoch to the history and offer its state as the best; True when it is the best so far."""
         best = self._consider(phase, epoch, metrics)
         mean_loss = float(np.mean(losses)) if losses else None
         record = EpochRecord(phase, epoch, mean_loss, metrics, round(time.perf_counter() - t0, 3), best)
@@ -618,13 +631,13 @@ class _Run:
         feats_d, labels_d = feats.to(self.device), labels.to(self.device)
         val_d = val.features.to(self.device) if val is not None else None
         self.cb.on_phase_start("head", epochs, steps)
-        stale = 0
+        self._stale = 0
         last = None
         if c.head_init != "random" and val_d is not None:
             # the initial projection competes too: training that does not help is not kept
             t0 = time.perf_counter()
             last = self._validate_cached(val_d, val_set)
-            self._end_epoch("head", 0, [], last, t0)
+            self._record_epoch("head", 0, [], last, t0)
         try:
             for epoch in range(1, epochs + 1):
                 t0 = time.perf_counter()
@@ -639,12 +652,7 @@ class _Run:
                     break
                 last = self._validate_cached(val_d, val_set)
                 if self._end_epoch("head", epoch, losses, last, t0):
-                    stale = 0
-                else:
-                    stale += 1
-                    if stale >= c.patience:
-                        log.info("head phase: no better validation Recall@1 for %d epochs; stopping", stale)
-                        break
+                    break
         finally:
             self.cb.on_phase_end("head")
         return self._phase_best("head", last)
@@ -708,7 +716,7 @@ class _Run:
         self.finetuning = True
         ds = ImageDataset(train_set.paths, train_set.labels, self.model.preprocessing, augment=c.augment, max_pixels=c.max_pixels)
         self.cb.on_phase_start("finetune", c.epochs, steps)
-        stale = 0
+        self._stale = 0
         last = None
         try:
             for epoch in range(1, c.epochs + 1):
@@ -723,12 +731,7 @@ class _Run:
                     break
                 last = self._validate_finetune(val_set, val_cache, workers)
                 if self._end_epoch("finetune", epoch, losses, last, t0):
-                    stale = 0
-                else:
-                    stale += 1
-                    if stale >= c.patience:
-                        log.info("finetune phase: no better validation Recall@1 for %d epochs; stopping", stale)
-                        break
+                    break
         finally:
             self.cb.on_phase_end("finetune")
             for p in top_params:
