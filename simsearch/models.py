@@ -147,7 +147,9 @@ def _register_optional_backbones() -> None:
     try:
         from . import lite0  # noqa: F401  (registers efficientnet_lite0 when its extra is present)
     except ImportError:
-        pass
+        pass  # the extra is not installed: the ResNets are all there is
+    except Exception as exc:  # a broken optional package must not take the ResNets down with it
+        log.warning("efficientnet_lite0 is not available: %s", exc)
 
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights: colour -> gray for 1-channel models
@@ -275,10 +277,7 @@ def split_backbone(model: EmbeddingModel, n_top: int) -> tuple[nn.Sequential, nn
 
     ``top(trunk(model.adapt_input(x)))`` equals ``model.features(x)``.
     """
-    stages = model.spec.stages
-    if not 1 <= n_top <= len(stages):
-        raise InputError(f"--unfreeze must be between 1 and {len(stages)} for {model.model_name} ({', '.join(stages)})")
-    first_top = stages[len(stages) - n_top]
+    first_top = top_stages(model, n_top)[0]
     seq = backbone_sequence(model)
     names = [n for n, _ in seq]
     cut = names.index(first_top)
