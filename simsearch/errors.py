@@ -33,3 +33,7 @@ class IndexMismatchError(SimsearchError):
 
 class IndexCorruptError(SimsearchError):
     """The SQLite catalog and the FAISS file disagree or cannot be read."""
+
+
+class IndexBusyError(SimsearchError):
+    """Another process is writing to the same index."""

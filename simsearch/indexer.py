@@ -124,6 +124,7 @@ def _weights_source(weights: str) -> str:
 def repair_index(index_dir: str | os.PathLike[str]) -> IndexSummary:
     """Bring FAISS back in step with the catalog from stored vectors (no re-embedding)."""
     with IndexStore.open(index_dir) as store:
+        store.lock_for_writing()
         found = store.repair()
         counts = store.catalog.counts()
         return IndexSummary(
@@ -160,6 +161,7 @@ def index_folders(
     check_embed_options(options.device, options.decode)  # likewise --decode gpu without CUDA
     store = IndexStore.open(index_dir, create=True)
     try:
+        store.lock_for_writing()
         description = dict(model.describe(), weights_source=_weights_source(options.weights), seed=options.seed)
         store.ensure_identity(description, rebuild=rebuild)
         store.catalog.set_meta({"weights_source": description["weights_source"], "seed": options.seed})

@@ -17,11 +17,12 @@ import numpy as np
 
 from .ann import DEFAULT_FACTORY, FAISS_FILE, VectorIndex
 from .catalog import IDENTITY_KEYS, Catalog
-from .errors import EmptyIndexError, IndexCorruptError, IndexMismatchError
+from .errors import EmptyIndexError, IndexBusyError, IndexCorruptError, IndexMismatchError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INDEX_DIR = "index_data"
+LOCK_FILE = "write.lock"
 INDEX_ENV_VAR = "SIMSEARCH_INDEX"
 
 
@@ -55,6 +56,7 @@ class IndexStore:
         self.path = path
         self.catalog = catalog
         self.ann = ann
+        self._lock_fd: int | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], create: bool = False) -> "IndexStore":
@@ -66,6 +68,32 @@ class IndexStore:
 
     def close(self) -> None:
         self.catalog.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def lock_for_writing(self) -> None:
+        """Make this the index's only writer until :meth:`close`; a second one fails at once.
+
+        Two ``simsearch index`` runs on one index would otherwise race on new rows and on the FAISS
+        file. The lock is an advisory POSIX record lock (``lockf``): it belongs to this process only
+        (forked decode workers do not inherit it) and dies with it, so a killed run never leaves a
+        stale lock behind. Readers (query, info) do not take it.
+        """
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): concurrent writers are the caller's business
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise IndexBusyError(
+                f"another process is writing to the index at {self.path} (an index or repair run); "
+                "wait for it to finish"
+            ) from None
+        self._lock_fd = fd
 
     def __enter__(self) -> "IndexStore":
         return self

@@ -18,7 +18,7 @@ from conftest import assert_consistent, catalog_state, fast_options, make_collec
 from simsearch import embed as embed_module
 from simsearch import indexer as indexer_module
 from simsearch.errors import InputError
-from simsearch.indexer import failed_files
+from simsearch.indexer import failed_files, index_folders
 from simsearch.store import IndexStore
 
 
@@ -344,3 +344,41 @@ def test_file_names_that_are_not_utf8(tmp_path: Path, spy) -> None:
     os.unlink(odd_name)
     assert run_index(root, tmp_path / "idx").removed == 1
     assert_consistent(tmp_path / "idx")
+
+
+def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path, collection):
+    """Two index runs on one index would race; the second fails at once with a clear error."""
+    import textwrap
+
+    from simsearch.errors import IndexBusyError
+
+    index_dir = tmp_path / "idx"
+    IndexStore.open(index_dir, create=True).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from simsearch.store import IndexStore
+                store = IndexStore.open({str(index_dir)!r})
+                store.lock_for_writing()
+                print("locked", flush=True)
+                sys.stdin.read()  # hold the lock until the test closes stdin
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(IndexBusyError, match="another process is writing"):
+            index_folders([collection], index_dir, fast_options())
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    summary = index_folders([collection], index_dir, fast_options())  # free again once the holder exits
+    assert summary.added == len(list(collection.rglob("*.jpg")))
