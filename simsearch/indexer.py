@@ -187,6 +187,7 @@ def index_folders(
             progress.start(len(plan.to_embed))
             t_embed = time.perf_counter()
             last_save = time.monotonic()
+            completed = False
             try:
                 paths = [e.path for e in plan.to_embed]
                 by_path = {e.path: e for e in plan.to_embed}
@@ -195,10 +196,12 @@ def index_folders(
                     if time.monotonic() - last_save > save_interval:
                         store.save_ann()
                         last_save = time.monotonic()
+                completed = True
             finally:
                 progress.close()
                 summary.embed_seconds = time.perf_counter() - t_embed
-                store.save_ann()
+                # interrupted: a batch may be committed but not yet mirrored into FAISS
+                store.save_ann(resync=not completed)
         else:
             store.save_ann()
         counts = store.catalog.counts()

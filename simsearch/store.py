@@ -197,13 +197,19 @@ class IndexStore:
         assert self.ann is not None
         return self.ann
 
-    def save_ann(self) -> None:
-        """Bring the ids changed since the last save in step with the catalog, write FAISS atomically,
-        and only then forget them (a crash in between just redoes them)."""
+    def save_ann(self, resync: bool = False) -> None:
+        """Write FAISS atomically, then forget the ids changed since the last save (a crash in
+        between leaves them pending, and the next :meth:`repair` redoes them).
+
+        ``resync``: first replace those ids' vectors from the catalog. Needed only when the
+        in-memory index may lag the catalog (a run interrupted between a commit and its FAISS
+        update); normally the caller has mirrored every committed change already.
+        """
         if self.ann is None:
             return
         pending = self.catalog.pending_ids()
-        self._resync(pending)
+        if resync:
+            self._resync(pending)
         self.ann.save(self.ann_path)
         if len(pending):
             self.catalog.clear_pending(pending)

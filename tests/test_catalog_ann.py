@@ -118,7 +118,7 @@ def fill_store(index_dir: Path, n: int = 20, failed: int = 2) -> dict[int, np.nd
                 record = {"path": f"/p/bad{i}.jpg", "size": 0, "mtime_ns": 1, "hash": None, "width": None, "height": None, "status": "failed", "error": "empty"}
                 store.catalog.insert_row(record, None)
         assert not store.check().ok  # rows written, FAISS not yet
-        store.save_ann()  # syncs the new ids into FAISS before writing it
+        store.save_ann(resync=True)  # rows were written behind FAISS's back: sync them, then write it
         assert store.check().ok
     assert_consistent(index_dir)
     return out

@@ -266,7 +266,7 @@ def test_crash_before_faiss_save_with_changed_vectors(indexed, monkeypatch) -> N
         raise KeyboardInterrupt
 
     monkeypatch.setattr(indexer_module, "_commit_batch", commit_then_die)
-    monkeypatch.setattr(IndexStore, "save_ann", lambda self: None)  # the process dies: nothing else is written
+    monkeypatch.setattr(IndexStore, "save_ann", lambda self, **kwargs: None)  # the process dies: nothing else is written
     with pytest.raises(KeyboardInterrupt):
         run_index(root, index_dir)
     monkeypatch.undo()
@@ -382,3 +382,29 @@ def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path, collecti
         holder.wait(timeout=30)
     summary = index_folders([collection], index_dir, fast_options())  # free again once the holder exits
     assert summary.added == len(list(collection.rglob("*.jpg")))
+
+
+def test_interrupt_between_commit_and_faiss_update_still_saves_a_consistent_file(indexed, monkeypatch) -> None:
+    """Ctrl-C after a batch reached SQLite but before FAISS mirrored it: the save on the way out
+    resyncs from the catalog, so the file on disk is right without waiting for a repair."""
+    from simsearch.ann import VectorIndex
+
+    root, index_dir, paths, _ = indexed
+    make_image(root / "a" / "zzz_new.jpg", color=(10, 250, 10), shape="ellipse", seed=91)
+    make_image(paths[1], color=(250, 10, 250), shape="rectangle", seed=92)  # changed: same id, new vector
+
+    real_add = VectorIndex.add
+    calls = []
+
+    def add_interrupted_once(self, ids, vectors):
+        calls.append(len(ids))
+        if len(calls) == 1:  # the batch's own mirror into FAISS: interrupted
+            raise KeyboardInterrupt
+        return real_add(self, ids, vectors)  # the resync on the way out
+
+    monkeypatch.setattr(VectorIndex, "add", add_interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(root, index_dir)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert_consistent(index_dir)  # FAISS on disk == the catalog, vectors included
