@@ -144,8 +144,6 @@ class Catalog:
                 f"{self.path} has schema version {version}, this simsearch reads version {SCHEMA_VERSION}; "
                 "rebuild the index with --rebuild"
             )
-        if "ann_pending" not in db.table_names():  # indexes made before the table existed
-            db.execute("CREATE TABLE IF NOT EXISTS ann_pending (id INTEGER PRIMARY KEY)")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

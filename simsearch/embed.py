@@ -191,7 +191,8 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
+    """DataLoader workers decode with one thread each: N workers must not each start N torch threads."""
     torch.set_num_threads(1)
 
 
@@ -373,7 +374,7 @@ class Embedder:
             num_workers=workers,
             collate_fn=_identity,
             pin_memory=self.cuda,
-            worker_init_fn=_worker_init if workers else None,
+            worker_init_fn=worker_init if workers else None,
             prefetch_factor=2 if workers else None,
         )
 

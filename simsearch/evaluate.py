@@ -205,20 +205,13 @@ def nmi_score(labels_true: Sequence[Any] | np.ndarray, labels_pred: Sequence[Any
 
 def kmeans_nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 1234, niter: int = 25) -> float | None:
     """NMI of a spherical k-means (k = number of classes) against the labels; None if k < 2."""
-    import faiss
+    from .cluster import kmeans
 
     k = len(np.unique(labels))
     if k < 2 or k > len(embeddings):
         return None
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    # every point trains (no sampling); few points per class is normal here, so no faiss warning about it
-    km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
-        min_points_per_centroid=1, max_points_per_centroid=1 << 30,
-    )
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    return nmi_score(labels, assign[:, 0])
+    _, assign, _, _ = kmeans(embeddings, k, niter=niter, seed=seed, device="cpu")
+    return nmi_score(labels, assign)
 
 
 # -- evaluating a model on labelled folders ---------------------------------------------------

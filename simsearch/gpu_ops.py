@@ -144,17 +144,3 @@ def exact_search(
         best_s = torch.cat([best_s, best_s.new_full((q, pad), float("-inf"))], dim=1)
         best_i = torch.cat([best_i, best_i.new_full((q, pad), -1)], dim=1)
     return best_s, best_i
-
-
-def exact_search_numpy(
-    queries: np.ndarray, vectors: np.ndarray, k: int, device: str = "cuda"
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`exact_search` for numpy arrays, run on ``device``."""
-    dev = torch.device(device)
-    with torch.inference_mode():
-        s, i = exact_search(
-            torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(dev),
-            torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(dev),
-            k,
-        )
-        return s.cpu().numpy(), i.cpu().numpy()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..embed import worker_init
 from ..errors import ImageError, InputError
 from ..images import DEFAULT_MAX_PIXELS, decode_image, is_image_name, iter_image_files, read_bytes
 from ..models import Preprocessing
@@ -219,10 +220,6 @@ def split_by_class(
 # -- decoding for training --------------------------------------------------------------------
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def build_augmentation(prep: Preprocessing, scale: tuple[float, float] = (0.25, 1.0)) -> Callable[[Any], Any]:
     """Random resized crop, horizontal flip and colour jitter, ending in a uint8 CHW tensor."""
     from torchvision import transforms as T
@@ -308,7 +305,7 @@ def make_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=worker_init if workers else None,
         prefetch_factor=2 if workers else None,
         persistent_workers=False,
         generator=generator,

@@ -41,10 +41,12 @@ from torch import nn
 
 from ..errors import InputError
 from ..images import DEFAULT_MAX_PIXELS
+from ..embed import worker_init
 from .data import (
     ImageDataset,
     LabelledSet,
     check_classes,
+    collate,
     drop_items,
     load_labelled,
     make_loader,
@@ -789,9 +791,9 @@ class _Run:
             ds,
             batch_sampler=[b.tolist() for b in batches],
             num_workers=workers,
-            collate_fn=_collate(),
+            collate_fn=collate,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if workers else None,
+            worker_init_fn=worker_init if workers else None,
             generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
         )
         yield from loader
@@ -825,16 +827,6 @@ def _sampler_batch(batch_size: int, m: int, n_classes: int) -> int:
     b = min(batch_size, m * n_classes)
     b -= b % m
     return max(b, m)
-
-
-def _collate() -> Any:
-    from .data import collate
-
-    return collate
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 def embed_set(
