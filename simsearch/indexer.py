@@ -156,9 +156,10 @@ def index_folders(
         if not os.path.exists(root):
             raise InputError(f"no such file or folder: {root}")
 
-    # The model first: a weights error must not leave an empty index directory behind.
+    # Before the index directory exists: a bad --device/--decode or a weights error must not
+    # leave an empty index behind (and the cheap check goes before loading any weights).
+    check_embed_options(options.device, options.decode)
     model = create_model(options.model, options.weights, seed=options.seed)
-    check_embed_options(options.device, options.decode)  # likewise --decode gpu without CUDA
     store = IndexStore.open(index_dir, create=True)
     try:
         store.lock_for_writing()
