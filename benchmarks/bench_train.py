@@ -187,7 +187,7 @@ def main() -> None:
     import torch
 
     from simsearch.embed import resolve_device
-    from simsearch.evaluate import format_metrics, retrieval_metrics
+    from simsearch.evaluate import retrieval_metrics
     from simsearch.models import create_model
     from simsearch.train.loop import TrainCallback, TrainConfig, train
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 
 from .errors import ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, content_hash, decode_image, read_bytes
+from .images import DEFAULT_MAX_PIXELS, decode_image_sized
 from .models import EmbeddingModel, Preprocessing
 from .pipeline import Stage
 
@@ -149,8 +148,9 @@ def decode_file_bytes(
     Fills ``item.width``/``item.height`` (upright, full size, even when decoded at a draft scale).
     """
     try:
-        img = decode_image(data, item.path, max_pixels=max_pixels, draft_size=prep.resize_size if draft else None)
-        item.width, item.height = _original_size(data, img)
+        img, (item.width, item.height) = decode_image_sized(
+            data, item.path, max_pixels=max_pixels, draft_size=prep.resize_size if draft else None
+        )
         return preprocess_pil(img, prep)
     except ImageError as exc:
         item.error = str(exc)
@@ -158,14 +158,6 @@ def decode_file_bytes(
         item.error = f"{item.path}: unexpected decoding failure: {exc!r}"
     item.width = item.height = None
     return None
-
-
-def _original_size(data: bytes, img: Image.Image) -> tuple[int, int]:
-    """Width/height of the upright full-size image, even when it was decoded at a draft scale."""
-    with Image.open(io.BytesIO(data)) as raw:
-        w, h = raw.size
-        orientation = raw.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 class _BatchDataset(torch.utils.data.Dataset):

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from .errors import ImageError
-from .images import content_hash, decode_image, read_bytes
+from .images import content_hash, read_bytes
 from .models import Preprocessing
 
 log = logging.getLogger(__name__)

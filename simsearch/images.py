@@ -14,7 +14,6 @@ import io
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -160,6 +159,20 @@ def decode_image(
     at least ``draft_size`` pixels (Pillow's ``Image.draft``), which is several times faster for
     large photos that are about to be shrunk anyway.
     """
+    return decode_image_sized(data, name, max_pixels=max_pixels, draft_size=draft_size)[0]
+
+
+def decode_image_sized(
+    data: bytes,
+    name: str = "<bytes>",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`decode_image`, plus the (width, height) of the upright image at full size.
+
+    The size is what the catalog records: the file's, even when the pixels were decoded at a draft
+    scale, and swapped when the EXIF orientation turns the picture by 90 degrees.
+    """
     try:
         img = Image.open(io.BytesIO(data))
         width, height = img.size
@@ -173,8 +186,10 @@ def decode_image(
             img.draft("RGB", (draft_size, draft_size))
         img.seek(0)  # first frame of animated GIF/WebP/TIFF
         img.load()
+        decoded = img.size
         img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        turned = img.size != decoded  # exif_transpose swapped the sides (orientation 5 to 8)
+        return to_rgb(img), ((height, width) if turned else (width, height))
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:

@@ -115,3 +115,16 @@ def test_mpo_first_frame_is_drafted() -> None:
     assert Image.open(io.BytesIO(data)).format == "MPO"
     assert decode_image(data, draft_size=256).size == (400, 300)
     assert decode_image(data).size == (1600, 1200)
+
+
+@pytest.mark.parametrize("orientation, expected", [(1, (1600, 1200)), (3, (1600, 1200)), (6, (1200, 1600)), (8, (1200, 1600))])
+def test_recorded_size_is_upright_full_size(tmp_path, draft_calls, tiny_model, orientation, expected) -> None:
+    # a draft-decoded rotated photo: the catalog gets the file's size, turned as the viewer sees it
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(natural_array(1600, 1200, seed=8)).save(path, format="JPEG", quality=90, exif=exif.tobytes())
+    emb = Embedder(tiny_model, device="cpu", batch_size=2, workers=0)
+    (batch,) = list(emb.embed_files([str(path)]))
+    assert draft_calls  # decoded at a reduced scale
+    assert (batch.items[0].width, batch.items[0].height) == expected

@@ -277,7 +277,7 @@ def test_fallback_failure_is_recorded_like_cpu(variants, monkeypatch) -> None:
     # make Pillow fail on it as well
     import simsearch.embed as embed_mod
 
-    real_decode = embed_mod.decode_image
+    real_decode = embed_mod.decode_image_sized
 
     def failing(data, name="<bytes>", **kw):
         if name.endswith("corrupt_scan.jpg"):
@@ -286,7 +286,7 @@ def test_fallback_failure_is_recorded_like_cpu(variants, monkeypatch) -> None:
             raise ImageError(f"{name} is not a readable image: broken data stream")
         return real_decode(data, name, **kw)
 
-    monkeypatch.setattr(embed_mod, "decode_image", failing)
+    monkeypatch.setattr(embed_mod, "decode_image_sized", failing)
     out = GpuBatchDecoder(torch.device("cpu"), PREP, torch.float32, channels_last=False)(raw)
     assert [i.ok for i in out.items] == [True, False, True]
     assert "broken data stream" in out.items[1].error and out.items[1].width is None
