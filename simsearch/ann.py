@@ -58,10 +58,26 @@ class VectorIndex:
         """Every id held, in storage order."""
         return faiss.vector_to_array(faiss.downcast_index(self.index).id_map).astype(np.int64)
 
+    @property
+    def is_exact(self) -> bool:
+        """True for a flat layout (every vector stored as is, so search is exact and the vectors can be read back)."""
+        inner = faiss.downcast_index(self.index)
+        inner = faiss.downcast_index(inner.index) if hasattr(inner, "id_map") else inner
+        return isinstance(inner, faiss.IndexFlat)
+
+    def stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of a flat layout, in storage order (a copy), e.g. to search them on a GPU."""
+        if not self.is_exact:
+            raise ValueError(f"the vectors of a {self.factory!r} index are not stored as is")
+        inner = faiss.downcast_index(self.index)
+        flat = faiss.downcast_index(inner.index) if hasattr(inner, "id_map") else inner
+        vectors = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, self.dim), np.float32)
+        ids = self.ids() if hasattr(inner, "id_map") else np.arange(flat.ntotal, dtype=np.int64)
+        return ids, vectors
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n_queries, k), best first; missing neighbours have id -1."""
-        k = max(1, min(k, len(self))) if len(self) else 1
-        return self.index.search(_as_f32(queries), k)
+        return self.index.search(_as_f32(queries), clamp_k(k, len(self)))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         write_atomic(self.index, Path(path))
@@ -73,6 +89,11 @@ class VectorIndex:
         except RuntimeError as exc:
             raise IndexCorruptError(f"cannot read FAISS index {path}: {exc}") from exc
         return cls(index.d, factory, index)
+
+
+def clamp_k(k: int, n: int) -> int:
+    """The number of neighbours a search returns: ``k``, but no more than the ``n`` vectors held (and at least 1)."""
+    return max(1, min(k, n))
 
 
 def write_atomic(index: faiss.Index, path: Path) -> None:

@@ -17,6 +17,9 @@ from .store import IndexStore, describe_identity
 
 log = logging.getLogger(__name__)
 
+# query images decoded, embedded and searched together
+QUERY_CHUNK = 64
+
 
 @dataclass
 class Hit:
@@ -82,7 +85,13 @@ class Searcher:
         index_dir: str | os.PathLike[str],
         device: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        search: str = "auto",
     ) -> None:
+        """``device``: where the model runs. ``search``: ``auto`` searches a flat index exactly on
+        the model's GPU when there is one, ``faiss`` always uses FAISS on the CPU, ``torch`` searches
+        on the model's device (see :func:`simsearch.device_search.open_search`)."""
+        from .device_search import open_search
+
         self.store = IndexStore.open(index_dir)
         try:
             self.ann = self.store.require_vectors()
@@ -90,6 +99,7 @@ class Searcher:
             self.max_pixels = max_pixels
             self.draft_size = int(self.store.meta["preprocessing"]["resize_size"])
             self.embedder = load_index_model(self.store, device=device)
+            self.vector_search = open_search(self.ann, self.embedder.device, search)
         except BaseException:
             self.store.close()
             raise
@@ -114,37 +124,42 @@ class Searcher:
         if k < 1:
             raise InputError("--top-k must be at least 1")
         _check_query_paths(queries)
-        images, digests = [], []
-        for q in queries:
-            data = read_bytes(q)
-            images.append(decode_image(data, str(q), max_pixels=self.max_pixels, draft_size=self.draft_size))
-            digests.append(content_hash(data))
-        vectors = self.embedder.embed_images(images)
-        return [
-            self._neighbours(str(q), digest, vector, k, threshold, include_self)
-            for q, digest, vector in zip(queries, digests, vectors)
-        ]
+        results: list[QueryResult] = []
+        for start in range(0, len(queries), QUERY_CHUNK):  # bounded memory for a long list of queries
+            chunk = [str(q) for q in queries[start : start + QUERY_CHUNK]]
+            images, skips = [], []
+            for name in chunk:
+                data = read_bytes(name)
+                images.append(decode_image(data, name, max_pixels=self.max_pixels, draft_size=self.draft_size))
+                skips.append(set() if include_self else self._self_ids(name, content_hash(data)))
+            vectors = self.embedder.embed_images(images)
+            # one search for the whole chunk, deep enough to drop each query's own rows
+            scores, ids = self.vector_search.search(vectors, k + max(len(s) for s in skips))
+            results.extend(
+                self._neighbours(name, s, i, skip, k, threshold) for name, s, i, skip in zip(chunk, scores, ids, skips)
+            )
+        return results
+
+    def _self_ids(self, name: str, digest: str) -> set[int]:
+        """The rows that are the query itself.
+
+        "Self" is the query's own row when the query is an indexed file; other indexed copies of it
+        are real results (duplicates). A query from outside the index is "self" to every indexed
+        file with the same bytes.
+        """
+        row = self.store.catalog.row_by_path(os.path.abspath(name))
+        if row is not None and row.ok:
+            return {row.id}
+        return set(self.store.catalog.ok_ids_by_hash(digest))
 
     def _neighbours(
-        self, name: str, digest: str, vector: np.ndarray, k: int, threshold: float | None, include_self: bool
+        self, name: str, scores: np.ndarray, ids: np.ndarray, skip: set[int], k: int, threshold: float | None
     ) -> QueryResult:
-        catalog = self.store.catalog
-        skip: set[int] = set()
-        if not include_self:
-            # "Self" is the query's own row when the query is an indexed file; other indexed
-            # copies of it are real results (duplicates). A query from outside the index is
-            # "self" to every indexed file with the same bytes.
-            row = catalog.row_by_path(os.path.abspath(name))
-            if row is not None and row.ok:
-                skip.add(row.id)
-            else:
-                skip.update(catalog.ok_ids_by_hash(digest))
-        scores, ids = self.ann.search(vector[None, :], k + len(skip))
-        keep = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
+        keep = [(float(s), int(i)) for s, i in zip(scores, ids) if i >= 0 and int(i) not in skip]
         if threshold is not None:
             keep = [(s, i) for s, i in keep if s >= threshold]
         keep = keep[:k]
-        rows = catalog.rows_by_ids(i for _, i in keep)
+        rows = self.store.catalog.rows_by_ids(i for _, i in keep)
         hits = [
             Hit(rank=r + 1, score=round(s, 6), path=rows[i].path, width=rows[i].width, height=rows[i].height, id=i)
             for r, (s, i) in enumerate(keep)
@@ -160,10 +175,11 @@ def query_images(
     include_self: bool = False,
     device: str = "auto",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    search: str = "auto",
 ) -> list[QueryResult]:
     """Nearest indexed neighbours (cosine similarity) of each query image (one-shot)."""
     if k < 1:
         raise InputError("--top-k must be at least 1")
     _check_query_paths(queries)  # fail fast, before the model is built
-    with Searcher(index_dir, device=device, max_pixels=max_pixels) as searcher:
+    with Searcher(index_dir, device=device, max_pixels=max_pixels, search=search) as searcher:
         return searcher.query(queries, k=k, threshold=threshold, include_self=include_self)

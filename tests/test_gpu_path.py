@@ -436,3 +436,19 @@ def test_cuda_cluster_kmeans_uses_gpu() -> None:
     c, assign, dist, obj = kmeans(x, 10, device="cuda")
     assert c.shape == (10, 32) and assign.shape == (3000,) and np.isfinite(dist).all()
     np.testing.assert_allclose(dist, np.linalg.norm(x - c[assign], axis=1), atol=1e-4)
+
+
+@cuda
+def test_cuda_query_searches_on_the_gpu(tmp_path: Path) -> None:
+    from conftest import make_collection, run_index
+    from simsearch.device_search import DeviceExactIndex
+    from simsearch.search import Searcher
+
+    paths = make_collection(tmp_path / "photos", n=8)
+    run_index(tmp_path / "photos", tmp_path / "idx")
+    with Searcher(tmp_path / "idx", device="cuda") as gpu, Searcher(tmp_path / "idx", device="cuda", search="faiss") as cpu:
+        assert isinstance(gpu.vector_search, DeviceExactIndex) and gpu.vector_search.device.type == "cuda"
+        a, b = gpu.query(paths[:3], k=4), cpu.query(paths[:3], k=4)
+    for ra, rb in zip(a, b):
+        assert [h.path for h in ra.results] == [h.path for h in rb.results]
+        np.testing.assert_allclose([h.score for h in ra.results], [h.score for h in rb.results], atol=1e-5)
