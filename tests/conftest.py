@@ -10,6 +10,25 @@ import pytest
 from PIL import Image, ImageDraw
 
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes")
+DIM = 24  # width of the seeded random vectors the FAISS tests use
+
+
+def unit_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    """Seeded random L2-normalised float32 vectors (no ties between their inner products)."""
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def populated():
+    """A flat VectorIndex of 300 vectors under sparse, unordered ids: (index, ids, vectors)."""
+    from simsearch.ann import VectorIndex
+
+    x = unit_vectors(300, seed=0)
+    ids = np.random.default_rng(1).permutation(10_000)[:300].astype(np.int64)
+    index = VectorIndex(DIM)
+    index.add(ids, x)
+    return index, ids, x
 
 
 def make_image(

@@ -8,33 +8,16 @@ import faiss
 import numpy as np
 import pytest
 
-from conftest import assert_consistent
+from conftest import DIM, assert_consistent, unit_vectors
 from simsearch.ann import FAISS_FILE, VectorIndex
 from simsearch.catalog import Catalog
 from simsearch.errors import IndexCorruptError, IndexMismatchError, IndexNotFoundError
 from simsearch.store import IndexStore
 
-DIM = 24
-
-
-def unit_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def brute_force(ids: np.ndarray, x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     scores = x @ q
     order = np.argsort(-scores, kind="stable")[:k]
     return scores[order], ids[order]
-
-
-@pytest.fixture
-def populated() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
-    x = unit_vectors(300, seed=0)
-    ids = np.random.default_rng(1).permutation(10_000)[:300].astype(np.int64)  # sparse, unordered ids
-    index = VectorIndex(DIM)
-    index.add(ids, x)
-    return index, ids, x
 
 
 def test_search_equals_numpy_brute_force(populated) -> None:

@@ -9,27 +9,18 @@ import pytest
 import torch
 
 import simsearch.search as search_mod
-from conftest import make_collection, make_image, run_index
+from conftest import DIM, make_collection, make_image, run_index, unit_vectors
 from simsearch.ann import VectorIndex
 from simsearch.device_search import DeviceExactIndex, open_search
 from simsearch.errors import InputError
 from simsearch.search import Searcher
 
-DIM = 24
 CPU = torch.device("cpu")
 
 
-def unit_vectors(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 @pytest.fixture
-def ann() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
-    x = unit_vectors(500, seed=0)
-    ids = np.random.default_rng(1).permutation(20_000)[:500].astype(np.int64)  # sparse, unordered ids
-    index = VectorIndex(DIM)
-    index.add(ids, x)
+def ann(populated) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    index, ids, x = populated
     gone = ids[::7]  # removals reorder the storage: the copy must follow FAISS's, not the insertion order
     index.remove(gone)
     keep = ~np.isin(ids, gone)
@@ -45,7 +36,7 @@ def test_stored_returns_what_faiss_holds(ann) -> None:
     np.testing.assert_array_equal(got_x[order], x[ref])
 
 
-@pytest.mark.parametrize("k", [1, 10, 500])
+@pytest.mark.parametrize("k", [1, 10, 300])
 def test_device_search_equals_numpy_brute_force(ann, k) -> None:
     index, ids, x = ann
     q = unit_vectors(37, seed=2)
