@@ -75,7 +75,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     emb = Embedder(create_model(args.model, "random"), device=args.device, batch_size=args.batch_size,
-                   workers=0, decode="cpu", compile=args.compile)
+                   workers=0, decode="cpu", compile=args.compile, precision=args.precision)
     setup = time.perf_counter() - t0
     c = emb.prep.crop_size
     g = torch.Generator().manual_seed(0)
@@ -98,7 +98,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
                     break
         rate = n / el
     out = {"images_per_s": round(rate, 1), "batch_size": emb.batch_size, "device": str(emb.device),
-           "dtype": str(emb._input_dtype()), "compile": args.compile, "setup_s": round(setup, 1), "images": n}
+           "precision": emb.precision, "compile": args.compile, "setup_s": round(setup, 1), "images": n}
     del emb, batches
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -182,6 +182,7 @@ def run_e2e_child(folder: str, args: argparse.Namespace, decode: str, draft: boo
             cmd += ["--workers", str(args.workers)]
         if args.compile:
             cmd += ["--compile"]
+        cmd += ["--precision", args.precision]
         if not draft:
             cmd += ["--no-draft"]
         proc = subprocess.run(cmd, text=True, capture_output=True, timeout=args.e2e_timeout)
@@ -201,12 +202,13 @@ def e2e_main(argv: list[str]) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-draft", action="store_true")
+    p.add_argument("--precision", default="auto")
     p.add_argument("--json-out", required=True)
     a = p.parse_args(argv)
     from simsearch.indexer import EmbedOptions, index_folders
 
     opts = EmbedOptions(model=a.model, weights="random", device=a.device, batch_size=a.batch_size, workers=a.workers,
-                        decode=a.decode, compile=a.compile, draft=not a.no_draft)
+                        decode=a.decode, compile=a.compile, draft=not a.no_draft, precision=a.precision)
     class Clock:
         """Times the batches as the indexer commits them: steady-state rate = after the first batch."""
 
@@ -253,6 +255,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--decode", default="auto", help="decoder(s) for end-to-end: auto, cpu, gpu or a list like gpu,cpu")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (model-only and end-to-end alike)")
     p.add_argument("--workers", type=int, default=None, help="decode worker processes [simsearch's default]")
     p.add_argument("--gen-processes", type=int, default=None, help="processes generating images [all cores]")
     p.add_argument("--decode-n", type=int, default=None, help="images for the decode-only figures [--n]")
@@ -367,7 +370,7 @@ def summary_table(r: dict[str, Any]) -> str:
         lines.append(f"  data: {r['data']['images']} JPEGs, {r['data']['mean_kb']} KB mean")
     if "model_only" in r:
         m = r["model_only"]
-        lines.append(f"  model-only      {m['images_per_s']:>10.1f} img/s  (batch {m['batch_size']}, {m['dtype']}, compile={m['compile']})")
+        lines.append(f"  model-only      {m['images_per_s']:>10.1f} img/s  (batch {m['batch_size']}, {m['precision']}, compile={m['compile']})")
     for d, v in r.get("decode_only", {}).items():
         lines.append(f"  decode-only {d:<4}{v['images_per_s']:>10.1f} img/s  (workers {v['workers']})")
     if "commit_only" in r:

@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="images per forward [simsearch's default]")
     p.add_argument("--workers", type=int, default=None, help="decoding processes [simsearch's default]")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 [auto]")
     p.add_argument("--queries", type=int, default=50, help="timed query calls [50]")
     p.add_argument("--model-images", type=int, default=None,
                    help="images per model-only measurement [as many as indexed, at most 512, at least 3 batches]")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. model-only, before
     model = create_model(args.model, args.weights, seed=0)
-    embedder = Embedder(model, device=args.device, batch_size=args.batch_size, workers=args.workers)
+    embedder = Embedder(model, device=args.device, batch_size=args.batch_size, workers=args.workers, precision=args.precision)
     n_model = args.model_images or min(len(files), 512)
     print("model-only forward ...", file=sys.stderr)
     before = model_only(embedder, n_model)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         index_dir = Path(tmp) / "index"
         options = EmbedOptions(
             model=args.model, weights=args.weights, seed=0, device=args.device,
-            batch_size=embedder.batch_size, workers=args.workers,
+            batch_size=embedder.batch_size, workers=args.workers, precision=args.precision,
         )
         print(f"indexing {len(files)} files (batch {embedder.batch_size}, workers {embedder.workers}) ...", file=sys.stderr)
         t0 = time.perf_counter()
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         picks = [rnd.choice(ok_files) for _ in range(args.queries)]
         print(f"{args.queries} queries ...", file=sys.stderr)
         q_ms, search_ms = [], []
-        with Searcher(index_dir, device=args.device) as searcher:
+        with Searcher(index_dir, device=args.device, precision=args.precision) as searcher:
             searcher.query([picks[0]], k=10)  # warm-up
             for path in picks:
                 t = time.perf_counter()
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         oneshot_ms = []
         for path in picks[:5]:
             t = time.perf_counter()
-            query_images([path], index_dir, k=10, device=args.device)
+            query_images([path], index_dir, k=10, device=args.device, precision=args.precision)
             oneshot_ms.append((time.perf_counter() - t) * 1000)
 
     results = {
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "faiss": faiss.__version__, "device": str(device),
         },
         "data": str(data), "files": len(files), "model": args.model, "weights": args.weights,
-        "batch_size": embedder.batch_size, "workers": embedder.workers,
+        "batch_size": embedder.batch_size, "workers": embedder.workers, "precision": embedder.precision,
         "model_only_images_per_s": model_rate,
         "model_only_before": before["images_per_s"], "model_only_after": after["images_per_s"],
         "model_only_main_thread": (before["main"] + after["main"]) / 2,
@@ -227,7 +228,7 @@ def print_table(r: dict) -> None:
         ("torch / faiss", f"{m['torch']} ({m['torch_threads']} threads) / {m['faiss']}"),
         ("device", m["device"]),
         ("data", f"{r['data']} ({r['files']} files; {r['indexed']} indexed, {r['failed']} failed)"),
-        ("model", f"{r['model']} ({r['weights']} weights), batch {r['batch_size']}, workers {r['workers']}"),
+        ("model", f"{r['model']} ({r['weights']} weights, {r['precision']}), batch {r['batch_size']}, workers {r['workers']}"),
         ("model-only", f"{r['model_only_images_per_s']:8.1f} images/s  "
                        f"(before {r['model_only_before']:.1f}, after {r['model_only_after']:.1f}; faster of "
                        f"main thread {r['model_only_main_thread']:.1f} / other thread {r['model_only_other_thread']:.1f})"),

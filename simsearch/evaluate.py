@@ -245,11 +245,12 @@ def embed_labelled(
     batch_size: int | None = None,
     workers: int | None = None,
     progress: Any = None,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Embed files in order: (vectors of the readable ones, their positions in ``paths``, errors)."""
     from .embed import Embedder
 
-    embedder = Embedder(model, device=device, batch_size=batch_size, workers=workers)
+    embedder = Embedder(model, device=device, batch_size=batch_size, workers=workers, precision=precision)
     vectors, keep, errors = [np.zeros((0, model.dim), np.float32)], [], []
     pos = 0
     if progress is not None:
@@ -280,6 +281,7 @@ def evaluate_folder(
     workers: int | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     progress: Any = None,
+    precision: str = "auto",
 ) -> EvalResult:
     """Embed a labelled folder (or CSV) with a model and measure its retrieval quality."""
     from .models import create_model
@@ -292,7 +294,7 @@ def evaluate_folder(
     if gallery_set is not None:
         warnings += gallery_set.warnings
     emb_model = create_model(model, weights, seed=seed)
-    vecs, keep, errors = embed_labelled(emb_model, query_set.paths, device, batch_size, workers, progress)
+    vecs, keep, errors = embed_labelled(emb_model, query_set.paths, device, batch_size, workers, progress, precision)
     for e in errors:
         log.warning("skipped unreadable image: %s", e)
     q_labels = [query_set.class_names[query_set.labels[i]] for i in keep]
@@ -302,7 +304,7 @@ def evaluate_folder(
     if gallery_set is None:
         metrics = retrieval_metrics(vecs, q_labels, ks=ks)
     else:
-        g_vecs, g_keep, g_errors = embed_labelled(emb_model, gallery_set.paths, device, batch_size, workers, progress)
+        g_vecs, g_keep, g_errors = embed_labelled(emb_model, gallery_set.paths, device, batch_size, workers, progress, precision)
         for e in g_errors:
             log.warning("skipped unreadable gallery image: %s", e)
         unreadable += len(g_errors)

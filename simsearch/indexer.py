@@ -92,6 +92,7 @@ class EmbedOptions:
     draft: bool = True
     decode: str = "auto"  # auto | cpu | gpu (nvJPEG), see simsearch.embed
     compile: bool = False  # torch.compile the model (pays off on long runs)
+    precision: str = "auto"  # auto | fp32 | bf16, see simsearch.embed.resolve_precision
 
 
 def _under(path: str, roots: Sequence[str]) -> bool:
@@ -158,7 +159,7 @@ def index_folders(
 
     # Before the index directory exists: a bad --device/--decode or a weights error must not
     # leave an empty index behind (and the cheap check goes before loading any weights).
-    check_embed_options(options.device, options.decode)
+    check_embed_options(options.device, options.decode, options.precision)
     model = create_model(options.model, options.weights, seed=options.seed)
     store = IndexStore.open(index_dir, create=True)
     try:
@@ -184,7 +185,10 @@ def index_folders(
                 decode=options.decode,
                 compile=options.compile,
                 warmup=True,
+                precision=options.precision,
             )
+            precisions = sorted(set(store.meta.get("precisions", [])) | {embedder.precision})
+            store.catalog.set_meta({"precisions": precisions})  # informational: vectors of any precision mix
             progress.start(len(plan.to_embed))
             t_embed = time.perf_counter()
             last_save = time.monotonic()

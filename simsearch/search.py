@@ -47,7 +47,9 @@ class QueryResult:
         }
 
 
-def load_index_model(store: IndexStore, device: str = "auto", batch_size: int | None = None) -> Any:
+def load_index_model(
+    store: IndexStore, device: str = "auto", batch_size: int | None = None, precision: str = "auto"
+) -> Any:
     """Recreate the model an index was built with and check it still is that model."""
     from .embed import Embedder
     from .models import create_model
@@ -61,7 +63,7 @@ def load_index_model(store: IndexStore, device: str = "auto", batch_size: int | 
             f"the index at {store.path} was built with {describe_identity(stored)}, but its weights now load "
             f"as {describe_identity(current)} (was the weights file changed?); rebuild with --rebuild"
         )
-    return Embedder(model, device=device, batch_size=batch_size, workers=0)
+    return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision)
 
 
 def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:
@@ -86,10 +88,14 @@ class Searcher:
         device: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         search: str = "auto",
+        precision: str = "auto",
     ) -> None:
-        """``device``: where the model runs. ``search``: ``auto`` searches a flat index exactly on
-        the model's GPU when there is one, ``faiss`` always uses FAISS on the CPU, ``torch`` searches
-        on the model's device (see :func:`simsearch.device_search.open_search`)."""
+        """``device``, ``precision``: where and how the model runs (see :class:`simsearch.embed.Embedder`).
+
+        ``search``: ``auto`` searches a flat index exactly on the model's GPU when there is one,
+        ``faiss`` always uses FAISS on the CPU, ``torch`` searches on the model's device (see
+        :func:`simsearch.device_search.open_search`).
+        """
         from .device_search import open_search
 
         self.store = IndexStore.open(index_dir)
@@ -98,7 +104,7 @@ class Searcher:
             self.store.require_consistent()
             self.max_pixels = max_pixels
             self.draft_size = int(self.store.meta["preprocessing"]["resize_size"])
-            self.embedder = load_index_model(self.store, device=device)
+            self.embedder = load_index_model(self.store, device=device, precision=precision)
             self.vector_search = open_search(self.ann, self.embedder.device, search)
         except BaseException:
             self.store.close()
@@ -176,10 +182,11 @@ def query_images(
     device: str = "auto",
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     search: str = "auto",
+    precision: str = "auto",
 ) -> list[QueryResult]:
     """Nearest indexed neighbours (cosine similarity) of each query image (one-shot)."""
     if k < 1:
         raise InputError("--top-k must be at least 1")
     _check_query_paths(queries)  # fail fast, before the model is built
-    with Searcher(index_dir, device=device, max_pixels=max_pixels, search=search) as searcher:
+    with Searcher(index_dir, device=device, max_pixels=max_pixels, search=search, precision=precision) as searcher:
         return searcher.query(queries, k=k, threshold=threshold, include_self=include_self)

@@ -241,6 +241,7 @@ def index_info(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "dim": meta.get("dim"),
             "preprocessing": meta.get("preprocessing"),
             "faiss_factory": meta.get("faiss_factory"),
+            "precisions": meta.get("precisions", []),
             "indexed": counts["ok"],
             "failed": counts["failed"],
             "faiss_vectors": len(store.ann) if store.ann is not None else 0,

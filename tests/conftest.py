@@ -19,6 +19,18 @@ def unit_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fp32_by_default():
+    """``--precision auto`` means fp32 in every test, whatever this CPU's bf16 support (tests that
+    exercise bf16 ask for it): the same numbers on any CI machine. Session-scoped, so that module
+    and session fixtures that index are covered too."""
+    import simsearch.embed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(simsearch.embed, "cpu_has_native_bf16", lambda: False)
+        yield
+
+
 @pytest.fixture
 def populated():
     """A flat VectorIndex of 300 vectors under sparse, unordered ids: (index, ids, vectors)."""

@@ -197,12 +197,26 @@ def test_info_text_and_json(site) -> None:
     assert fields["index"] == str(index_dir.resolve())
     assert fields["model"] == "resnet18 (random:seed=0)"
     assert fields["dim"] == "512" and fields["indexed"] == str(N) and fields["failed"] == "2"
-    assert fields["consistent"] == "yes"
+    assert fields["consistent"] == "yes" and fields["computed in"] == "fp32"
     assert fields["size on disk"].endswith("iB") or fields["size on disk"].endswith(" B")
     data = json.loads(invoke("info", "--index", index_dir, "--json").stdout)
     assert (data["model"], data["dim"], data["indexed"], data["failed"], data["faiss_vectors"]) == ("resnet18", 512, N, 2, N)
     assert data["consistent"] is True and data["size_bytes"] > 0 and data["updated_at"]
-    assert data["roots"] == [str(photos)]
+    assert data["roots"] == [str(photos)] and data["precisions"] == ["fp32"]
+
+
+def test_precision_option_reaches_the_model_and_is_recorded(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    make_collection(photos, n=3)
+    index_dir = tmp_path / "idx"
+    assert invoke("index", photos, "--index", index_dir, *FAST_ARGS, "--precision", "bf16", "-q").exit_code == 0
+    make_image(photos / "late.png", color=(10, 200, 10), seed=9)
+    assert invoke("index", photos, "--index", index_dir, *FAST_ARGS, "--precision", "fp32", "-q").exit_code == 0
+    assert json.loads(invoke("info", "--index", index_dir, "--json").stdout)["precisions"] == ["bf16", "fp32"]
+    for cmd in ("index", "query"):
+        assert invoke(cmd, photos, "--index", index_dir, "--precision", "fp8").exit_code == 2
+    hit = json.loads(invoke("query", photos / "late.png", "--index", index_dir, "--precision", "bf16", "-k", "1", "--json").stdout)
+    assert len(hit[0]["results"]) == 1
 
 
 def test_models_listing() -> None:

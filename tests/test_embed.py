@@ -309,3 +309,69 @@ def test_warm_up_compiles_before_the_first_batch(tmp_path, tiny_model, monkeypat
     calls.clear()
     Embedder(tiny_model, device="cpu", batch_size=3, workers=0, warmup=True)  # eager CPU: nothing to pay
     assert calls == []
+
+
+# -- precision and memory layout --------------------------------------------------------------------
+
+from simsearch.embed import cpu_has_native_bf16 as real_cpu_has_native_bf16  # noqa: E402  (before the fixture patches it)
+
+
+def test_resolve_precision_on_cpu(monkeypatch) -> None:
+    import simsearch.embed as em
+
+    cpu = torch.device("cpu")
+    assert em.resolve_precision("fp32", cpu) is None
+    assert em.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert em.resolve_precision("auto", cpu) is None  # (conftest: no bf16 units)
+    monkeypatch.setattr(em, "cpu_has_native_bf16", lambda: True)
+    assert em.resolve_precision("auto", cpu) is torch.bfloat16
+    assert em.resolve_precision("fp32", cpu) is None
+    with pytest.raises(InputError, match="unknown precision"):
+        em.resolve_precision("fp8", cpu)
+
+
+@pytest.mark.parametrize(
+    "caps, expected",
+    [({"avx512_bf16": True, "amx_bf16": False}, True), ({"avx512_bf16": False, "amx_bf16": True}, True),
+     ({"avx512_bf16": False, "avx2": True}, False), ({}, False), (RuntimeError("cpuinfo"), False), (None, False)],
+)
+def test_native_bf16_is_read_from_torch_capabilities(monkeypatch, caps, expected) -> None:
+    if caps is None:
+        monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    elif isinstance(caps, Exception):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: (_ for _ in ()).throw(caps))
+    else:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert real_cpu_has_native_bf16() is expected
+
+
+def _centred_cos(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    a, b = a - mu, b - mu
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_bf16_on_cpu_gives_nearly_the_fp32_embedding(tmp_path: Path, tiny_model) -> None:
+    paths = [str(p) for p in make_collection(tmp_path / "p", n=8)]
+    fp32 = Embedder(tiny_model, device="cpu", batch_size=4, workers=0, precision="fp32")
+    bf16 = Embedder(tiny_model, device="cpu", batch_size=4, workers=0, precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    a = np.concatenate([b.vectors for b in fp32.embed_files(paths)])
+    b = np.concatenate([b.vectors for b in bf16.embed_files(paths)])
+    assert not np.array_equal(a, b)  # bf16 really ran
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)  # normalised in float32
+    # random weights map every image close to one direction; compare around the mean
+    mu = a.mean(0)
+    same = _centred_cos(a, b, mu)
+    assert same.min() > 0.99, same
+    assert _centred_cos(a[0], a[1], mu) < 0.9  # the check could fail: different images are far apart
+    # the query path (decoded images) runs under the same precision
+    crops = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    q32, q16 = fp32.embed_uint8(crops), bf16.embed_uint8(crops)
+    assert q16.dtype == np.float32 and not np.array_equal(q32, q16)
+
+
+def test_model_runs_channels_last_on_cpu(tiny_model) -> None:
+    emb = Embedder(tiny_model, device="cpu", workers=0, precision="fp32")
+    convs = [m.weight for m in emb.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert all(p.dtype == torch.float32 for p in emb.model.parameters())  # bf16 on CPU is autocast, not converted weights
