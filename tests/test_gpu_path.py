@@ -452,3 +452,18 @@ def test_cuda_query_searches_on_the_gpu(tmp_path: Path) -> None:
     for ra, rb in zip(a, b):
         assert [h.path for h in ra.results] == [h.path for h in rb.results]
         np.testing.assert_allclose([h.score for h in ra.results], [h.score for h in rb.results], atol=1e-5)
+
+
+@cuda
+def test_cuda_precision_choices(tiny_model) -> None:
+    import copy
+
+    from simsearch.embed import Embedder
+
+    crops = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    fp32 = Embedder(copy.deepcopy(tiny_model), device="cuda", batch_size=4, workers=0, precision="fp32")
+    auto = Embedder(copy.deepcopy(tiny_model), device="cuda", batch_size=4, workers=0)
+    assert fp32.precision == "fp32" and all(p.dtype == torch.float32 for p in fp32.model.parameters())
+    assert auto.precision in ("bf16", "fp16") and all(p.dtype != torch.float32 for p in auto.model.parameters())
+    a, b = fp32.embed_uint8(crops), auto.embed_uint8(crops)
+    assert a.dtype == b.dtype == np.float32 and float((a * b).sum(1).min()) > 0.99
