@@ -80,7 +80,7 @@ def precision_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Choice(["auto", "fp32", "bf16"]),
         default="auto",
         show_default=True,
-        help="What the model computes in; auto = bf16 on a GPU or a CPU with bf16 units (about 2x faster), else fp32.",
+        help="What the model computes in; auto = bf16 (fp16 on older GPUs) on a GPU, bf16 on a CPU with bf16 units (about 2x faster), else fp32.",
     )(fn)
 
 
