@@ -58,21 +58,24 @@ class VectorIndex:
         """Every id held, in storage order."""
         return faiss.vector_to_array(faiss.downcast_index(self.index).id_map).astype(np.int64)
 
+    def _flat(self) -> tuple[faiss.Index, faiss.IndexFlat | None]:
+        """(the outer index, downcast; its flat storage, or None when the layout is not flat)."""
+        outer = faiss.downcast_index(self.index)
+        inner = faiss.downcast_index(outer.index) if hasattr(outer, "id_map") else outer
+        return outer, inner if isinstance(inner, faiss.IndexFlat) else None
+
     @property
     def is_exact(self) -> bool:
         """True for a flat layout (every vector stored as is, so search is exact and the vectors can be read back)."""
-        inner = faiss.downcast_index(self.index)
-        inner = faiss.downcast_index(inner.index) if hasattr(inner, "id_map") else inner
-        return isinstance(inner, faiss.IndexFlat)
+        return self._flat()[1] is not None
 
     def stored(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of a flat layout, in storage order (a copy), e.g. to search them on a GPU."""
-        if not self.is_exact:
+        outer, flat = self._flat()
+        if flat is None:
             raise ValueError(f"the vectors of a {self.factory!r} index are not stored as is")
-        inner = faiss.downcast_index(self.index)
-        flat = faiss.downcast_index(inner.index) if hasattr(inner, "id_map") else inner
         vectors = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, self.dim), np.float32)
-        ids = self.ids() if hasattr(inner, "id_map") else np.arange(flat.ntotal, dtype=np.int64)
+        ids = self.ids() if hasattr(outer, "id_map") else np.arange(flat.ntotal, dtype=np.int64)
         return ids, vectors
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
