@@ -9,7 +9,7 @@ Prints (and with --json-out writes):
   dtype / channels_last / torch.compile setting as indexing uses);
 * decode-only images/s for each decoder available: ``cpu`` (Pillow in --workers processes:
   read, hash, decode, resize, crop) and ``gpu`` (workers read/hash/route, nvJPEG + GPU resize);
-* commit-only images/s: the indexer writing synthetic vectors to SQLite + FAISS (the consumer);
+* commit-only images/s: the store committing synthetic vectors to SQLite + FAISS (the consumer);
 * end-to-end images/s: the real ``index_folders`` into a fresh index (in a child process, which
   also reports its peak RSS and its worker processes' peak RSS), and the ratio
   end-to-end / min(model-only, decode-only of the decoder it used);
@@ -143,27 +143,26 @@ def bench_decode(paths: list[str], args: argparse.Namespace, decoder: str, draft
 
 
 def bench_commit(n: int, dim: int, batch: int = 256) -> dict[str, Any]:
-    """The consumer alone: synthetic vectors through the indexer's per-batch SQLite + FAISS commit."""
+    """The consumer alone: synthetic vectors through the store's per-batch SQLite + FAISS commit."""
     import numpy as np
 
-    from simsearch.embed import DecodedItem, EmbeddedBatch
-    from simsearch.images import FileEntry
-    from simsearch.indexer import IndexSummary, _commit_batch
     from simsearch.store import IndexStore
 
     with tempfile.TemporaryDirectory() as d:
         store = IndexStore.open(d, create=True)
         try:
             store.ensure_identity({"model": "bench", "weights": "random", "dim": dim, "preprocessing": {}}, rebuild=False)
-            entries = [FileEntry(f"/bench/img{i:07d}.jpg", 100_000, 1) for i in range(n)]
-            by_path = {e.path: e for e in entries}
-            summary = IndexSummary(index=d)
+            records = [
+                {"path": f"/bench/img{i:07d}.jpg", "size": 100_000, "mtime_ns": 1, "hash": "0" * 32,
+                 "width": 500, "height": 375, "status": "ok", "error": None}
+                for i in range(n)
+            ]
             rng = np.random.default_rng(0)
             t = time.perf_counter()
             for s in range(0, n, batch):
-                items = [DecodedItem(e.path, "0" * 32, 500, 375) for e in entries[s : s + batch]]
-                v = rng.random((len(items), dim), dtype=np.float32)
-                _commit_batch(store, EmbeddedBatch(items, v), by_path, {}, summary)
+                part = records[s : s + batch]
+                v = rng.random((len(part), dim), dtype=np.float32)
+                store.commit(part, v, [None] * len(part))
             el = time.perf_counter() - t
         finally:
             store.close()

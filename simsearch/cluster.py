@@ -2,7 +2,8 @@
 
 Vectors are L2-normalised, so spherical k-means (centroids re-normalised each iteration) is the
 natural fit for cosine similarity. Each image gets its nearest centroid and its Euclidean
-distance to it; a cluster's representatives are the members nearest its centroid.
+distance to it; a cluster's representatives are the members nearest its centroid. The result is
+written through :meth:`simsearch.store.IndexStore.replace_clustering`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .catalog import utc_now
 from .errors import InputError
-from .store import IndexStore
+from .store import Clustering, IndexStore, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def cluster_index(
         centroids, assign, dist, objective = kmeans(vectors, k, niter=niter, seed=seed, device=device)
         sizes = np.bincount(assign, minlength=k)
         info = {"k": k, "n": int(len(ids)), "niter": niter, "seed": seed, "objective": objective, "created_at": utc_now()}
-        store.catalog.replace_clusters(centroids, sizes, ids, assign, dist, info)
+        store.replace_clustering(Clustering(centroids, sizes, ids, assign, dist, info))
         result = _load(store, representatives)
     result.seconds = time.perf_counter() - t0
     return result

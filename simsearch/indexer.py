@@ -3,9 +3,11 @@
 Files are matched by path, then by size + mtime; a changed size+mtime is confirmed by a content
 hash. A file that disappeared from one path and appeared at another with the same content is a
 move: its row (and vector) follow it instead of being re-embedded. Each embedded batch commits
-in one SQLite transaction; FAISS follows and is saved atomically every ``save_interval`` seconds
-and at the end. A run killed at any point leaves the catalog consistent, and the next run first
-repairs FAISS from stored vectors, then carries on with what is left.
+through the store (:meth:`simsearch.store.IndexStore.commit`: one SQLite transaction, then FAISS),
+which saves FAISS atomically every ``save_interval`` seconds and at the end. This module plans
+and counts; it never writes SQLite or FAISS itself. A run killed at any point leaves the catalog
+consistent, and the next run first repairs FAISS from stored vectors, then carries on with what
+is left.
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
-import numpy as np
-
-from .catalog import ImageRow, storable_path, utc_now
 from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, iter_image_files
-from .store import IndexStore
+from .store import ImageRow, IndexStore, storable_path, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ def index_folders(
         store.lock_for_writing()
         description = dict(model.describe(), weights_source=_weights_source(options.weights), seed=options.seed)
         store.ensure_identity(description, rebuild=rebuild)
-        store.catalog.set_meta({"weights_source": description["weights_source"], "seed": options.seed})
+        store.set_meta({"weights_source": description["weights_source"], "seed": options.seed})
         summary = IndexSummary(index=str(index_dir))
         found = store.repair()
         summary.repaired = found.count
@@ -188,7 +187,7 @@ def index_folders(
                 precision=options.precision,
             )
             precisions = sorted(set(store.meta.get("precisions", [])) | {embedder.precision})
-            store.catalog.set_meta({"precisions": precisions})  # informational: vectors of any precision mix
+            store.set_meta({"precisions": precisions})  # informational: vectors of any precision mix
             progress.start(len(plan.to_embed))
             t_embed = time.perf_counter()
             last_save = time.monotonic()
@@ -199,20 +198,20 @@ def index_folders(
                 for batch in embedder.embed_files(paths, progress=progress.advance):
                     _commit_batch(store, batch, by_path, plan.existing, summary)
                     if time.monotonic() - last_save > save_interval:
-                        store.save_ann()
+                        store.save()
                         last_save = time.monotonic()
                 completed = True
             finally:
                 progress.close()
                 summary.embed_seconds = time.perf_counter() - t_embed
                 # interrupted: a batch may be committed but not yet mirrored into FAISS
-                store.save_ann(resync=not completed)
+                store.save(resync=not completed)
         else:
-            store.save_ann()
+            store.save()
         counts = store.catalog.counts()
         summary.total_indexed, summary.total_failed = counts["ok"], counts["failed"]
         summary.seconds = time.perf_counter() - t0
-        store.catalog.set_meta(
+        store.set_meta(
             {
                 "updated_at": utc_now(),
                 "max_pixels": options.max_pixels,
@@ -239,8 +238,7 @@ def _plan(
     store: IndexStore, roots: list[str], exclude: Iterable[str], summary: IndexSummary, retry_failed: bool = False
 ) -> _Plan:
     """Classify files and apply the cheap changes (moves, touches, removals) before embedding."""
-    catalog = store.catalog
-    existing = {row.path: row for row in catalog.rows()}
+    existing = {row.path: row for row in store.catalog.rows()}
     seen: set[str] = set()
     new: list[FileEntry] = []
     to_embed: list[FileEntry] = []
@@ -296,13 +294,11 @@ def _plan(
         else:
             to_embed.append(entry)
 
-    with catalog.transaction():
-        for entry, row in moves:
-            catalog.update_row(row.id, {"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns}, keep_vector=True)
-        for entry, row in touched_only:
-            catalog.update_row(row.id, {"mtime_ns": entry.mtime_ns}, keep_vector=True)
-        catalog.delete_rows(row.id for row in removed)
-    store.ann.remove([row.id for row in removed if row.ok])  # type: ignore[union-attr]
+    store.apply_changes(
+        moves=[(row.id, {"path": entry.path, "size": entry.size, "mtime_ns": entry.mtime_ns}) for entry, row in moves],
+        touches=[(row.id, entry.mtime_ns) for entry, row in touched_only],
+        removals=removed,
+    )
     for entry, row in moves:
         existing.pop(row.path, None)
         log.info("moved: %s -> %s", row.path, entry.path)
@@ -313,49 +309,19 @@ def _plan(
 
 
 def _commit_batch(store: IndexStore, batch: Any, by_path: dict[str, FileEntry], existing: dict[str, ImageRow], summary: IndexSummary) -> None:
-    """Write one embedded batch to SQLite in one transaction, then mirror it into FAISS."""
-    catalog, ann = store.catalog, store.ann
-    assert ann is not None
-    new_records: list[dict[str, Any]] = []
-    new_vectors: list[np.ndarray | None] = []
-    new_ok: list[bool] = []
-    upd_ids: list[int] = []
-    upd_records: list[dict[str, Any]] = []
-    upd_vectors: list[np.ndarray | None] = []
-    upd_ok: list[bool] = []
-    drop_ids: list[int] = []
-    slots: list[tuple[bool, int]] = []  # per item: (is new, index into new_records | existing row id)
-    vec_iter = iter(batch.vectors)
-    for item in batch.items:
-        vector = next(vec_iter) if item.ok else None
-        record = _record(by_path[item.path], item.hash, item.width, item.height, item.error)
-        row = existing.get(storable_path(item.path))
-        if row is None:
-            slots.append((True, len(new_records)))
-            new_records.append(record)
-            new_vectors.append(vector)
-            new_ok.append(item.ok)
-        else:
-            slots.append((False, row.id))
-            upd_ids.append(row.id)
-            upd_records.append(record)
-            upd_vectors.append(vector)
-            upd_ok.append(item.ok)
-            if row.ok:
-                drop_ids.append(row.id)
+    """Turn one embedded batch into rows, have the store commit them with their vectors, and count."""
+    records = [_record(by_path[item.path], item.hash, item.width, item.height, item.error) for item in batch.items]
+    replacing = [existing.get(storable_path(item.path)) for item in batch.items]
+    store.commit(records, batch.vectors, replacing)
+    for item, row in zip(batch.items, replacing):
         if not item.ok:
             summary.failed += 1
             summary.failures.append({"path": item.path, "error": item.error or ""})
             log.warning("skipped: %s", item.error)
-    with catalog.transaction():
-        new_ids = catalog.insert_rows(new_records, new_vectors)
-        catalog.update_rows(upd_ids, upd_records, upd_vectors)
-    summary.added += sum(new_ok)
-    summary.updated += sum(upd_ok)
-    # FAISS ids in the order of batch.vectors (the ok items, in input order)
-    add_ids = [new_ids[k] if is_new else k for (is_new, k), item in zip(slots, batch.items) if item.ok]
-    ann.remove(drop_ids)
-    ann.add(np.array(add_ids, dtype=np.int64), batch.vectors)
+        elif row is None:
+            summary.added += 1
+        else:
+            summary.updated += 1
     summary.embedded += len(batch.items)
 
 

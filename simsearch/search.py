@@ -10,10 +10,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .catalog import IDENTITY_KEYS
-from .errors import IndexMismatchError, InputError
+from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, content_hash, decode_image, read_bytes
-from .store import IndexStore, describe_identity
+from .store import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +49,13 @@ class QueryResult:
 def load_index_model(
     store: IndexStore, device: str = "auto", batch_size: int | None = None, precision: str = "auto"
 ) -> Any:
-    """Recreate the model an index was built with and check it still is that model."""
+    """Recreate the model an index was built with and check (through the store) it still is that model."""
     from .embed import Embedder
     from .models import create_model
 
     meta = store.meta
-    stored = {k: meta.get(k) for k in IDENTITY_KEYS}
     model = create_model(meta["model"], meta.get("weights_source", "imagenet"), seed=int(meta.get("seed", 0)))
-    current = {k: model.describe()[k] for k in IDENTITY_KEYS}
-    if current != stored:
-        raise IndexMismatchError(
-            f"the index at {store.path} was built with {describe_identity(stored)}, but its weights now load "
-            f"as {describe_identity(current)} (was the weights file changed?); rebuild with --rebuild"
-        )
+    store.check_model(model.describe(), reloading=True)
     return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision)
 
 

@@ -34,7 +34,7 @@ def fp32_by_default():
 @pytest.fixture
 def populated():
     """A flat VectorIndex of 300 vectors under sparse, unordered ids: (index, ids, vectors)."""
-    from simsearch.ann import VectorIndex
+    from simsearch.store import VectorIndex
 
     x = unit_vectors(300, seed=0)
     ids = np.random.default_rng(1).permutation(10_000)[:300].astype(np.int64)

@@ -16,7 +16,6 @@ import pytest
 
 from conftest import assert_consistent, catalog_state, fast_options, make_collection, make_image, run_index
 from simsearch import embed as embed_module
-from simsearch import indexer as indexer_module
 from simsearch.errors import InputError
 from simsearch.indexer import failed_files, index_folders
 from simsearch.store import IndexStore
@@ -221,7 +220,7 @@ def test_keyboard_interrupt_after_first_batch_then_resume(tmp_path: Path, monkey
     clean = tmp_path / "clean"
     run_index(root, clean)
 
-    real_commit = indexer_module._commit_batch
+    real_commit = IndexStore.commit
     commits = []
 
     def commit_then_interrupt(*args, **kwargs):
@@ -229,14 +228,14 @@ def test_keyboard_interrupt_after_first_batch_then_resume(tmp_path: Path, monkey
         commits.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(indexer_module, "_commit_batch", commit_then_interrupt)
+    monkeypatch.setattr(IndexStore, "commit", commit_then_interrupt)
     index_dir = tmp_path / "idx"
     with pytest.raises(KeyboardInterrupt):
         run_index(root, index_dir, options=fast_options(batch_size=3))
     assert len(catalog_state(index_dir)) == 3  # exactly the first committed batch
     assert_consistent(index_dir)  # Ctrl-C still saved FAISS on the way out
 
-    monkeypatch.setattr(indexer_module, "_commit_batch", real_commit)
+    monkeypatch.setattr(IndexStore, "commit", real_commit)
     summary = run_index(root, index_dir, options=fast_options(batch_size=3))
     # the walk lists broken.jpg (top level) first, so the committed first batch held it
     assert (summary.added, summary.failed, summary.unchanged, summary.total_failed) == (8, 0, 3, 1)
@@ -259,14 +258,14 @@ def test_crash_before_faiss_save_with_changed_vectors(indexed, monkeypatch) -> N
     make_image(root / "a" / "aaa_new.jpg", color=(250, 250, 0), shape="triangle", seed=77)
     make_image(paths[0], color=(0, 250, 250), shape="stripes", seed=78)
 
-    real_commit = indexer_module._commit_batch
+    real_commit = IndexStore.commit
 
     def commit_then_die(*args, **kwargs):
         real_commit(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(indexer_module, "_commit_batch", commit_then_die)
-    monkeypatch.setattr(IndexStore, "save_ann", lambda self, **kwargs: None)  # the process dies: nothing else is written
+    monkeypatch.setattr(IndexStore, "commit", commit_then_die)
+    monkeypatch.setattr(IndexStore, "save", lambda self, **kwargs: None)  # the process dies: nothing else is written
     with pytest.raises(KeyboardInterrupt):
         run_index(root, index_dir)
     monkeypatch.undo()
@@ -387,7 +386,7 @@ def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path, collecti
 def test_interrupt_between_commit_and_faiss_update_still_saves_a_consistent_file(indexed, monkeypatch) -> None:
     """Ctrl-C after a batch reached SQLite but before FAISS mirrored it: the save on the way out
     resyncs from the catalog, so the file on disk is right without waiting for a repair."""
-    from simsearch.ann import VectorIndex
+    from simsearch.store import VectorIndex
 
     root, index_dir, paths, _ = indexed
     make_image(root / "a" / "zzz_new.jpg", color=(10, 250, 10), shape="ellipse", seed=91)

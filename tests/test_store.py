@@ -1,4 +1,4 @@
-"""The FAISS wrapper against numpy brute force, and the catalog/FAISS consistency checks and repair."""
+"""simsearch.store: the FAISS wrapper against numpy brute force, the catalog/FAISS consistency checks and repair."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import DIM, assert_consistent, unit_vectors
-from simsearch.ann import FAISS_FILE, VectorIndex
-from simsearch.catalog import Catalog
 from simsearch.errors import IndexCorruptError, IndexMismatchError, IndexNotFoundError
-from simsearch.store import IndexStore
+from simsearch.store import FAISS_FILE, Catalog, IndexStore, VectorIndex
 
 def brute_force(ids: np.ndarray, x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     scores = x @ q
@@ -70,6 +68,35 @@ def test_save_load_round_trip_is_atomic(tmp_path: Path, populated) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_ids_without_an_id_map(factory: str) -> None:
+    """A layout with no ID map: a plain flat index numbers its vectors 0..n-1, an IVF one keeps the ids it was given."""
+    x = unit_vectors(40, seed=8)
+    index = VectorIndex(DIM, factory)
+    index.train(x)
+    if factory == "Flat":
+        index.index.add(x)  # a flat index without an ID map cannot take ids
+        expected = list(range(40))
+    else:
+        index.add(np.arange(500, 540), x)
+        assert index.remove([500, 501]) == 2
+        expected = list(range(502, 540))
+    assert sorted(index.ids().tolist()) == expected
+    assert len(index.ids()) == len(index)
+
+
+def test_store_reads_the_recorded_layout(tmp_path: Path) -> None:
+    """The FAISS layout comes from the catalog's faiss_factory, when the file is loaded and when it is recreated."""
+    fill_store(tmp_path)
+    with IndexStore.open(tmp_path) as store:
+        store.set_meta({"faiss_factory": "IVF4,Flat"})
+    (tmp_path / FAISS_FILE).unlink()
+    with IndexStore.open(tmp_path) as store:
+        assert store.ann.factory == "IVF4,Flat" and faiss.try_extract_index_ivf(store.ann.index) is not None
+        store.ensure_identity(dict(DESCRIPTION, model="other"), rebuild=True)
+        assert store.ann.factory == store.meta["faiss_factory"] == "IVF4,Flat"
+
+
 def test_load_garbage_is_index_corrupt(tmp_path: Path) -> None:
     path = tmp_path / FAISS_FILE
     path.write_bytes(b"not a faiss index")
@@ -101,7 +128,7 @@ def fill_store(index_dir: Path, n: int = 20, failed: int = 2) -> dict[int, np.nd
                 record = {"path": f"/p/bad{i}.jpg", "size": 0, "mtime_ns": 1, "hash": None, "width": None, "height": None, "status": "failed", "error": "empty"}
                 store.catalog.insert_row(record, None)
         assert not store.check().ok  # rows written, FAISS not yet
-        store.save_ann(resync=True)  # rows were written behind FAISS's back: sync them, then write it
+        store.save(resync=True)  # rows were written behind FAISS's back: sync them, then write it
         assert store.check().ok
     assert_consistent(index_dir)
     return out

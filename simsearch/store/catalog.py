@@ -1,5 +1,6 @@
-"""The SQLite metadata of an index (through sqlite-utils): schema, description, rows, clusters.
+"""The SQLite catalog of an index (through sqlite-utils): schema, description, rows, clusters.
 
+Part of :mod:`simsearch.store`; only :class:`~simsearch.store.IndexStore` calls its write methods.
 SQLite is the source of truth. Each indexed image is one row whose integer primary key is also
 its FAISS id, and whose float32 vector is stored with it, so the FAISS file can always be
 rebuilt or repaired from here. Only this module writes SQL.
@@ -20,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import sqlite_utils
 
-from .errors import IndexCorruptError, IndexNotFoundError
+from ..errors import IndexCorruptError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,19 @@ class ImageRow:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+@dataclass
+class Clustering:
+    """A clustering as stored: per cluster its centroid and size; per image (``ids``) its cluster and
+    distance to that centroid; ``info`` (k, n, niter, seed, objective, created_at) goes in the meta."""
+
+    centroids: np.ndarray
+    sizes: np.ndarray
+    ids: np.ndarray
+    assignments: np.ndarray
+    distances: np.ndarray
+    info: dict[str, Any]
 
 
 _ROW_COLUMNS = "id, path, size, mtime_ns, hash, width, height, status, error"
@@ -323,28 +337,21 @@ class Catalog:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # -- clusters --------------------------------------------------------------------------
-    def replace_clusters(
-        self,
-        centroids: np.ndarray,
-        sizes: np.ndarray,
-        ids: np.ndarray,
-        assignments: np.ndarray,
-        distances: np.ndarray,
-        info: dict[str, Any],
-    ) -> None:
+    def replace_clusters(self, clustering: Clustering) -> None:
         """Swap in a new clustering atomically: readers see the old one or the new one, never a mix."""
+        c = clustering
         with self.transaction():
             self.db.execute("DELETE FROM clusters")
             self.db.execute("DELETE FROM cluster_members")
             self.db.conn.executemany(
                 "INSERT INTO clusters (cluster, size, centroid) VALUES (?, ?, ?)",
-                [(c, int(sizes[c]), _blob(centroids[c])) for c in range(len(centroids))],
+                [(k, int(c.sizes[k]), _blob(c.centroids[k])) for k in range(len(c.centroids))],
             )
             self.db.conn.executemany(
                 "INSERT INTO cluster_members (image_id, cluster, distance) VALUES (?, ?, ?)",
-                zip(ids.tolist(), assignments.tolist(), distances.astype(float).tolist()),
+                zip(c.ids.tolist(), c.assignments.tolist(), c.distances.astype(float).tolist()),
             )
-            self._set_meta_raw({"clustering": info})
+            self._set_meta_raw({"clustering": c.info})
 
     def cluster_sizes(self) -> dict[int, int]:
         """Current members per stored cluster (files removed since the clustering no longer count)."""

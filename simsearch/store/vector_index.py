@@ -1,9 +1,12 @@
 """The FAISS index behind one small interface: add, remove by id, search, save, load.
 
-Vectors are L2-normalised, so inner product is cosine similarity. Ids are the catalog's row ids.
-The layout is a faiss ``index_factory`` string (default ``IDMap2,Flat``: exact search); other
-types (IVF, HNSW, PQ) slot in by changing that string, with nothing else touched. Saving writes
-a temporary file, fsyncs it and renames it over the old one, so a crash never leaves a torn file.
+Part of :mod:`simsearch.store`: :class:`~simsearch.store.IndexStore` is the only code that
+changes it. Vectors are L2-normalised, so inner product is cosine similarity. Ids are the
+catalog's row ids. The layout is a faiss ``index_factory`` string (default ``IDMap2,Flat``: exact
+search), recorded in the catalog as ``faiss_factory``; the store builds every index from that
+record. :meth:`VectorIndex.ids` and :meth:`VectorIndex.stored` read a layout with or without
+an ID map. Saving writes a temporary file, fsyncs it and renames it over the old one, so a crash
+never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import IndexCorruptError
+from ..errors import IndexCorruptError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,20 @@ class VectorIndex:
         return int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
 
     def ids(self) -> np.ndarray:
-        """Every id held, in storage order."""
-        return faiss.vector_to_array(faiss.downcast_index(self.index).id_map).astype(np.int64)
+        """Every id held: in storage order for an ID map, list by list for an IVF layout, else 0..n-1."""
+        outer = faiss.downcast_index(self.index)
+        if hasattr(outer, "id_map"):
+            return faiss.vector_to_array(outer.id_map).astype(np.int64)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:  # an IVF layout keeps the ids it was given in its inverted lists
+            lists = ivf.invlists
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(lists.nlist)
+                if lists.list_size(i)
+            ]
+            return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        return np.arange(self.index.ntotal, dtype=np.int64)
 
     def _flat(self) -> tuple[faiss.Index, faiss.IndexFlat | None]:
         """(the outer index, downcast; its flat storage, or None when the layout is not flat)."""
@@ -71,12 +86,11 @@ class VectorIndex:
 
     def stored(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of a flat layout, in storage order (a copy), e.g. to search them on a GPU."""
-        outer, flat = self._flat()
+        flat = self._flat()[1]
         if flat is None:
             raise ValueError(f"the vectors of a {self.factory!r} index are not stored as is")
         vectors = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, self.dim), np.float32)
-        ids = self.ids() if hasattr(outer, "id_map") else np.arange(flat.ntotal, dtype=np.int64)
-        return ids, vectors
+        return self.ids(), vectors
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n_queries, k), best first; missing neighbours have id -1."""

@@ -1,0 +1,49 @@
+"""Storage, layer 1: an index directory's SQLite catalog and FAISS vector index behind one door.
+
+:class:`IndexStore` is the only code that writes either file; everything above it (indexing,
+search, clustering, the command line) plans and reads, and asks the store to write. Modules:
+``catalog`` (SQLite rows, description, clusters), ``vector_index`` (the FAISS wrapper),
+``index_store`` (the two kept in agreement, crash repair, the write lock), ``location`` (the
+default index directory) and ``info`` (the summary ``simsearch info`` shows). Torch-free.
+"""
+
+from __future__ import annotations
+
+from .catalog import (
+    CATALOG_FILE,
+    IDENTITY_KEYS,
+    SCHEMA_VERSION,
+    Catalog,
+    Clustering,
+    ImageRow,
+    storable_path,
+    utc_now,
+)
+from .index_store import LOCK_FILE, Consistency, IndexStore, describe_identity
+from .info import index_info
+from .location import DEFAULT_INDEX_DIR, INDEX_ENV_VAR, default_index_dir
+from .vector_index import DEFAULT_FACTORY, FAISS_FILE, VectorIndex, clamp_k, write_atomic
+
+__all__ = [
+    "CATALOG_FILE",
+    "DEFAULT_FACTORY",
+    "DEFAULT_INDEX_DIR",
+    "FAISS_FILE",
+    "IDENTITY_KEYS",
+    "INDEX_ENV_VAR",
+    "LOCK_FILE",
+    "SCHEMA_VERSION",
+    "Catalog",
+    "Clustering",
+    "Consistency",
+    "ImageRow",
+    "IndexStore",
+    "VectorIndex",
+    "clamp_k",
+    "default_index_dir",
+    "describe_identity",
+    "index_info",
+    "storable_path",
+    "utc_now",
+    "write_atomic",
+]
