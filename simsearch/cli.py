@@ -1,7 +1,7 @@
 """The ``simsearch`` command line: each command parses options, calls one library function, renders.
 
-Results go to stdout (a table, or JSON with ``--json``); progress bars, warnings and skipped files
-go to stderr. Library errors (:class:`SimsearchError`) become one-line messages with exit code 1;
+Results go to stdout through :func:`render` (text, or JSON with ``--json``); progress bars,
+warnings and skipped files go to stderr. Library errors (:class:`SimsearchError`) become one-line messages with exit code 1;
 usage errors exit 2.
 """
 
@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import click
 
@@ -21,6 +21,13 @@ from . import __version__
 from .errors import SimsearchError
 from .images import DEFAULT_MAX_PIXELS
 from .store import INDEX_ENV_VAR, default_index_dir
+
+if TYPE_CHECKING:  # result types, for the renderers' signatures only (importing them may load torch)
+    from .cluster import ClusterResult, Member
+    from .evaluate import EvalResult
+    from .indexer import IndexSummary
+    from .search import QueryResult
+    from .train.loop import TrainSummary
 
 log = logging.getLogger("simsearch")
 
@@ -64,24 +71,17 @@ def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(fn)
 
 
-def device_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--device",
-        type=click.Choice(["auto", "cpu", "cuda"]),
-        default="auto",
-        show_default=True,
-        help="Where to run the model (auto picks CUDA when present).",
-    )(fn)
+def auto_choice(name: str, choices: list[str], help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option that takes ``auto`` (the default) or one of ``choices``."""
+    return click.option(name, type=click.Choice(["auto", *choices]), default="auto", show_default=True, help=help)
 
 
-def precision_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--precision",
-        type=click.Choice(["auto", "fp32", "bf16"]),
-        default="auto",
-        show_default=True,
-        help="What the model computes in; auto = bf16 (fp16 on older GPUs) on a GPU, bf16 on a CPU with bf16 units (about 2x faster), else fp32.",
-    )(fn)
+device_option = auto_choice("--device", ["cpu", "cuda"], "Where to run the model (auto picks CUDA when present).")
+precision_option = auto_choice(
+    "--precision",
+    ["fp32", "bf16"],
+    "What the model computes in; auto = bf16 (fp16 on older GPUs) on a GPU, bf16 on a CPU with bf16 units (about 2x faster), else fp32.",
+)
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,8 +96,25 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _dump(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+R = TypeVar("R")
+
+
+def json_data(result: Any) -> Any:
+    """The JSON form of any command's result: an object's ``to_dict()``, a list of results item by
+    item, or plain data (a dict of JSON values) as it is."""
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if isinstance(result, (list, tuple)):
+        return [json_data(item) for item in result]
+    return result
+
+
+def render(result: R, as_json: bool, text: Callable[[R], None]) -> None:
+    """Print a command's result: as indented JSON with ``--json``, else through its ``text`` renderer."""
+    if as_json:
+        click.echo(json.dumps(json_data(result), indent=2, default=str))
+    else:
+        text(result)
 
 
 class TqdmProgress:
@@ -150,7 +167,7 @@ def cli(verbose: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per forward pass [default: 32 on CPU; on CUDA the largest that fits, at most 256].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: CPU count, at most 8].")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse images larger than this (decompression-bomb limit).")
-@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True, help="JPEG decoder: gpu (nvJPEG; needs CUDA), cpu (Pillow), auto (gpu when the model runs on CUDA).")
+@auto_choice("--decode", ["cpu", "gpu"], "JPEG decoder: gpu (nvJPEG; needs CUDA), cpu (Pillow), auto (gpu when the model runs on CUDA).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slow start, faster on long runs).")
 @json_option
 @quiet_option
@@ -180,13 +197,16 @@ def index(
 
     index_dir = index_dir or default_index_dir()
     if show_failed:
-        _render_failed(failed_files(index_dir), as_json)
+        render(failed_files(index_dir), as_json, _print_failed)
         return
     if not folders:
         if repair:
-            summary = repair_index(index_dir)
-            _dump(summary.to_dict()) if as_json else click.echo(
-                f"repaired {summary.repaired} ids; {summary.total_indexed} images indexed in {index_dir}"
+            render(
+                repair_index(index_dir),
+                as_json,
+                lambda summary: click.echo(
+                    f"repaired {summary.repaired} ids; {summary.total_indexed} images indexed in {index_dir}"
+                ),
             )
             return
         raise click.UsageError("give at least one FOLDER to index (or --repair / --show-failed)")
@@ -197,9 +217,10 @@ def index(
     summary = index_folders(
         folders, index_dir, options, exclude=exclude, rebuild=rebuild, progress=TqdmProgress("indexing", quiet)
     )
-    if as_json:
-        _dump(summary.to_dict())
-        return
+    render(summary, as_json, lambda summary: _print_index_summary(summary, index_dir))
+
+
+def _print_index_summary(summary: IndexSummary, index_dir: Path) -> None:
     click.echo(
         f"added {summary.added}, updated {summary.updated}, moved {summary.moved}, removed {summary.removed}, "
         f"unchanged {summary.unchanged}, failed {summary.failed}"
@@ -214,10 +235,7 @@ def index(
         click.echo("see the failures with: simsearch index --show-failed", err=True)
 
 
-def _render_failed(rows: list[dict[str, Any]], as_json: bool) -> None:
-    if as_json:
-        _dump(rows)
-        return
+def _print_failed(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         click.echo(f"{row['path']}\t{row['error']}")
 
@@ -249,9 +267,10 @@ def query(
         images, index_dir or default_index_dir(), k=top_k, threshold=threshold, include_self=include_self, device=device,
         precision=precision,
     )
-    if as_json:
-        _dump([r.to_dict() for r in results])
-        return
+    render(results, as_json, _print_query_results)
+
+
+def _print_query_results(results: list[QueryResult]) -> None:
     for n, result in enumerate(results):
         if n:
             click.echo()
@@ -270,13 +289,7 @@ def query(
 @click.option("--seed", type=int, default=1234, show_default=True, help="k-means seed.")
 @click.option("-r", "--representatives", type=click.IntRange(min=0), default=5, show_default=True, help="Images shown per cluster.")
 @click.option("--show", "show", type=int, default=None, metavar="C", help="List every member of cluster C (from the last run).")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where k-means runs (auto: the GPU when present, via FAISS-GPU or torch).",
-)
+@auto_choice("--device", ["cpu", "cuda"], "Where k-means runs (auto: the GPU when present, via FAISS-GPU or torch).")
 @json_option
 @handle_errors
 def cluster(
@@ -294,21 +307,22 @@ def cluster(
 
     index_dir = index_dir or default_index_dir()
     if show is not None:
-        members = cluster_members(index_dir, show)
-        if as_json:
-            _dump([m.__dict__ for m in members])
-        else:
-            for m in members:
-                click.echo(f"{m.distance:.4f}\t{m.path}")
+        render(cluster_members(index_dir, show), as_json, _print_members)
         return
     result = (
         cluster_index(index_dir, k, niter=niter, seed=seed, representatives=representatives, device=device)
         if k is not None
         else load_clusters(index_dir, representatives)
     )
-    if as_json:
-        _dump(result.to_dict())
-        return
+    render(result, as_json, _print_clustering)
+
+
+def _print_members(members: list[Member]) -> None:
+    for m in members:
+        click.echo(f"{m.distance:.4f}\t{m.path}")
+
+
+def _print_clustering(result: ClusterResult) -> None:
     click.echo(f"{result.k} clusters of {result.n} images (seed {result.seed}, {result.niter} iterations, {result.created_at})")
     for c in sorted(result.clusters, key=lambda c: -c.size):
         click.echo(f"cluster {c.cluster}: {c.size} images")
@@ -328,12 +342,12 @@ def info(index_dir: Path | None, failed: bool, as_json: bool) -> None:
 
     index_dir = index_dir or default_index_dir()
     if failed:
-        _render_failed(failed_files(index_dir), as_json)
+        render(failed_files(index_dir), as_json, _print_failed)
         return
-    data = index_info(index_dir)
-    if as_json:
-        _dump(data)
-        return
+    render(index_info(index_dir), as_json, _print_info)
+
+
+def _print_info(data: dict[str, Any]) -> None:
     prep = data["preprocessing"] or {}
     clustering = data["last_clustering"]
     lines = [
@@ -360,9 +374,10 @@ def models(as_json: bool) -> None:
     from .models import available_models, get_spec
 
     rows = [{"model": name, "dim": get_spec(name).dim, "crop": get_spec(name).preprocessing.crop_size} for name in available_models()]
-    if as_json:
-        _dump(rows)
-        return
+    render(rows, as_json, _print_models)
+
+
+def _print_models(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         click.echo(f"{row['model']:<20} {row['dim']:>5}-d  {row['crop']}px")
 
@@ -469,9 +484,10 @@ def train(data: Path, out: Path, in_chans: str, no_bn: bool, no_augment: bool, a
 
     config = TrainConfig(in_chans=int(in_chans), bn=not no_bn, augment=not no_augment, **options)
     summary = run_training(data, out, config, callback=_TrainProgress(quiet))  # type: ignore[arg-type]
-    if as_json:
-        _dump(summary.to_dict())
-        return
+    render(summary, as_json, _print_train_summary)
+
+
+def _print_train_summary(summary: TrainSummary) -> None:
     def line(name: str, m: dict[str, Any] | None) -> None:
         if m is not None:
             click.echo(
@@ -516,15 +532,18 @@ def eval_command(
     quiet: bool,
 ) -> None:
     """Retrieval quality of a model on labelled DATA: Recall@1/2/4/8, MAP@R, k-means NMI (exact search)."""
-    from .evaluate import evaluate_folder, format_metrics
+    from .evaluate import evaluate_folder
 
     result = evaluate_folder(
         data, model=model, weights=weights, seed=seed, gallery=gallery, device=device,
         batch_size=batch_size, workers=workers, progress=TqdmProgress("embedding", quiet), precision=precision,
     )
-    if as_json:
-        _dump(result.to_dict())
-        return
+    render(result, as_json, _print_eval_result)
+
+
+def _print_eval_result(result: EvalResult) -> None:
+    from .evaluate import format_metrics
+
     m = result.metrics
     where = f"against {result.gallery} ({result.n_gallery_images} images)" if result.gallery else "leave-one-out"
     click.echo(f"model: {result.model['model']} ({result.model['weights']}), {result.model['dim']}-d")

@@ -32,6 +32,9 @@ class Member:
     width: int | None = None
     height: int | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass
 class ClusterSummary:
