@@ -38,12 +38,12 @@ from torch import nn
 
 from ..embed import resolve_device
 from ..errors import InputError
-from ..labelled import LabelledSet, check_classes, drop_items, load_labelled, split_by_class, split_by_image
+from ..labelled import check_classes, drop_items, load_labelled, split_by_class, split_by_image
 from ..models import MetricHead, Preprocessing, create_model, split_backbone
 from .callbacks import TrainCallback
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .feature_cache import FeatureCache, scan
+from .feature_cache import scan
 from .losses import init_proxies, make_loss
 from .phases import PhaseRunner
 from .results import EpochRecord, MetricsRecord, TrainSummary
