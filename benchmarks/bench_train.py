@@ -92,7 +92,7 @@ def test_pass(model: Any, cut: int, items: list[tuple[str, str]], args: argparse
     from simsearch.embed import resolve_device
     from simsearch.models import split_backbone
     from simsearch.train.data import ImageDataset, make_loader
-    from simsearch.train.loop import _autocast, _to_device
+    from simsearch.train.runtime import autocast_context, batch_to_device
 
     device = resolve_device(args.device)
     trunk, top = split_backbone(model, cut)
@@ -110,8 +110,8 @@ def test_pass(model: Any, cut: int, items: list[tuple[str, str]], args: argparse
                 log(f"skipped unreadable test image: {err}")
             if not len(b["index"]):
                 continue
-            x = _to_device(b["images"], model, device)
-            with _autocast(device):
+            x = batch_to_device(b["images"], model, device)
+            with autocast_context(device):
                 a = trunk(x)
                 f = top(a)
             feats.append(f.float().cpu())
@@ -130,7 +130,7 @@ def apply_checkpoint(path: str, cut: int, feats: Any, acts: Any, device: str, us
 
     from simsearch.embed import resolve_device
     from simsearch.models import create_model, split_backbone
-    from simsearch.train.loop import _autocast
+    from simsearch.train.runtime import autocast_context
 
     dev = resolve_device(device)
     model = create_model("resnet50", path).to(dev).eval()
@@ -138,7 +138,7 @@ def apply_checkpoint(path: str, cut: int, feats: Any, acts: Any, device: str, us
     out = []
     with torch.inference_mode():
         for start in range(0, len(feats), 256):
-            with _autocast(dev):
+            with autocast_context(dev):
                 if use_acts:
                     f = top(acts[start : start + 256].to(dev).float())
                 else:
@@ -189,7 +189,7 @@ def main() -> None:
     from simsearch.embed import resolve_device
     from simsearch.evaluate import retrieval_metrics
     from simsearch.models import create_model
-    from simsearch.train.loop import TrainCallback, TrainConfig, train
+    from simsearch.train import TrainCallback, TrainConfig, train
 
     t_all = time.perf_counter()
     device = str(resolve_device(args.device))

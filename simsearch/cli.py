@@ -479,8 +479,8 @@ class _TrainProgress:
 @handle_errors
 def train(data: Path, out: Path, in_chans: str, no_bn: bool, no_augment: bool, as_json: bool, quiet: bool, **options: Any) -> None:
     """Train a metric head (then fine-tune the backbone's top) on DATA: one sub-folder per class, or a CSV of path,label."""
-    from .train.loop import TrainConfig
-    from .train.loop import train as run_training
+    from .train import TrainConfig
+    from .train import train as run_training
 
     config = TrainConfig(in_chans=int(in_chans), bn=not no_bn, augment=not no_augment, **options)
     summary = run_training(data, out, config, callback=_TrainProgress(quiet))  # type: ignore[arg-type]

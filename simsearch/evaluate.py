@@ -285,7 +285,7 @@ def evaluate_folder(
 ) -> EvalResult:
     """Embed a labelled folder (or CSV) with a model and measure its retrieval quality."""
     from .models import create_model
-    from .train.data import load_labelled
+    from .labelled import load_labelled
 
     t0 = time.perf_counter()
     query_set = load_labelled(data)

@@ -73,8 +73,8 @@ def test_finetune_top_stage_only(tmp_path: Path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import make_labelled
 
-    from simsearch.train.checkpoint import load_checkpoint
-    from simsearch.train.loop import TrainConfig, train
+    from simsearch.models.checkpoint import load_checkpoint
+    from simsearch.train import TrainConfig, train
 
     data = make_labelled(tmp_path / "d", n=4, classes=2)
     out = tmp_path / "lite.pt"

