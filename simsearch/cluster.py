@@ -72,7 +72,7 @@ def kmeans(
         raise InputError(f"cannot make {k} clusters from {n} images (k must be at most the number of images)")
     backend = _kmeans_backend(device)
     if backend == "torch":
-        from .gpu_ops import kmeans_torch
+        from .embed.gpu_ops import kmeans_torch
 
         return kmeans_torch(vectors, k, niter=niter, seed=seed, device="cuda")
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -102,7 +102,7 @@ def _kmeans_backend(device: str) -> str:
     get_num_gpus = getattr(faiss, "get_num_gpus", None)
     if get_num_gpus is not None and get_num_gpus() > 0:
         return "faiss-gpu"
-    from .cuda_probe import cuda_maybe_present
+    from .embed.cuda_probe import cuda_maybe_present
 
     if device == "auto" and not cuda_maybe_present():
         return "faiss"
