@@ -63,7 +63,7 @@ def kmeans(
     """Spherical k-means: (centroids, assignments, distances, objective).
 
     ``device``: ``cpu`` (FAISS), ``cuda`` (FAISS's GPU k-means if this FAISS has GPUs, else torch on
-    CUDA, see :mod:`simsearch.gpu_ops`), or ``auto`` (``cuda`` when a GPU is present).
+    CUDA, see :mod:`simsearch.embed.gpu_ops`), or ``auto`` (``cuda`` when a GPU is present).
     """
     n, d = vectors.shape
     if k < 1:
