@@ -293,13 +293,6 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     """Batches of :class:`ImageDataset` items (see :func:`collate`), from the shared loader builder."""
     return build_loader(
-        dataset,
-        workers,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=shuffle,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        seed=seed,
+        dataset, workers, batch_size=batch_size, sampler=sampler, shuffle=shuffle, collate_fn=collate,
+        pin_memory=pin_memory, drop_last=drop_last, seed=seed,
     )
