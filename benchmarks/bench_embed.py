@@ -82,13 +82,13 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     batches = [torch.randint(0, 256, (emb.batch_size, 3, c, c), dtype=torch.uint8, generator=g).to(emb.device) for _ in range(4)]
     with torch.inference_mode():
         for b in batches[:2]:  # warm-up (cuDNN autotune, compile)
-            emb._forward(emb._prepare_crops(b))
+            emb.forward_crops(b)
         _sync(emb.device)
         n = 0
         t = time.perf_counter()
         i = 0
         while True:
-            emb._forward(emb._prepare_crops(batches[i % 4]))
+            emb.forward_crops(batches[i % 4])
             n += emb.batch_size
             i += 1
             if i % 4 == 0 or emb.device.type == "cpu":
@@ -109,21 +109,19 @@ def bench_decode(paths: list[str], args: argparse.Namespace, decoder: str, draft
     """Decode-only throughput of the pipeline's input side (workers + GPU decode stage for gpu)."""
     import torch
 
-    from simsearch.embed import Embedder, _iterate_loader
+    from simsearch.embed import Embedder
     from simsearch.models import create_model
-    from simsearch.pipeline import Stage
 
     emb = Embedder(create_model("resnet18", "random"), device=args.device if decoder == "gpu" else "cpu",
                    batch_size=args.batch_size or (256 if decoder == "gpu" else 32),
                    workers=args.workers, decode=decoder, draft=draft)
     workers = emb.workers
     t = time.perf_counter()
-    it = iter(emb._loader(paths))
-    source = _iterate_loader(it)
+    source = emb.raw_batches(paths)
     n_ok = n = 0
     if decoder == "gpu":
-        dec = emb._make_decoder()
-        stage = Stage(source, dec, maxsize=2, name="prepare", setup=emb._stage_context(dec.stream))
+        dec = emb.make_gpu_decoder()
+        stage = emb.prepare_stage(source, dec)
         for prepared in stage:
             prepared.event.synchronize()
             n += len(prepared.items)

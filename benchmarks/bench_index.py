@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 searcher.query([path], k=10)
                 q_ms.append((time.perf_counter() - t) * 1000)
-            vec = searcher.embedder.embed_images([searcher_image(picks[0], searcher)])
+            vec = searcher.embedder.embed_crops([searcher_crop(picks[0], searcher)])
             for _ in picks:
                 t = time.perf_counter()
                 _, ids = searcher.ann.search(vec, 11)
@@ -215,10 +215,8 @@ def _ok_rows(IndexStore, index_dir: Path):
         return store.catalog.rows("status = 'ok'")
 
 
-def searcher_image(path: str, searcher):
-    from simsearch.images import decode_image
-
-    return decode_image(Path(path).read_bytes(), path, draft_size=searcher.draft_size)
+def searcher_crop(path: str, searcher):
+    return searcher.decoder.decode(Path(path).read_bytes(), path)[0]
 
 
 def print_table(r: dict) -> None:

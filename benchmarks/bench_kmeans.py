@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     from simsearch.cluster import kmeans
-    from simsearch.gpu_ops import exact_search, spherical_kmeans
+    from simsearch.embed.gpu_ops import exact_search, spherical_kmeans
 
     res: dict = {"args": vars(a)}
     if a.device.startswith("cuda"):

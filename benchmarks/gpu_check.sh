@@ -34,7 +34,7 @@ step "wheels -> /tmp/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || echo "WHEEL INSTALL FAILED"
 export PYTHONPATH=/tmp/site:$PWD
-python3 -c "import faiss, sqlite_utils, click, simsearch.cli, simsearch.gpu_decode; print('imports ok: faiss', faiss.__version__, '| sqlite_utils', sqlite_utils.__version__ if hasattr(sqlite_utils, '__version__') else '?', '| click', click.__version__)" \
+python3 -c "import faiss, sqlite_utils, click, simsearch.cli, simsearch.embed.gpu_decode; print('imports ok: faiss', faiss.__version__, '| sqlite_utils', sqlite_utils.__version__ if hasattr(sqlite_utils, '__version__') else '?', '| click', click.__version__)" \
   || { echo "IMPORTS FAILED"; }
 
 step "generating $N JPEGs in the background (16 processes) -> $WORK"

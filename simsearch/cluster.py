@@ -66,7 +66,7 @@ def kmeans(
     """Spherical k-means: (centroids, assignments, distances, objective).
 
     ``device``: ``cpu`` (FAISS), ``cuda`` (FAISS's GPU k-means if this FAISS has GPUs, else torch on
-    CUDA, see :mod:`simsearch.gpu_ops`), or ``auto`` (``cuda`` when a GPU is present).
+    CUDA, see :mod:`simsearch.embed.gpu_ops`), or ``auto`` (``cuda`` when a GPU is present).
     """
     n, d = vectors.shape
     if k < 1:
@@ -75,7 +75,7 @@ def kmeans(
         raise InputError(f"cannot make {k} clusters from {n} images (k must be at most the number of images)")
     backend = _kmeans_backend(device)
     if backend == "torch":
-        from .gpu_ops import kmeans_torch
+        from .embed.gpu_ops import kmeans_torch
 
         return kmeans_torch(vectors, k, niter=niter, seed=seed, device="cuda")
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -105,7 +105,7 @@ def _kmeans_backend(device: str) -> str:
     get_num_gpus = getattr(faiss, "get_num_gpus", None)
     if get_num_gpus is not None and get_num_gpus() > 0:
         return "faiss-gpu"
-    from .cuda_probe import cuda_maybe_present
+    from .embed.cuda_probe import cuda_maybe_present
 
     if device == "auto" and not cuda_maybe_present():
         return "faiss"

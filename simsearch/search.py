@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
-from .images import DEFAULT_MAX_PIXELS, content_hash, decode_image, read_bytes
+from .images import DEFAULT_MAX_PIXELS, content_hash, read_bytes
 from .store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -87,17 +87,19 @@ class Searcher:
 
         ``search``: ``auto`` searches a flat index exactly on the model's GPU when there is one,
         ``faiss`` always uses FAISS on the CPU, ``torch`` searches on the model's device (see
-        :func:`simsearch.device_search.open_search`).
+        :func:`simsearch.embed.device_search.open_search`).
         """
-        from .device_search import open_search
+        from .embed import CropDecoder
+        from .embed.device_search import open_search
 
         self.store = IndexStore.open(index_dir)
         try:
             self.ann = self.store.require_vectors()
             self.store.require_consistent()
             self.max_pixels = max_pixels
-            self.draft_size = int(self.store.meta["preprocessing"]["resize_size"])
             self.embedder = load_index_model(self.store, device=device, precision=precision)
+            # the one decode path, drafting big JPEGs to the model's resize size
+            self.decoder = CropDecoder(self.embedder.prep, max_pixels=max_pixels)
             self.vector_search = open_search(self.ann, self.embedder.device, search)
         except BaseException:
             self.store.close()
@@ -126,12 +128,12 @@ class Searcher:
         results: list[QueryResult] = []
         for start in range(0, len(queries), QUERY_CHUNK):  # bounded memory for a long list of queries
             chunk = [str(q) for q in queries[start : start + QUERY_CHUNK]]
-            images, skips = [], []
+            crops, skips = [], []
             for name in chunk:
                 data = read_bytes(name)
-                images.append(decode_image(data, name, max_pixels=self.max_pixels, draft_size=self.draft_size))
+                crops.append(self.decoder.decode(data, name)[0])
                 skips.append(set() if include_self else self._self_ids(name, content_hash(data)))
-            vectors = self.embedder.embed_images(images)
+            vectors = self.embedder.embed_crops(crops)
             # one search for the whole chunk, deep enough to drop each query's own rows
             scores, ids = self.vector_search.search(vectors, k + max(len(s) for s in skips))
             results.extend(

@@ -24,10 +24,10 @@ def fp32_by_default():
     """``--precision auto`` means fp32 in every test, whatever this CPU's bf16 support (tests that
     exercise bf16 ask for it): the same numbers on any CI machine. Session-scoped, so that module
     and session fixtures that index are covered too."""
-    import simsearch.embed
+    import simsearch.embed.device
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(simsearch.embed, "cpu_has_native_bf16", lambda: False)
+        mp.setattr(simsearch.embed.device, "cpu_has_native_bf16", lambda: False)
         yield
 
 

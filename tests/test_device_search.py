@@ -11,7 +11,7 @@ import torch
 import simsearch.search as search_mod
 from conftest import DIM, make_collection, make_image, run_index, unit_vectors
 from simsearch.store import VectorIndex
-from simsearch.device_search import DeviceExactIndex, open_search
+from simsearch.embed.device_search import DeviceExactIndex, open_search
 from simsearch.errors import InputError
 from simsearch.search import Searcher
 

@@ -16,7 +16,7 @@ import torch
 from conftest import make_collection, make_image
 from simsearch.embed import Embedder
 from simsearch.errors import InputError
-from simsearch.pipeline import Stage
+from simsearch.embed.pipeline import Stage
 
 # -- pipeline stages ------------------------------------------------------------------------------
 
@@ -206,7 +206,7 @@ def _blobs(n: int, d: int, k: int, seed: int) -> np.ndarray:
 
 
 def test_torch_kmeans_equals_faiss_given_the_same_init() -> None:
-    from simsearch.gpu_ops import init_centroids, spherical_kmeans
+    from simsearch.embed.gpu_ops import init_centroids, spherical_kmeans
 
     x = _blobs(3000, 32, 12, seed=0)
     init = init_centroids(torch.from_numpy(x), 12, seed=3)
@@ -223,7 +223,7 @@ def test_torch_kmeans_equals_faiss_given_the_same_init() -> None:
 def test_torch_kmeans_contract_matches_cluster_kmeans() -> None:
     """Same shapes and meanings as the FAISS path; a comparable objective from its own random init."""
     from simsearch.cluster import kmeans
-    from simsearch.gpu_ops import kmeans_torch
+    from simsearch.embed.gpu_ops import kmeans_torch
 
     x = _blobs(2000, 16, 8, seed=1)
     c, assign, dist, obj = kmeans_torch(x, 8, niter=20, seed=5, device="cpu")
@@ -237,7 +237,7 @@ def test_torch_kmeans_contract_matches_cluster_kmeans() -> None:
 
 
 def test_torch_kmeans_splits_empty_clusters() -> None:
-    from simsearch.gpu_ops import spherical_kmeans
+    from simsearch.embed.gpu_ops import spherical_kmeans
 
     x = _blobs(400, 8, 3, seed=2)
     init = torch.from_numpy(np.vstack([x[:3], -x[:1], -x[:1]]))  # two duplicate far-away seeds
@@ -255,7 +255,7 @@ def test_cluster_auto_does_not_import_torch_without_a_driver() -> None:
         "kmeans(x, 4)\n"
         "print('torch' in sys.modules)\n"
     )
-    from simsearch.cuda_probe import cuda_maybe_present
+    from simsearch.embed.cuda_probe import cuda_maybe_present
 
     if cuda_maybe_present():
         pytest.skip("an NVIDIA driver is present here")
@@ -275,7 +275,7 @@ def test_cluster_kmeans_cuda_without_cuda_is_an_input_error() -> None:
 
 @pytest.mark.parametrize("k, chunk", [(5, None), (5, 7), (40, 16), (60, 9)])
 def test_exact_search_matches_numpy(k, chunk) -> None:
-    from simsearch.gpu_ops import exact_search
+    from simsearch.embed.gpu_ops import exact_search
 
     rng = np.random.default_rng(k)
     db = rng.normal(size=(50, 24)).astype(np.float32)
@@ -313,11 +313,11 @@ def test_warm_up_compiles_before_the_first_batch(tmp_path, tiny_model, monkeypat
 
 # -- precision and memory layout --------------------------------------------------------------------
 
-from simsearch.embed import cpu_has_native_bf16 as real_cpu_has_native_bf16  # noqa: E402  (before the fixture patches it)
+from simsearch.embed.device import cpu_has_native_bf16 as real_cpu_has_native_bf16  # noqa: E402  (before the fixture patches it)
 
 
 def test_resolve_precision_on_cpu(monkeypatch) -> None:
-    import simsearch.embed as em
+    import simsearch.embed.device as em
 
     cpu = torch.device("cpu")
     assert em.resolve_precision("fp32", cpu) is None

@@ -20,20 +20,16 @@ from torchvision.transforms.functional import pil_to_tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from synth_images import natural_array  # noqa: E402
 
-from simsearch.embed import DecodedItem, Embedder, decode_file_bytes, preprocess_pil  # noqa: E402
-from simsearch.gpu_decode import (  # noqa: E402
-    GpuBatchDecoder,
-    apply_orientation,
-    gpu_route,
-    probe_jpeg,
-    read_batch,
-    resize_crop_images,
-)
+from simsearch.embed import CropDecoder, DecodedItem, Embedder, preprocess_pil  # noqa: E402
+from simsearch.embed.batches import read_batch  # noqa: E402
+from simsearch.embed.gpu_decode import GpuBatchDecoder, apply_orientation, resize_crop_images  # noqa: E402
+from simsearch.embed.jpeg import gpu_route, probe_jpeg  # noqa: E402
 from simsearch.images import content_hash  # noqa: E402
 from simsearch.models import Preprocessing  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 PREP = Preprocessing()
+DECODER = CropDecoder(PREP, max_pixels=None)  # what the tests read and decode with
 
 
 def jpeg_bytes(arr: np.ndarray, mode: str = "RGB", **save) -> bytes:
@@ -147,7 +143,7 @@ def test_metadata_equals_cpu_path(variants) -> None:
         cpu = DecodedItem(str(path))
         if data:
             cpu.hash = content_hash(data)
-            decode_file_bytes(cpu, data, PREP, None, True)
+            DECODER.decode_item(cpu, data)
         route = gpu_route(data, None) if data else None
         if route is not None:
             assert cpu.ok, name
@@ -155,8 +151,8 @@ def test_metadata_equals_cpu_path(variants) -> None:
             assert (w, h) == (cpu.width, cpu.height), name
     # and through read_batch, as the workers do it
     paths = [str(p) for p in variants.values()]
-    cpu_batch = read_batch(paths, PREP, None, True, gpu=False)
-    gpu_batch = read_batch(paths, PREP, None, True, gpu=True)
+    cpu_batch = read_batch(paths, DECODER, gpu=False)
+    gpu_batch = read_batch(paths, DECODER, gpu=True)
     as_tuple = lambda b: [(i.path, i.hash, i.width, i.height, i.error) for i in b.items]  # noqa: E731
     assert as_tuple(gpu_batch) == as_tuple(cpu_batch)
     errors = {Path(i.path).stem for i in cpu_batch.items if not i.ok}
@@ -214,15 +210,15 @@ def test_grayscale_expands_to_rgb(arr) -> None:
 
 
 def _cpu_reference(paths: list[str]) -> tuple[list[tuple], torch.Tensor]:
-    batch = read_batch(paths, PREP, None, True, gpu=False)
+    batch = read_batch(paths, DECODER, gpu=False)
     return [(i.path, i.hash, i.width, i.height, i.error) for i in batch.items], batch.crops.float()
 
 
 def test_decode_stage_matches_cpu_crops(variants) -> None:
     paths = [str(p) for p in variants.values()]
     meta, ref = _cpu_reference(paths)
-    raw = read_batch(paths, PREP, None, True, gpu=True)
-    decoder = GpuBatchDecoder(torch.device("cpu"), PREP, torch.float32, channels_last=False)
+    raw = read_batch(paths, DECODER, gpu=True)
+    decoder = GpuBatchDecoder(torch.device("cpu"), DECODER, torch.float32, channels_last=False)
     out = decoder(raw)
     assert [(i.path, i.hash, i.width, i.height, i.error) for i in out.items] == meta
     from simsearch.embed import normalize_batch
@@ -248,8 +244,8 @@ def test_decoder_rejection_falls_back_to_cpu(variants, monkeypatch) -> None:
         return real(views, **kw)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
-    raw = read_batch(paths, PREP, None, True, gpu=True)
-    decoder = GpuBatchDecoder(torch.device("cpu"), PREP, torch.float32, channels_last=False)
+    raw = read_batch(paths, DECODER, gpu=True)
+    decoder = GpuBatchDecoder(torch.device("cpu"), DECODER, torch.float32, channels_last=False)
     out = decoder(raw)
     assert decoder.cpu_fallbacks == 1 and decoder.gpu_decoded == 3
     assert [(i.path, i.hash, i.width, i.height, i.error) for i in out.items] == meta
@@ -264,7 +260,7 @@ def test_fallback_failure_is_recorded_like_cpu(variants, monkeypatch) -> None:
     import torchvision.io
 
     paths = [str(variants[n]) for n in ("baseline420", "corrupt_scan", "gray")]
-    raw = read_batch(paths, PREP, None, True, gpu=True)
+    raw = read_batch(paths, DECODER, gpu=True)
     refused = raw.jpegs[1].jpeg_size
     real = torchvision.io.decode_jpeg
 
@@ -275,7 +271,7 @@ def test_fallback_failure_is_recorded_like_cpu(variants, monkeypatch) -> None:
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
     # make Pillow fail on it as well
-    import simsearch.embed as embed_mod
+    import simsearch.embed.decode as embed_mod
 
     real_decode = embed_mod.decode_image_sized
 
@@ -287,11 +283,11 @@ def test_fallback_failure_is_recorded_like_cpu(variants, monkeypatch) -> None:
         return real_decode(data, name, **kw)
 
     monkeypatch.setattr(embed_mod, "decode_image_sized", failing)
-    out = GpuBatchDecoder(torch.device("cpu"), PREP, torch.float32, channels_last=False)(raw)
+    out = GpuBatchDecoder(torch.device("cpu"), DECODER, torch.float32, channels_last=False)(raw)
     assert [i.ok for i in out.items] == [True, False, True]
     assert "broken data stream" in out.items[1].error and out.items[1].width is None
     assert out.x.shape[0] == 2
-    ref = read_batch([paths[0], paths[2]], PREP, None, True, gpu=False).crops.float()
+    ref = read_batch([paths[0], paths[2]], DECODER, gpu=False).crops.float()
     from simsearch.embed import normalize_batch
 
     assert float((out.x - normalize_batch(ref, PREP)).abs().mean(dim=(1, 2, 3)).max()) < 0.05
@@ -329,7 +325,7 @@ def test_decode_gpu_without_cuda_is_an_input_error(tiny_model) -> None:
 
 @cuda
 def test_cuda_nvjpeg_available() -> None:
-    from simsearch.gpu_decode import nvjpeg_unavailable_reason
+    from simsearch.embed.device import nvjpeg_unavailable_reason
 
     assert nvjpeg_unavailable_reason(torch.device("cuda")) is None
 
@@ -341,8 +337,8 @@ def test_cuda_decode_stage_matches_cpu_crops(variants) -> None:
 
     paths = [str(p) for p in variants.values()]
     meta, ref = _cpu_reference(paths)
-    raw = read_batch(paths, PREP, None, True, gpu=True)
-    decoder = GpuBatchDecoder(torch.device("cuda"), PREP, torch.float32, channels_last=False)
+    raw = read_batch(paths, DECODER, gpu=True)
+    decoder = GpuBatchDecoder(torch.device("cuda"), DECODER, torch.float32, channels_last=False)
     with torch.cuda.stream(decoder.stream):
         out = decoder(raw)
     out.event.synchronize()
@@ -411,7 +407,7 @@ def test_cuda_index_folders_gpu_vs_cpu_decode(tmp_path, variants) -> None:
 
 @cuda
 def test_cuda_kmeans_matches_cpu_torch() -> None:
-    from simsearch.gpu_ops import init_centroids, spherical_kmeans
+    from simsearch.embed.gpu_ops import init_centroids, spherical_kmeans
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5000, 64)).astype(np.float32)
@@ -441,7 +437,7 @@ def test_cuda_cluster_kmeans_uses_gpu() -> None:
 @cuda
 def test_cuda_query_searches_on_the_gpu(tmp_path: Path) -> None:
     from conftest import make_collection, run_index
-    from simsearch.device_search import DeviceExactIndex
+    from simsearch.embed.device_search import DeviceExactIndex
     from simsearch.search import Searcher
 
     paths = make_collection(tmp_path / "photos", n=8)

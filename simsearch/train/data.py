@@ -10,9 +10,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..embed import worker_init
+from ..embed import CropDecoder, build_loader
 from ..errors import ImageError
-from ..images import DEFAULT_MAX_PIXELS, decode_image, read_bytes
+from ..images import DEFAULT_MAX_PIXELS, read_bytes
 from ..models import Preprocessing
 
 
@@ -52,22 +52,19 @@ class ImageDataset(torch.utils.data.Dataset):
         self.prep = prep
         self.max_pixels = max_pixels
         self.transform = build_augmentation(prep) if augment else None
+        # the one decode path (its centre crop, or the augmentation in its place)
+        self.decoder = CropDecoder(prep, max_pixels=max_pixels, crop=self.transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int, str | None]:
-        from ..embed import preprocess_pil
-
         path = self.paths[i]
         try:
-            img = decode_image(read_bytes(path), path, max_pixels=self.max_pixels, draft_size=self.prep.resize_size)
-            x = self.transform(img) if self.transform is not None else preprocess_pil(img, self.prep)
+            x, _ = self.decoder.decode(read_bytes(path), path)
             return x, int(self.labels[i]), i, None
-        except ImageError as exc:
+        except ImageError as exc:  # unexpected failures arrive as ImageError too
             return None, int(self.labels[i]), i, str(exc)
-        except Exception as exc:  # never let one file kill a worker and the whole run
-            return None, int(self.labels[i]), i, f"{path}: unexpected decoding failure: {exc!r}"
 
 
 def collate(samples: list[tuple[torch.Tensor | None, int, int, str | None]]) -> dict[str, Any]:
@@ -90,19 +87,8 @@ def make_loader(
     drop_last: bool = False,
     seed: int = 0,
 ) -> torch.utils.data.DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        worker_init_fn=worker_init if workers else None,
-        prefetch_factor=2 if workers else None,
-        persistent_workers=False,
-        generator=generator,
+    """Batches of :class:`ImageDataset` items (see :func:`collate`), from the shared loader builder."""
+    return build_loader(
+        dataset, workers, batch_size=batch_size, sampler=sampler, shuffle=shuffle, collate_fn=collate,
+        pin_memory=pin_memory, drop_last=drop_last, seed=seed,
     )

@@ -2,7 +2,7 @@
 
 FAISS-CPU's flat search scans every stored vector on the CPU for each query batch. On a GPU the
 same exact inner-product top-k is a GEMM and a top-k per chunk of the collection (the way FAISS's
-``GpuIndexFlat`` works), see :func:`simsearch.gpu_ops.exact_search`. torch is always there when a
+``GpuIndexFlat`` works), see :func:`simsearch.embed.gpu_ops.exact_search`. torch is always there when a
 GPU is (it runs the model), so this needs no GPU build of FAISS. The copy is read from the FAISS
 index once, when the searcher opens; results follow :meth:`simsearch.store.VectorIndex.search`'s contract.
 """
@@ -15,8 +15,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .store import VectorIndex, clamp_k
-from .errors import InputError
+from ..store import VectorIndex, clamp_k
+from ..errors import InputError
 from .gpu_ops import exact_search
 
 log = logging.getLogger(__name__)

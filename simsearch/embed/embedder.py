@@ -1,14 +1,15 @@
-"""Turning images into L2-normalised float32 vectors, in batches, on the chosen device.
+"""The Embedder: turning images into L2-normalised float32 vectors, in batches, on the chosen device.
 
 ``Embedder.embed_files`` is a pipeline whose stages run concurrently, joined by bounded queues
-(:mod:`simsearch.pipeline`), so that no stage waits for another when it does not have to:
+(:mod:`simsearch.embed.pipeline`), so that no stage waits for another when it does not have to:
 
-1. DataLoader worker processes read, hash and decode files, a batch at a time. With
-   ``decode="cpu"`` they hand back uint8 crops (4x less to copy than float); with ``decode="gpu"``
-   they hand back the raw JPEG bytes (one blob per batch) plus CPU-decoded crops of whatever the
-   GPU cannot decode (:mod:`simsearch.gpu_decode`).
-2. On CUDA, a "prepare" thread on its own stream decodes the JPEGs with nvJPEG, resizes and crops
-   them, copies the CPU crops in from pinned memory, and normalises (shared ``normalize_batch``).
+1. DataLoader worker processes (:mod:`simsearch.embed.loader`) read, hash and decode files, a
+   batch at a time (:func:`simsearch.embed.batches.read_batch`). With ``decode="cpu"`` they hand
+   back uint8 crops (4x less to copy than float); with ``decode="gpu"`` they hand back the raw JPEG
+   bytes (one blob per batch) plus CPU-decoded crops of whatever the GPU cannot decode.
+2. On CUDA, a "prepare" thread on its own stream decodes the JPEGs with nvJPEG
+   (:mod:`simsearch.embed.gpu_decode`), resizes and crops them, copies the CPU crops in from
+   pinned memory, and normalises (shared ``normalize_batch``).
 3. A "forward" thread on another stream runs the model (bf16, or fp16 where bf16 is unsupported,
    channels_last, optionally torch.compile'd) and copies the vectors back asynchronously.
 4. The caller (the indexer) consumes batches from the generator and writes them to SQLite/FAISS
@@ -18,9 +19,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -28,146 +27,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, decode_image_sized
-from .models import EmbeddingModel, Preprocessing
+from ..errors import InputError
+from ..images import DEFAULT_MAX_PIXELS
+from ..models import EmbeddingModel
+from .batches import PreparedBatch, RawBatch
+from .decode import CropDecoder, DecodedItem, normalize_batch, preprocess_pil
+from .device import PRECISION_NAMES, resolve_decode, resolve_device, resolve_precision
+from .gpu_decode import GpuBatchDecoder
+from .loader import BatchDataset, build_loader, default_workers, iterate_loader
 from .pipeline import Stage
 
 log = logging.getLogger(__name__)
 
-DECODE_CHOICES = ("auto", "cpu", "gpu")
 # Batch sizes tried, largest first, when none is given on CUDA (the first whose forward fits).
 CUDA_BATCH_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 CPU_BATCH_SIZE = 32
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a silent CPU run."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
-
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), about twice as fast as
-    fp32; elsewhere bf16 is emulated and slower than fp32."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.7
-    if capabilities is None:
-        return False
-    try:
-        caps = capabilities()
-    except Exception:  # an unknown CPU must not stop a run
-        return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The reduced dtype the model runs in, None for float32.
-
-    ``auto``: bf16 on a GPU that supports it, else fp16; on a CPU, bf16 where the CPU has bf16
-    units (:func:`cpu_has_native_bf16`), else fp32. The embeddings agree with fp32's to a cosine
-    of about 0.9999, far closer than any two different images. ``fp32`` and ``bf16`` force a choice.
-    """
-    if precision not in PRECISION_CHOICES:
-        raise InputError(f"unknown precision {precision!r}; use {', '.join(PRECISION_CHOICES)}")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise InputError("this GPU has no bf16; use --precision auto (fp16) or fp32")
-        return autocast_dtype(device)
-    if precision == "bf16" or cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; None (full fp32) on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def resolve_decode(decode: str, device: torch.device) -> str:
-    """``auto`` = gpu when the model runs on CUDA and torchvision can decode JPEGs there, else cpu."""
-    if decode not in DECODE_CHOICES:
-        raise InputError(f"unknown decoder {decode!r}; use auto, cpu or gpu")
-    if decode == "cpu":
-        return "cpu"
-    if device.type != "cuda":
-        if decode == "gpu":
-            raise InputError(
-                "--decode gpu needs the model on a CUDA device, but it runs on the CPU here "
-                "(no CUDA device available, or --device cpu); use --decode cpu or auto"
-            )
-        return "cpu"
-    from .gpu_decode import nvjpeg_unavailable_reason
-
-    reason = nvjpeg_unavailable_reason(device)
-    if reason is None:
-        return "gpu"
-    if decode == "gpu":
-        raise InputError(f"--decode gpu: {reason}; use --decode cpu or auto")
-    log.warning("decoding on the CPU: %s", reason)
-    return "cpu"
-
-
-def check_embed_options(device: str, decode: str, precision: str = "auto") -> None:
-    """Fail fast (before any index is touched) on a device/decoder/precision combination that cannot work."""
-    dev = resolve_device(device)
-    resolve_precision(precision, dev)
-    if decode not in DECODE_CHOICES:
-        raise InputError(f"unknown decoder {decode!r}; use auto, cpu or gpu")
-    if decode == "gpu" and dev.type != "cuda":
-        resolve_decode(decode, dev)  # raises the explanatory InputError
-
-
-def preprocess_pil(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """Resize the shorter side, centre-crop, return a uint8 CHW tensor (normalised later, on device)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
-
-    img = F.resize(img, [prep.resize_size], interpolation=InterpolationMode(prep.interpolation), antialias=True)
-    img = F.center_crop(img, [prep.crop_size])
-    return F.pil_to_tensor(img)
-
-
-def normalize_batch(batch: torch.Tensor, prep: Preprocessing, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """uint8 (or float in [0, 255]) NCHW -> float, scaled to [0, 1] and normalised with the preprocessing's mean/std."""
-    mean, std = _mean_std(prep.mean, prep.std, batch.device)
-    return ((batch.float() - mean) / std).to(dtype or torch.float32)
-
-
-@functools.lru_cache(maxsize=16)
-def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalisation constants on ``device``, made once (not two small host-to-device copies per batch)."""
-    with torch.inference_mode(False):  # ordinary tensors, usable inside and outside inference mode
-        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).mul_(255.0).to(device)
-        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).mul_(255.0).to(device)
-    return m, s
-
-
-@dataclass
-class DecodedItem:
-    """The outcome of reading one file: metadata always, an error instead of pixels on failure."""
-
-    path: str
-    hash: str | None = None
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 @dataclass
@@ -176,68 +50,6 @@ class EmbeddedBatch:
 
     items: list[DecodedItem]
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-
-
-def decode_file_bytes(
-    item: DecodedItem, data: bytes, prep: Preprocessing, max_pixels: int | None, draft: bool
-) -> torch.Tensor | None:
-    """The CPU decode path for one file's bytes: a uint8 crop, or None with ``item.error`` set.
-
-    Fills ``item.width``/``item.height`` (upright, full size, even when decoded at a draft scale).
-    """
-    try:
-        img, (item.width, item.height) = decode_image_sized(
-            data, item.path, max_pixels=max_pixels, draft_size=prep.resize_size if draft else None
-        )
-        return preprocess_pil(img, prep)
-    except ImageError as exc:
-        item.error = str(exc)
-    except Exception as exc:  # never let one file kill a worker and the whole run
-        item.error = f"{item.path}: unexpected decoding failure: {exc!r}"
-    item.width = item.height = None
-    return None
-
-
-class _BatchDataset(torch.utils.data.Dataset):
-    """Index = a list of positions; item = one :class:`~simsearch.gpu_decode.RawBatch` (read in a worker)."""
-
-    def __init__(self, paths: Sequence[str], prep: Preprocessing, max_pixels: int | None, draft: bool, gpu: bool) -> None:
-        self.paths = list(paths)
-        self.prep = prep
-        self.max_pixels = max_pixels
-        self.draft = draft
-        self.gpu = gpu
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, indices: list[int]) -> Any:
-        from .gpu_decode import read_batch
-
-        return read_batch([self.paths[i] for i in indices], self.prep, self.max_pixels, self.draft, self.gpu)
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def worker_init(_: int) -> None:
-    """DataLoader workers decode with one thread each: N workers must not each start N torch threads."""
-    torch.set_num_threads(1)
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _iterate_loader(it: Any) -> Iterator[Any]:
-    """Yield from a DataLoader iterator; shut its workers down however iteration ends."""
-    try:
-        yield from it
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if callable(shutdown):
-            shutdown()
 
 
 @dataclass
@@ -315,7 +127,7 @@ class Embedder:
         c = self.prep.crop_size
         x = torch.randint(0, 256, (self._batch_size, 3, c, c), dtype=torch.uint8)
         with torch.inference_mode():
-            self._forward(self._prepare_crops(x))
+            self.forward_crops(x)
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -325,6 +137,11 @@ class Embedder:
         if self._batch_size is None:
             self._batch_size = self._auto_batch_size()
         return self._batch_size
+
+    @property
+    def crop_decoder(self) -> CropDecoder:
+        """The decode-to-crop path for this model's preprocessing and this embedder's options."""
+        return CropDecoder(self.prep, max_pixels=self.max_pixels, draft=self.draft)
 
     @property
     def dim(self) -> int:
@@ -380,45 +197,48 @@ class Embedder:
         x = normalize_batch(x, self.prep, self._input_dtype())
         return x.contiguous(memory_format=torch.channels_last)
 
+    def forward_crops(self, batch: torch.Tensor, pad: bool = True) -> torch.Tensor:
+        """Normalise a uint8 NCHW batch of crops on the device and run the model: float32 vectors, on the
+        device (no copy back; call under ``torch.inference_mode``). See :meth:`_forward` for ``pad``."""
+        return self._forward(self._prepare_crops(batch), pad=pad)
+
     @torch.inference_mode()
     def embed_uint8(self, batch: torch.Tensor) -> np.ndarray:
         """Embed a uint8 NCHW batch of preprocessed crops."""
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
         step = self._query_batch_size()
-        out = [self._forward(self._prepare_crops(chunk), pad=False) for chunk in batch.split(step)]
+        out = [self.forward_crops(chunk, pad=False) for chunk in batch.split(step)]
         return torch.cat(out).cpu().numpy()
 
     def _query_batch_size(self) -> int:
         # a few query images need no probe for the largest batch that fits (unless compiled)
         return self._batch_size or (self.batch_size if self.compiled else 64)
 
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embed already-decoded RGB images (used for queries)."""
+    def embed_crops(self, crops: Sequence[torch.Tensor]) -> np.ndarray:
+        """Embed uint8 CHW crops (from :class:`~simsearch.embed.decode.CropDecoder`), a query batch at a time."""
         out = [np.zeros((0, self.dim), np.float32)]
         step = self._query_batch_size()
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            out.append(self.embed_uint8(torch.stack([preprocess_pil(im, self.prep) for im in chunk])))
+        for start in range(0, len(crops), step):
+            out.append(self.embed_uint8(torch.stack(list(crops[start : start + step]))))
         return np.concatenate(out)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed already-decoded RGB images."""
+        return self.embed_crops([preprocess_pil(im, self.prep) for im in images])
 
     # -- files: the pipeline -------------------------------------------------------------------
 
-    def _loader(self, paths: Sequence[str]) -> Any:
-        gpu = self.decode == "gpu"
+    def raw_batches(self, paths: Sequence[str]) -> Iterator[RawBatch]:
+        """The pipeline's source: batches of ``paths`` as the DataLoader workers read and decode them.
+
+        The workers start here (before any pipeline thread exists) and stop however iteration ends.
+        """
         batches = [list(range(s, min(s + self.batch_size, len(paths)))) for s in range(0, len(paths), self.batch_size)]
         workers = min(self.workers, len(batches)) if self.workers else 0
-        dataset = _BatchDataset(paths, self.prep, self.max_pixels, self.draft, gpu)
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=batches,
-            num_workers=workers,
-            collate_fn=_identity,
-            pin_memory=self.cuda,
-            worker_init_fn=worker_init if workers else None,
-            prefetch_factor=2 if workers else None,
-        )
+        dataset = BatchDataset(paths, self.crop_decoder, gpu=self.decode == "gpu")
+        loader = build_loader(dataset, workers, batch_size=None, sampler=batches, pin_memory=self.cuda)
+        return iterate_loader(iter(loader))
 
     def _stage_context(self, stream: Any) -> Callable[[], Any]:
         def setup() -> Any:
@@ -430,18 +250,26 @@ class Embedder:
 
         return setup
 
-    def _make_decoder(self) -> Any:
-        from .gpu_decode import GpuBatchDecoder
+    def make_gpu_decoder(self) -> GpuBatchDecoder:
+        """The nvJPEG stage's decoder for this embedder (it counts GPU-decoded files and CPU fallbacks)."""
+        return GpuBatchDecoder(self.device, self.crop_decoder, self._input_dtype())
 
-        decoder = GpuBatchDecoder(self.device, self.prep, self._input_dtype())
-        decoder.max_pixels = self.max_pixels
-        decoder.draft = self.draft
-        return decoder
+    def prepare_stage(
+        self, source: Iterator[RawBatch], decoder: GpuBatchDecoder | None = None
+    ) -> Stage[PreparedBatch] | None:
+        """The "prepare" stage over ``source``: the GPU decoder with ``decode="gpu"`` (``decoder``, or a
+        new one), else on CUDA a copy of the CPU crops to the device on a stream of its own; None for
+        CPU decoding with the model on the CPU (the forward thread normalises then)."""
+        if self.decode == "gpu":  # (runs on CPU too, with torchvision's CPU decoder: used by tests)
+            decoder = decoder or self.make_gpu_decoder()
+            return Stage(source, decoder, maxsize=2, name="prepare", setup=self._stage_context(decoder.stream))
+        if self.cuda:
+            stream = torch.cuda.Stream(self.device)
+            return Stage(source, self._prepare_raw, maxsize=2, name="prepare", setup=self._stage_context(stream))
+        return None
 
-    def _prepare_raw(self, raw: Any) -> Any:
+    def _prepare_raw(self, raw: RawBatch) -> PreparedBatch:
         """RawBatch of CPU crops -> prepared input (on CUDA with ``decode=cpu``, or on CPU)."""
-        from .gpu_decode import PreparedBatch
-
         x = self._prepare_crops(raw.crops) if raw.slots else None
         event = None
         if self.cuda:
@@ -449,7 +277,7 @@ class Embedder:
             event.record(torch.cuda.current_stream(self.device))
         return PreparedBatch(raw.items, x if x is not None else torch.zeros(0), event)
 
-    def _embed_prepared(self, prepared: Any) -> _Pending:
+    def _embed_prepared(self, prepared: PreparedBatch) -> _Pending:
         if self.cuda and prepared.event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(prepared.event)
@@ -473,16 +301,12 @@ class Embedder:
         bounded number of batches (so the caller's writes overlap the next batches' work)."""
         if not paths:
             return
-        it = iter(self._loader(paths))  # workers fork here, before any pipeline thread exists
-        source: Any = _iterate_loader(it)
+        source = self.raw_batches(paths)  # workers fork here, before any pipeline thread exists
         stages: list[Stage[Any]] = []
         try:
-            if self.decode == "gpu":  # (runs on CPU too, with torchvision's CPU decoder: used by tests)
-                decoder = self._make_decoder()
-                stages.append(Stage(source, decoder, maxsize=2, name="prepare", setup=self._stage_context(decoder.stream)))
-            elif self.cuda:
-                stream = torch.cuda.Stream(self.device)
-                stages.append(Stage(source, self._prepare_raw, maxsize=2, name="prepare", setup=self._stage_context(stream)))
+            prepare = self.prepare_stage(source)
+            if prepare is not None:
+                stages.append(prepare)
             fwd_stream = torch.cuda.Stream(self.device) if self.cuda else None
             if stages:
                 forward: Callable[[Any], _Pending] = self._embed_prepared

@@ -1,0 +1,103 @@
+"""The one decode-to-crop path: encoded bytes -> upright RGB -> resized, centre-cropped uint8 tensor.
+
+Indexing (CPU workers, and the GPU decoder's fallback), querying, training and evaluation all
+turn a file into model input through :class:`CropDecoder`, so they see the same pixels for the
+same file (draft-scale JPEG decoding included: the draft size is the model's resize size) and
+one place decides what an unexpected decoding failure reads like. Normalisation happens later,
+on the model's device (:func:`normalize_batch`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ..errors import ImageError
+from ..images import DEFAULT_MAX_PIXELS, decode_image_sized
+from ..models import Preprocessing
+
+
+@dataclass
+class DecodedItem:
+    """The outcome of reading one file: metadata always, an error instead of pixels on failure."""
+
+    path: str
+    hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def preprocess_pil(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """Resize the shorter side, centre-crop, return a uint8 CHW tensor (normalised later, on device)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    img = F.resize(img, [prep.resize_size], interpolation=InterpolationMode(prep.interpolation), antialias=True)
+    img = F.center_crop(img, [prep.crop_size])
+    return F.pil_to_tensor(img)
+
+
+@dataclass(frozen=True)
+class CropDecoder:
+    """Decodes files into uint8 CHW crops for a model's :class:`Preprocessing`.
+
+    ``max_pixels``: refuse larger images (an :class:`ImageError`). ``draft``: decode big JPEGs at
+    a reduced DCT scale whose shorter side still covers ``prep.resize_size``. ``crop``: what turns
+    the decoded image into a tensor; the centre crop of :func:`preprocess_pil` unless given (training
+    passes its random augmentation).
+    """
+
+    prep: Preprocessing
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    draft: bool = True
+    crop: Callable[[Image.Image], torch.Tensor] | None = None
+
+    def decode(self, data: bytes, name: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(crop, upright full-size (width, height)) of one file's bytes.
+
+        Raises :class:`ImageError` for whatever goes wrong, an unexpected exception included (so a
+        caller that records failures never lets one file kill a worker and the whole run).
+        """
+        try:
+            img, size = decode_image_sized(
+                data, name, max_pixels=self.max_pixels, draft_size=self.prep.resize_size if self.draft else None
+            )
+            return (self.crop(img) if self.crop is not None else preprocess_pil(img, self.prep)), size
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"{name}: unexpected decoding failure: {exc!r}") from exc
+
+    def decode_item(self, item: DecodedItem, data: bytes) -> torch.Tensor | None:
+        """The crop of ``item``'s bytes, recording its size; or None with ``item.error`` set."""
+        try:
+            crop, (item.width, item.height) = self.decode(data, item.path)
+            return crop
+        except ImageError as exc:
+            item.error = str(exc)
+        item.width = item.height = None
+        return None
+
+
+def normalize_batch(batch: torch.Tensor, prep: Preprocessing, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """uint8 (or float in [0, 255]) NCHW -> float, scaled to [0, 1] and normalised with the preprocessing's mean/std."""
+    mean, std = _mean_std(prep.mean, prep.std, batch.device)
+    return ((batch.float() - mean) / std).to(dtype or torch.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants on ``device``, made once (not two small host-to-device copies per batch)."""
+    with torch.inference_mode(False):  # ordinary tensors, usable inside and outside inference mode
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).mul_(255.0).to(device)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).mul_(255.0).to(device)
+    return m, s
