@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..catalog import utc_now
+from ..store import utc_now
 from ..errors import WeightsError
 from ..models import EmbeddingModel
 from ..models.checkpoint import FORMAT, VERSION
