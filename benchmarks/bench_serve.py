@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=400, help="id queries per client count [400]")
     p.add_argument("--uploads", type=int, default=64, help="upload queries per client count [64]")
     p.add_argument("--bare", type=int, default=32, help="timed bare Searcher.query calls [32]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OpenMP/torch threads for the server and the bare query alike [torch's default]")
     p.add_argument("-k", type=int, default=10, help="neighbours per query [10]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the figures to this JSON file")
@@ -85,9 +87,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: str, port: int, precision: str) -> subprocess.Popen:
+def start_server(index: str, port: int, precision: str, threads: int | None) -> subprocess.Popen:
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(
         [sys.executable, "-m", "simsearch", "serve", "--index", index, "--port", str(port), "--device", "cpu",
          "--precision", precision],
@@ -173,6 +177,10 @@ def bare_query(index: str, files: list[str], n: int, k: int, precision: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not (Path(args.index) / "catalog.db").exists():
         build_index(args)
     from simsearch.store import IndexStore
@@ -184,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     ids = [r.id for r in rng.sample(rows, min(len(rows), 500))]
     files = [r.path for r in rng.sample(rows, min(len(rows), 32))]
     blobs = [(Path(f).read_bytes(), os.path.basename(f)) for f in files]
-    print(f"{len(rows)} images, {meta['model']} ({meta['weights']}), k={args.k}, CPU: {cpu_name()} x{os.cpu_count()}")
+    print(f"{len(rows)} images, {meta['model']} ({meta['weights']}), k={args.k}, CPU: {cpu_name()} x{os.cpu_count()}, "
+          f"threads: {args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}")
 
     port = free_port()
-    server = start_server(args.index, port, args.precision)
-    figures: dict[str, object] = {"images": len(rows), "model": meta["model"], "cpu": cpu_name(), "k": args.k}
+    server = start_server(args.index, port, args.precision, args.threads)
+    figures: dict[str, object] = {"images": len(rows), "model": meta["model"], "cpu": cpu_name(), "k": args.k,
+                                  "threads": args.threads}
     try:
         # warm the server's model and vectors before timing
         body, ctype = multipart(*blobs[0])

@@ -46,7 +46,12 @@ def serve(
 ) -> None:
     """Serve the index until interrupted (blocks). ``app_options`` go to :func:`create_app`."""
     check_exposure(host, token, no_auth)
+    import faiss
     import uvicorn
+
+    # Each request searches one vector: FAISS's OpenMP team only adds hand-offs (and on a busy
+    # CPU, spinning threads); concurrency comes from serving requests side by side instead.
+    faiss.omp_set_num_threads(1)
 
     from .app import create_app
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import Request
 
 
-def index_of(request: Request) -> Any:
-    """The app's :class:`simsearch.serve.state.ServeIndex` (a FastAPI dependency)."""
+async def index_of(request: Request) -> Any:
+    """The app's :class:`simsearch.serve.state.ServeIndex` (a FastAPI dependency; async, so that it
+    costs no hop through the thread pool)."""
     return request.app.state.index
