@@ -553,6 +553,38 @@ def _print_eval_result(result: EvalResult) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
+
+@cli.command()
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (a non-local one needs --token or --no-auth).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--token", default=None, envvar="SIMSEARCH_TOKEN", show_envvar=True, help="Require this bearer token on every API request.")
+@click.option("--no-auth", is_flag=True, help="Allow a non-local --host without a token.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True, help="Largest query upload.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse query images above N pixels (as indexing does).")
+@click.option("--warm/--lazy", default=True, show_default=True, help="Build the model at start-up, or on the first upload.")
+@device_option
+@precision_option
+@click.pass_context
+@handle_errors
+def serve(ctx: click.Context, index_dir: Path | None, host: str, port: int, token: str | None, no_auth: bool,
+          max_upload_mb: float, max_pixels: int, warm: bool, device: str, precision: str) -> None:
+    """Serve the index as a web page and JSON API (needs the serve extra)."""
+    try:
+        from .serve.server import check_exposure, serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"simsearch serve needs the serve extra: pip install 'simsearch[serve]' ({exc})") from exc
+    try:
+        check_exposure(host, token, no_auth)
+    except SimsearchError as exc:
+        raise click.UsageError(str(exc), ctx) from exc
+    verbose = logging.getLogger("simsearch").getEffectiveLevel() <= logging.INFO
+    run_server(
+        index_dir or default_index_dir(), host=host, port=port, token=token, no_auth=no_auth,
+        log_level="info" if verbose else "warning", device=device, precision=precision,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, warm=warm,
+    )
+
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

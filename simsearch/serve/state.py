@@ -1,0 +1,343 @@
+"""The warm state behind ``simsearch serve``: one index's model, vectors and catalog, shared by threads.
+
+What it owns and why:
+
+- **The model, built once** (on the first upload query) and run behind a lock: one forward pass
+  at a time is what a CPU can do anyway, and it keeps torch's threads from fighting each other.
+- **The vectors, reloaded when a writer saves.** Each request stats the FAISS file (inode, mtime,
+  size; the writer always replaces it by an atomic rename). When that changed, the file is loaded
+  again and swapped in as a whole: a request uses one loaded index from start to end, so it never
+  sees a half-written state. Rows a writer deleted after the last save are dropped from results.
+  No vectors file (an index being built or rebuilt) is a :class:`Unavailable` error (HTTP 503).
+- **SQLite connections per thread** (sqlite3 connections must stay in the thread that made them);
+  the web framework runs handlers in a pool of threads, each gets its own read connection.
+- **Which files may be read**: only a catalog row's own file, found by row id, lexically under a
+  root the index recorded, a regular file whose bytes still hash to the catalog's hash. A client
+  never names a file to open; a path given in a query is only a key looked up in the catalog.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simsearch.errors import ImageError, InputError, SimsearchError
+from simsearch.images import DEFAULT_MAX_PIXELS, content_hash, decode_image
+from simsearch.store import IDENTITY_KEYS, IndexStore, index_info
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+THUMBNAIL_CACHE = 4096  # thumbnails kept in memory (about 10 kB each at 256 px)
+MAX_K = 1000
+
+
+class NotFound(SimsearchError):
+    """No indexed image (or cluster) answers to that id or path (HTTP 404)."""
+
+
+class TooLarge(SimsearchError):
+    """An upload over the size limit (HTTP 413)."""
+
+
+class Unavailable(SimsearchError):
+    """The index has no usable vectors right now, e.g. while it is being rebuilt (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One loaded state of the vectors; replaced as a whole, never changed in place."""
+
+    key: tuple[int, int, int]  # (inode, mtime_ns, size) of the FAISS file it was loaded from
+    generation: int
+    ann: Any  # a simsearch VectorIndex
+    meta: dict[str, Any]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {k: self.meta.get(k) for k in IDENTITY_KEYS}
+
+
+class ServeIndex:
+    """An index held open for many concurrent requests."""
+
+    def __init__(
+        self,
+        index_dir: str | os.PathLike[str],
+        device: str = "auto",
+        precision: str = "auto",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    ) -> None:
+        self.path = Path(index_dir)
+        self.device = device
+        self.precision = precision
+        self.max_pixels = max_pixels
+        self.max_upload_bytes = max_upload_bytes
+        with IndexStore.open(self.path) as store:  # no index at all: fail now, not on the first request
+            self.ann_path = store.ann_path
+            self._catalog_type = type(store.catalog)
+        self._local = threading.local()
+        self._catalogs: list[Any] = []
+        self._swap_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._generation = 0
+        self._embedder: Any = None
+        self._embedder_identity: dict[str, Any] | None = None
+        self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
+        self._thumbs_lock = threading.Lock()
+
+    def close(self) -> None:
+        for catalog in self._catalogs:
+            try:
+                catalog.close()
+            except Exception:  # a connection made in another thread; the process is ending anyway
+                pass
+        self._catalogs.clear()
+
+    # -- shared state ----------------------------------------------------------------------
+    @property
+    def catalog(self) -> Any:
+        """This thread's read connection to the catalog."""
+        catalog = getattr(self._local, "catalog", None)
+        if catalog is None:
+            catalog = self._catalog_type.open(self.path)
+            self._local.catalog = catalog
+            with self._swap_lock:
+                self._catalogs.append(catalog)
+        return catalog
+
+    def _file_key(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.ann_path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def snapshot(self) -> Snapshot:
+        """The vectors as last saved by a writer (loaded again when the file changed)."""
+        key = self._file_key()
+        snap = self._snapshot
+        if snap is not None and snap.key == key:
+            return snap
+        with self._swap_lock:
+            key = self._file_key()  # stat before loading: what is loaded is at least this new
+            snap = self._snapshot
+            if snap is not None and snap.key == key:
+                return snap
+            if key is None:
+                raise Unavailable(f"the index at {self.path} has no vectors file yet (being built or rebuilt); try again shortly")
+            try:
+                with IndexStore.open(self.path) as store:
+                    meta, ann = store.meta, store.ann
+            except SimsearchError as exc:
+                raise Unavailable(f"the index at {self.path} cannot be read right now: {exc}") from exc
+            if ann is None or len(ann) == 0:
+                raise Unavailable(f"the index at {self.path} holds no vectors yet; try again when indexing has saved")
+            self._generation += 1
+            snap = Snapshot(key, self._generation, ann, meta)
+            if self._snapshot is not None:
+                log.info("index %s changed on disk: loaded %d vectors (generation %d)", self.path, len(ann), snap.generation)
+            self._snapshot = snap
+            return snap
+
+    def _embedder_for(self, snap: Snapshot) -> Any:
+        """The index's model, built on first use (and again only if the index was rebuilt with another)."""
+        if self._embedder is not None and self._embedder_identity == snap.identity:
+            return self._embedder
+        from simsearch.search import load_index_model
+
+        with IndexStore.open(self.path) as store:
+            if {k: store.meta.get(k) for k in IDENTITY_KEYS} != snap.identity:
+                raise Unavailable(f"the index at {self.path} is being rebuilt with another model; try again shortly")
+            self._embedder = load_index_model(store, device=self.device, precision=self.precision)
+        self._embedder_identity = snap.identity
+        return self._embedder
+
+    def warm_up(self) -> None:
+        """Load the vectors and build the model now rather than on the first request."""
+        snap = self.snapshot()
+        with self._model_lock:
+            self._embedder_for(snap)
+
+    # -- queries ---------------------------------------------------------------------------
+    def query_upload(
+        self, data: bytes, name: str = "upload", k: int = 10, threshold: float | None = None, include_self: bool = False
+    ) -> dict[str, Any]:
+        """Neighbours of an uploaded image (its own indexed copies excluded unless ``include_self``)."""
+        _check_k(k)
+        if len(data) > self.max_upload_bytes:
+            raise TooLarge(f"the upload is {len(data):,} bytes, over the limit of {self.max_upload_bytes:,}")
+        if not data:
+            raise ImageError("the upload is empty (0 bytes)")
+        snap = self.snapshot()
+        draft = int((snap.meta.get("preprocessing") or {}).get("resize_size") or 0) or None
+        image = decode_image(data, name, max_pixels=self.max_pixels, draft_size=draft)
+        with self._model_lock:
+            vector = self._embedder_for(snap).embed_images([image])
+        skip = set() if include_self else set(self.catalog.ok_ids_by_hash(content_hash(data)))
+        return {"query": {"upload": name}, "results": self._search(snap, vector, k, threshold, skip)}
+
+    def query_id(self, image_id: int, k: int = 10, threshold: float | None = None, include_self: bool = False) -> dict[str, Any]:
+        """Neighbours of an indexed image, from its stored vector (no decoding, no model)."""
+        _check_k(k)
+        snap = self.snapshot()
+        row = self.row(image_id)
+        vector = self.catalog.vector(row.id)
+        if vector is None:
+            raise NotFound(f"image {image_id} has no stored vector")
+        skip = set() if include_self else {row.id}
+        return {"query": _row_dict(row), "results": self._search(snap, vector[None, :], k, threshold, skip)}
+
+    def query_path(self, path: str, k: int = 10, threshold: float | None = None, include_self: bool = False) -> dict[str, Any]:
+        """Neighbours of the indexed image stored under ``path`` (a catalog key, never opened)."""
+        return self.query_id(self.row_by_path(path).id, k=k, threshold=threshold, include_self=include_self)
+
+    def _search(
+        self, snap: Snapshot, vector: np.ndarray, k: int, threshold: float | None, skip: set[int]
+    ) -> list[dict[str, Any]]:
+        total = len(snap.ann)
+        depth = k + len(skip)
+        while True:
+            scores, ids = snap.ann.search(vector, depth)
+            found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
+            rows = self.catalog.rows_by_ids(i for _, i in found)
+            # a row the writer deleted (or marked failed) since the vectors were saved is not a result
+            found = [(s, i) for s, i in found if i in rows and rows[i].ok]
+            if threshold is not None:
+                found = [(s, i) for s, i in found if s >= threshold]
+            short = len(found) < k and (threshold is None or (len(scores[0]) and scores[0][-1] >= threshold))
+            if not short or depth >= total:
+                break
+            depth = min(total, depth * 2)
+        return [dict(_row_dict(rows[i]), rank=r + 1, score=round(s, 6)) for r, (s, i) in enumerate(found[:k])]
+
+    # -- images ----------------------------------------------------------------------------
+    def row(self, image_id: int) -> Any:
+        row = self.catalog.rows_by_ids([image_id]).get(image_id)
+        if row is None or not row.ok:
+            raise NotFound(f"no indexed image with id {image_id}")
+        return row
+
+    def row_by_path(self, path: str) -> Any:
+        if "\x00" in path:
+            raise InputError("the path holds a NUL character")
+        if not os.path.isabs(path):
+            raise InputError(f"give the absolute path of an indexed image (as stored in the index), not {path!r}")
+        if ".." in Path(path).parts:
+            raise InputError("the path may not hold '..'")
+        row = self.catalog.row_by_path(path)
+        if row is None or not row.ok:
+            raise NotFound(f"no indexed image at {path}")
+        return row
+
+    def image(self, image_id: int) -> dict[str, Any]:
+        row = self.row(image_id)
+        out = _row_dict(row)
+        out.update(size=row.size, hash=row.hash, cluster=self._cluster_of(row.id))
+        return out
+
+    def _cluster_of(self, image_id: int) -> int | None:
+        found = self.catalog.db.execute("SELECT cluster FROM cluster_members WHERE image_id = ?", [image_id]).fetchone()
+        return None if found is None else int(found[0])
+
+    def original(self, image_id: int) -> tuple[Any, bytes]:
+        """(row, bytes) of an indexed image's file, only if it still holds the bytes that were indexed."""
+        row = self.row(image_id)
+        roots = self.catalog.get_meta().get("roots") or []
+        if roots and not any(_under(row.path, r) for r in roots):
+            raise NotFound(f"image {image_id} is not under a folder of this index")
+        gone = NotFound(f"the file of image {image_id} is gone or has changed since it was indexed")
+        try:
+            if not os.path.isfile(row.path):  # a FIFO or device would block or never end
+                raise gone
+            with open(row.path, "rb") as f:
+                data = f.read((row.size or 0) + 1)
+        except OSError:
+            raise gone from None
+        if len(data) != row.size or content_hash(data) != row.hash:
+            raise gone
+        return row, data
+
+    def thumbnail(self, image_id: int, size: int = 256) -> bytes:
+        """A JPEG at most ``size`` pixels on its longer side (cached)."""
+        row = self.row(image_id)
+        key = (row.id, row.hash or "", size)
+        with self._thumbs_lock:
+            cached = self._thumbs.get(key)
+            if cached is not None:
+                self._thumbs.move_to_end(key)
+                return cached
+        _, data = self.original(image_id)
+        img = decode_image(data, f"image {image_id}", max_pixels=self.max_pixels, draft_size=size)
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        out = buf.getvalue()
+        with self._thumbs_lock:
+            self._thumbs[key] = out
+            while len(self._thumbs) > THUMBNAIL_CACHE:
+                self._thumbs.popitem(last=False)
+        return out
+
+    # -- clusters and info -----------------------------------------------------------------
+    def clusters(self, representatives: int = 4) -> dict[str, Any]:
+        catalog = self.catalog
+        info = catalog.get_meta().get("clustering")
+        if not info:
+            raise NotFound(f"the index at {self.path} has not been clustered yet (run simsearch cluster -k N)")
+        clusters = []
+        for c, size in catalog.cluster_sizes().items():
+            reps = catalog.cluster_members(c, limit=representatives) if representatives else []
+            clusters.append(
+                {"cluster": c, "size": size, "representatives": [dict(_row_dict(r), distance=round(d, 6)) for r, d in reps]}
+            )
+        clusters.sort(key=lambda c: (-c["size"], c["cluster"]))
+        return {"clustering": info, "clusters": clusters}
+
+    def cluster_members(self, cluster: int, offset: int = 0, limit: int = 60) -> dict[str, Any]:
+        sizes = self.catalog.cluster_sizes()
+        if cluster not in sizes:
+            raise NotFound(f"no cluster {cluster}" + (f"; clusters are numbered 0 to {max(sizes)}" if sizes else " (not clustered yet)"))
+        members = self.catalog.cluster_members(cluster, limit=offset + limit)[offset:]
+        return {
+            "cluster": cluster,
+            "size": sizes[cluster],
+            "offset": offset,
+            "limit": limit,
+            "members": [dict(_row_dict(r), distance=round(d, 6)) for r, d in members],
+        }
+
+    def info(self) -> dict[str, Any]:
+        out = index_info(self.path)
+        snap = self._snapshot
+        out["serve"] = {
+            "generation": snap.generation if snap else 0,
+            "vectors_loaded": len(snap.ann) if snap else 0,
+            "model_loaded": self._embedder is not None,
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_pixels": self.max_pixels,
+        }
+        return out
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "path": row.path, "name": os.path.basename(row.path), "width": row.width, "height": row.height}
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise InputError(f"k must be between 1 and {MAX_K}")
