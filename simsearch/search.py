@@ -47,7 +47,11 @@ class QueryResult:
 
 
 def load_index_model(
-    store: IndexStore, device: str = "auto", batch_size: int | None = None, precision: str = "auto"
+    store: IndexStore,
+    device: str = "auto",
+    batch_size: int | None = None,
+    precision: str = "auto",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Any:
     """Recreate the model an index was built with and check (through the store) it still is that model."""
     from .embed import Embedder
@@ -56,7 +60,7 @@ def load_index_model(
     meta = store.meta
     model = create_model(meta["model"], meta.get("weights_source", "imagenet"), seed=int(meta.get("seed", 0)))
     store.check_model(model.describe(), reloading=True)
-    return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision)
+    return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision, max_pixels=max_pixels)
 
 
 def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:
@@ -89,7 +93,6 @@ class Searcher:
         ``faiss`` always uses FAISS on the CPU, ``torch`` searches on the model's device (see
         :func:`simsearch.embed.device_search.open_search`).
         """
-        from .embed import CropDecoder
         from .embed.device_search import open_search
 
         self.store = IndexStore.open(index_dir)
@@ -97,9 +100,9 @@ class Searcher:
             self.ann = self.store.require_vectors()
             self.store.require_consistent()
             self.max_pixels = max_pixels
-            self.embedder = load_index_model(self.store, device=device, precision=precision)
+            self.embedder = load_index_model(self.store, device=device, precision=precision, max_pixels=max_pixels)
             # the one decode path, drafting big JPEGs to the model's resize size
-            self.decoder = CropDecoder(self.embedder.prep, max_pixels=max_pixels)
+            self.decoder = self.embedder.crop_decoder
             self.vector_search = open_search(self.ann, self.embedder.device, search)
         except BaseException:
             self.store.close()

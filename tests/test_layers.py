@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, int]] = [
     ("simsearch.evaluate", 4),
     ("simsearch.train", 4),
     ("simsearch.cli", 5),
+    ("simsearch.serve", 5),
     ("simsearch.__main__", 5),
 ]
 

@@ -63,7 +63,7 @@ class Snapshot:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {k: self.meta.get(k) for k in IDENTITY_KEYS}
+        return {k: self.meta.get(k) for k in IDENTITY_KEYS}  # what store.catalog.identity() reads
 
 
 class ServeIndex:
@@ -157,9 +157,11 @@ class ServeIndex:
         from simsearch.search import load_index_model
 
         with IndexStore.open(self.path) as store:
-            if {k: store.meta.get(k) for k in IDENTITY_KEYS} != snap.identity:
+            if store.catalog.identity() != snap.identity:
                 raise Unavailable(f"the index at {self.path} is being rebuilt with another model; try again shortly")
-            self._embedder = load_index_model(store, device=self.device, precision=self.precision)
+            self._embedder = load_index_model(
+                store, device=self.device, precision=self.precision, max_pixels=self.max_pixels
+            )
         self._embedder_identity = snap.identity
         return self._embedder
 
@@ -180,10 +182,10 @@ class ServeIndex:
         if not data:
             raise ImageError("the upload is empty (0 bytes)")
         snap = self.snapshot()
-        draft = int((snap.meta.get("preprocessing") or {}).get("resize_size") or 0) or None
-        image = decode_image(data, name, max_pixels=self.max_pixels, draft_size=draft)
         with self._model_lock:
-            vector = self._embedder_for(snap).embed_images([image])
+            embedder = self._embedder_for(snap)
+            crop, _ = embedder.crop_decoder.decode(data, name)  # the one decode-to-crop path, as indexing and queries
+            vector = embedder.embed_crops([crop])
         skip = set() if include_self else set(self.catalog.ok_ids_by_hash(content_hash(data)))
         return {"query": {"upload": name}, "results": self._search(snap, vector, k, threshold, skip)}
 
