@@ -206,7 +206,7 @@ def _blobs(n: int, d: int, k: int, seed: int) -> np.ndarray:
 
 
 def test_torch_kmeans_equals_faiss_given_the_same_init() -> None:
-    from simsearch.embed.gpu_ops import init_centroids, spherical_kmeans
+    from simsearch.embed.gpu_ops import assign_nearest, init_centroids, spherical_kmeans
 
     x = _blobs(3000, 32, 12, seed=0)
     init = init_centroids(torch.from_numpy(x), 12, seed=3)
@@ -215,13 +215,13 @@ def test_torch_kmeans_equals_faiss_given_the_same_init() -> None:
                       max_points_per_centroid=1 << 30)
     km.train(x, init_centroids=init.numpy().copy())
     np.testing.assert_allclose(c.numpy(), km.centroids, atol=1e-4)
-    _, faiss_labels = km.index.search(x, 1)
-    assert (labels.numpy() == faiss_labels[:, 0]).mean() > 0.999
+    _, faiss_labels = km.index.search(x, 1)  # by the final centroids, not the last iteration's labels
+    assert (assign_nearest(torch.from_numpy(x), c)[0].numpy() == faiss_labels[:, 0]).mean() > 0.999
     assert abs(obj - float(km.obj[-1])) / abs(float(km.obj[-1])) < 1e-4
 
 
 def test_torch_kmeans_contract_matches_cluster_kmeans() -> None:
-    """Same shapes and meanings as the FAISS path; a comparable objective from its own random init."""
+    """Same shapes and meanings as the FAISS path."""
     from simsearch.cluster import kmeans
     from simsearch.embed.gpu_ops import kmeans_torch
 
@@ -234,6 +234,60 @@ def test_torch_kmeans_contract_matches_cluster_kmeans() -> None:
     brute = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
     assert (brute == assign).all()
     assert obj > 0.97 * fobj  # sum of inner products: higher is better
+
+
+@pytest.mark.parametrize("n, k, seed", [(1000, 10, 1234), (5000, 100, 7), (37, 37, 3), (2, 1, 0)])
+def test_torch_kmeans_starts_from_faiss_rows(n, k, seed) -> None:
+    """The initial rows are FAISS's for the same seed (its rand_perm, seeded seed + 1), in its order."""
+    from simsearch.embed.gpu_ops import faiss_init_rows
+
+    perm = np.zeros(n, dtype=np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, seed + 1)
+    assert faiss_init_rows(n, k, seed).tolist() == perm[:k].tolist()
+
+
+@pytest.mark.parametrize("k, seed", [(12, 5), (40, 1), (150, 3)])
+def test_torch_kmeans_equals_faiss_for_the_same_seed(k, seed) -> None:
+    """--device cuda (torch) and cpu (FAISS) give the same clustering for a seed: torch run on the CPU."""
+    from simsearch.cluster import kmeans
+    from simsearch.embed.gpu_ops import kmeans_torch
+
+    x = _blobs(3000, 32, 12, seed=0)
+    c, assign, dist, obj = kmeans_torch(x, k, niter=20, seed=seed, device="cpu")
+    fc, fassign, fdist, fobj = kmeans(x, k, niter=20, seed=seed, device="cpu")
+    np.testing.assert_allclose(c, fc, atol=1e-5)
+    assert (assign == fassign).mean() > 0.999
+    np.testing.assert_allclose(dist, fdist, atol=1e-3)  # sqrt of a cancelling difference near 0
+    assert abs(obj - fobj) / abs(fobj) < 1e-5
+    other = kmeans_torch(x, k, niter=20, seed=seed + 1, device="cpu")[0]  # another seed: another start
+    assert np.abs(other - c).max() > 1e-3
+
+
+def test_torch_kmeans_splits_like_faiss() -> None:
+    """Empty clusters are split as FAISS splits them (same random draws, same perturbation)."""
+    from simsearch.embed.gpu_ops import assign_nearest, spherical_kmeans
+
+    x = _blobs(400, 8, 3, seed=2)
+    init = np.vstack([x[:3], -x[:1], -x[:1], -x[1:2]]).astype(np.float32)  # far-away seeds: empty clusters
+    c, labels, obj = spherical_kmeans(torch.from_numpy(x), 6, niter=10, init=torch.from_numpy(init))
+    km = faiss.Kmeans(8, 6, niter=10, spherical=True, verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=1 << 30)
+    km.train(x, init_centroids=init.copy())
+    assert sum(s["nsplit"] for s in km.iteration_stats) > 0  # the check exercises the split
+    np.testing.assert_allclose(c.numpy(), km.centroids, atol=1e-5)
+    _, faiss_labels = km.index.search(x, 1)
+    assert (assign_nearest(torch.from_numpy(x), c)[0].numpy() == faiss_labels[:, 0]).all()
+
+
+def test_torch_kmeans_k_equals_n_copies_the_points_like_faiss() -> None:
+    from simsearch.cluster import kmeans
+    from simsearch.embed.gpu_ops import kmeans_torch
+
+    x = _blobs(20, 8, 3, seed=4)
+    c, assign, dist, _ = kmeans_torch(x, 20, seed=1, device="cpu")
+    fc, fassign, _, _ = kmeans(x, 20, seed=1, device="cpu")
+    np.testing.assert_allclose(c, fc, atol=1e-6)
+    assert (assign == fassign).all() and np.abs(dist).max() < 1e-3
 
 
 def test_torch_kmeans_splits_empty_clusters() -> None:
