@@ -56,7 +56,8 @@ def load_index_model(
     meta = store.meta
     model = create_model(meta["model"], meta.get("weights_source", "imagenet"), seed=int(meta.get("seed", 0)))
     store.check_model(model.describe(), reloading=True)
-    return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision)
+    # queries are decoded on the CPU (CropDecoder): a query process never initialises nvJPEG
+    return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision, decode="cpu")
 
 
 def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:

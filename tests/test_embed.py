@@ -429,3 +429,69 @@ def test_model_runs_channels_last_on_cpu(tiny_model) -> None:
     convs = [m.weight for m in emb.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert all(p.dtype == torch.float32 for p in emb.model.parameters())  # bf16 on CPU is autocast, not converted weights
+
+
+# -- the batch-size probe and query padding (CUDA policies, checked on the CPU) ------------------
+
+
+def test_batch_size_probe_input_is_an_inference_tensor(tiny_model, monkeypatch) -> None:
+    """The probe's input is built inside inference_mode, like every real batch: a compiled model
+    then sees one kind of input (one guard set) and the first real batch does not recompile."""
+    emb = Embedder(tiny_model, device="cpu", batch_size=4, workers=0)
+    seen: list[tuple[int, bool]] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        seen.append((x.shape[0], x.is_inference()))
+        return torch.zeros((x.shape[0], emb.dim))
+
+    monkeypatch.setattr(emb, "_forward_module", forward)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr("simsearch.embed.embedder.CUDA_BATCH_CANDIDATES", (2,))
+    assert emb._auto_batch_size() == 2
+    emb.embed_uint8(torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8))  # a real (query) batch
+    assert seen == [(2, True), (3, True)]
+
+
+@pytest.mark.parametrize("n, step, size", [(1, 64, 1), (2, 64, 4), (4, 64, 4), (5, 64, 16), (17, 64, 64),
+                                           (64, 64, 64), (3, 3, 3), (10, 12, 12), (40, 100, 64), (70, 100, 100)])
+def test_query_pad_size(n, step, size) -> None:
+    from simsearch.embed.embedder import query_pad_size
+
+    assert query_pad_size(n, step) == size
+
+
+def test_padded_query_batches_give_the_same_vectors(tiny_model, monkeypatch) -> None:
+    """Query chunks padded to a few fixed sizes (as on CUDA): only those shapes reach the model, and
+    the vectors equal the unpadded ones."""
+    from simsearch.embed.embedder import QUERY_PAD_SIZES
+
+    emb = Embedder(tiny_model, device="cpu", batch_size=20, workers=0, precision="fp32")
+    crops = torch.randint(0, 256, (27, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert emb.pad_queries is False  # CPU: no cuDNN autotuning to avoid
+    ref = np.concatenate([emb.embed_uint8(crops[i : i + 1]) for i in range(3)] + [emb.embed_uint8(crops[3:])])
+    shapes: list[int] = []
+    real = emb._forward_module
+    monkeypatch.setattr(emb, "_forward_module", lambda x: (shapes.append(x.shape[0]), real(x))[1])
+    emb.pad_queries = True
+    got = np.concatenate([emb.embed_uint8(crops[i : i + 1]) for i in range(3)] + [emb.embed_uint8(crops[3:])])
+    assert shapes == [1, 1, 1, 20, 4]  # 24 = one full chunk of 20, then 4 padded to 4
+    emb.embed_uint8(crops[:6])
+    assert shapes[-1] == 16 and set(shapes) <= set(QUERY_PAD_SIZES) | {20}
+    assert got.shape == ref.shape == (27, emb.dim)
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+def test_query_embedder_decodes_on_the_cpu(tmp_path, monkeypatch) -> None:
+    """A query-only embedder asks for CPU decoding: it never initialises nvJPEG."""
+    from conftest import run_index
+    import simsearch.embed.embedder as embedder_mod
+    from simsearch.search import Searcher
+
+    make_collection(tmp_path / "photos", n=3)
+    run_index(tmp_path / "photos", tmp_path / "idx")
+    asked: list[str] = []
+    real = embedder_mod.resolve_decode
+    monkeypatch.setattr(embedder_mod, "resolve_decode", lambda decode, device: (asked.append(decode), real(decode, device))[1])
+    with Searcher(tmp_path / "idx", device="cpu") as s:
+        assert s.embedder.decode == "cpu"
+    assert asked == ["cpu"]
