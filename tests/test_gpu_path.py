@@ -547,3 +547,36 @@ def test_cuda_precision_choices(tiny_model) -> None:
     assert auto.precision in ("bf16", "fp16") and all(p.dtype != torch.float32 for p in auto.model.parameters())
     a, b = fp32.embed_uint8(crops), auto.embed_uint8(crops)
     assert a.dtype == b.dtype == np.float32 and float((a * b).sum(1).min()) > 0.99
+
+
+@cuda
+def test_cuda_chunked_decode_of_12mp_photos_matches_cpu(tmp_path, monkeypatch) -> None:
+    """Batches of 12 MP photos are decoded in several nvJPEG calls (DECODE_PIXEL_BUDGET); each call
+    is ordered against the stream's earlier work, so every crop equals the CPU path's, run after run
+    (unordered, a chunk's output could land in memory the previous chunk's resize still reads)."""
+    import simsearch.embed.gpu_decode as gpu_decode_mod
+    from simsearch.embed import normalize_batch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from synth_images import write_jpeg
+
+    paths = []
+    for i in range(8):
+        w, h = (4000, 3000) if i % 3 else (3000, 4000)
+        paths.append(str(tmp_path / f"photo{i}.jpg"))
+        write_jpeg(paths[-1], w, h, seed=300 + i)
+    monkeypatch.setattr(gpu_decode_mod, "DECODE_PIXEL_BUDGET", 2 * 4000 * 3000)  # 4 decode calls a batch
+    meta, ref = _cpu_reference(paths)
+    ref = normalize_batch(ref, PREP)
+    raw = read_batch(paths, DECODER, gpu=True)
+    assert len(raw.jpegs) == 8
+    decoder = GpuBatchDecoder(torch.device("cuda"), DECODER, torch.float32, channels_last=False)
+    for run in range(3):
+        with torch.cuda.stream(decoder.stream):
+            out = decoder(raw)
+        out.event.synchronize()
+        assert [(i.path, i.hash, i.width, i.height, i.error) for i in out.items] == meta
+        per_image = (out.x.float().cpu() - ref).abs().mean(dim=(1, 2, 3))
+        print(f"run {run}: mean |gpu - cpu| per 12 MP photo:", [round(float(v), 4) for v in per_image])
+        assert float(per_image.max()) < 0.1, per_image
+    assert decoder.gpu_decoded == 24 and decoder.cpu_fallbacks == 0
