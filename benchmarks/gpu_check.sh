@@ -48,7 +48,8 @@ print('generated', len(p), 'JPEGs in %.1fs' % (time.time() - t))
 GEN=$!
 
 step "tests: CUDA tests, then the CPU-side GPU-path / embed / draft tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -s -k cuda tests/test_gpu_path.py 2>&1
+# (-k cuda includes the 12 MP chunked-decode check, whose photos take ~30 s to generate)
+timeout 240 python3 -m pytest -q -p no:cacheprovider -s -k cuda tests/test_gpu_path.py 2>&1
 timeout 100 python3 -m pytest -q -p no:cacheprovider -k "not cuda" tests/test_gpu_path.py tests/test_embed.py tests/test_draft.py 2>&1
 
 step "waiting for the JPEGs"

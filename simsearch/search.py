@@ -60,7 +60,10 @@ def load_index_model(
     meta = store.meta
     model = create_model(meta["model"], meta.get("weights_source", "imagenet"), seed=int(meta.get("seed", 0)))
     store.check_model(model.describe(), reloading=True)
-    return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision, max_pixels=max_pixels)
+    # queries are decoded on the CPU (CropDecoder): a query process never initialises nvJPEG
+    return Embedder(
+        model, device=device, batch_size=batch_size, workers=0, precision=precision, decode="cpu", max_pixels=max_pixels
+    )
 
 
 def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:

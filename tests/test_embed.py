@@ -206,7 +206,7 @@ def _blobs(n: int, d: int, k: int, seed: int) -> np.ndarray:
 
 
 def test_torch_kmeans_equals_faiss_given_the_same_init() -> None:
-    from simsearch.embed.gpu_ops import init_centroids, spherical_kmeans
+    from simsearch.embed.gpu_ops import assign_nearest, init_centroids, spherical_kmeans
 
     x = _blobs(3000, 32, 12, seed=0)
     init = init_centroids(torch.from_numpy(x), 12, seed=3)
@@ -215,13 +215,13 @@ def test_torch_kmeans_equals_faiss_given_the_same_init() -> None:
                       max_points_per_centroid=1 << 30)
     km.train(x, init_centroids=init.numpy().copy())
     np.testing.assert_allclose(c.numpy(), km.centroids, atol=1e-4)
-    _, faiss_labels = km.index.search(x, 1)
-    assert (labels.numpy() == faiss_labels[:, 0]).mean() > 0.999
+    _, faiss_labels = km.index.search(x, 1)  # by the final centroids, not the last iteration's labels
+    assert (assign_nearest(torch.from_numpy(x), c)[0].numpy() == faiss_labels[:, 0]).mean() > 0.999
     assert abs(obj - float(km.obj[-1])) / abs(float(km.obj[-1])) < 1e-4
 
 
 def test_torch_kmeans_contract_matches_cluster_kmeans() -> None:
-    """Same shapes and meanings as the FAISS path; a comparable objective from its own random init."""
+    """Same shapes and meanings as the FAISS path."""
     from simsearch.cluster import kmeans
     from simsearch.embed.gpu_ops import kmeans_torch
 
@@ -234,6 +234,60 @@ def test_torch_kmeans_contract_matches_cluster_kmeans() -> None:
     brute = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
     assert (brute == assign).all()
     assert obj > 0.97 * fobj  # sum of inner products: higher is better
+
+
+@pytest.mark.parametrize("n, k, seed", [(1000, 10, 1234), (5000, 100, 7), (37, 37, 3), (2, 1, 0)])
+def test_torch_kmeans_starts_from_faiss_rows(n, k, seed) -> None:
+    """The initial rows are FAISS's for the same seed (its rand_perm, seeded seed + 1), in its order."""
+    from simsearch.embed.gpu_ops import faiss_init_rows
+
+    perm = np.zeros(n, dtype=np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, seed + 1)
+    assert faiss_init_rows(n, k, seed).tolist() == perm[:k].tolist()
+
+
+@pytest.mark.parametrize("k, seed", [(12, 5), (40, 1), (150, 3)])
+def test_torch_kmeans_equals_faiss_for_the_same_seed(k, seed) -> None:
+    """--device cuda (torch) and cpu (FAISS) give the same clustering for a seed: torch run on the CPU."""
+    from simsearch.cluster import kmeans
+    from simsearch.embed.gpu_ops import kmeans_torch
+
+    x = _blobs(3000, 32, 12, seed=0)
+    c, assign, dist, obj = kmeans_torch(x, k, niter=20, seed=seed, device="cpu")
+    fc, fassign, fdist, fobj = kmeans(x, k, niter=20, seed=seed, device="cpu")
+    np.testing.assert_allclose(c, fc, atol=1e-5)
+    assert (assign == fassign).mean() > 0.999
+    np.testing.assert_allclose(dist, fdist, atol=1e-3)  # sqrt of a cancelling difference near 0
+    assert abs(obj - fobj) / abs(fobj) < 1e-5
+    other = kmeans_torch(x, k, niter=20, seed=seed + 1, device="cpu")[0]  # another seed: another start
+    assert np.abs(other - c).max() > 1e-3
+
+
+def test_torch_kmeans_splits_like_faiss() -> None:
+    """Empty clusters are split as FAISS splits them (same random draws, same perturbation)."""
+    from simsearch.embed.gpu_ops import assign_nearest, spherical_kmeans
+
+    x = _blobs(400, 8, 3, seed=2)
+    init = np.vstack([x[:3], -x[:1], -x[:1], -x[1:2]]).astype(np.float32)  # far-away seeds: empty clusters
+    c, labels, obj = spherical_kmeans(torch.from_numpy(x), 6, niter=10, init=torch.from_numpy(init))
+    km = faiss.Kmeans(8, 6, niter=10, spherical=True, verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=1 << 30)
+    km.train(x, init_centroids=init.copy())
+    assert sum(s["nsplit"] for s in km.iteration_stats) > 0  # the check exercises the split
+    np.testing.assert_allclose(c.numpy(), km.centroids, atol=1e-5)
+    _, faiss_labels = km.index.search(x, 1)
+    assert (assign_nearest(torch.from_numpy(x), c)[0].numpy() == faiss_labels[:, 0]).all()
+
+
+def test_torch_kmeans_k_equals_n_copies_the_points_like_faiss() -> None:
+    from simsearch.cluster import kmeans
+    from simsearch.embed.gpu_ops import kmeans_torch
+
+    x = _blobs(20, 8, 3, seed=4)
+    c, assign, dist, _ = kmeans_torch(x, 20, seed=1, device="cpu")
+    fc, fassign, _, _ = kmeans(x, 20, seed=1, device="cpu")
+    np.testing.assert_allclose(c, fc, atol=1e-6)
+    assert (assign == fassign).all() and np.abs(dist).max() < 1e-3
 
 
 def test_torch_kmeans_splits_empty_clusters() -> None:
@@ -375,3 +429,69 @@ def test_model_runs_channels_last_on_cpu(tiny_model) -> None:
     convs = [m.weight for m in emb.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert all(p.dtype == torch.float32 for p in emb.model.parameters())  # bf16 on CPU is autocast, not converted weights
+
+
+# -- the batch-size probe and query padding (CUDA policies, checked on the CPU) ------------------
+
+
+def test_batch_size_probe_input_is_an_inference_tensor(tiny_model, monkeypatch) -> None:
+    """The probe's input is built inside inference_mode, like every real batch: a compiled model
+    then sees one kind of input (one guard set) and the first real batch does not recompile."""
+    emb = Embedder(tiny_model, device="cpu", batch_size=4, workers=0)
+    seen: list[tuple[int, bool]] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        seen.append((x.shape[0], x.is_inference()))
+        return torch.zeros((x.shape[0], emb.dim))
+
+    monkeypatch.setattr(emb, "_forward_module", forward)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr("simsearch.embed.embedder.CUDA_BATCH_CANDIDATES", (2,))
+    assert emb._auto_batch_size() == 2
+    emb.embed_uint8(torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8))  # a real (query) batch
+    assert seen == [(2, True), (3, True)]
+
+
+@pytest.mark.parametrize("n, step, size", [(1, 64, 1), (2, 64, 4), (4, 64, 4), (5, 64, 16), (17, 64, 64),
+                                           (64, 64, 64), (3, 3, 3), (10, 12, 12), (40, 100, 64), (70, 100, 100)])
+def test_query_pad_size(n, step, size) -> None:
+    from simsearch.embed.embedder import query_pad_size
+
+    assert query_pad_size(n, step) == size
+
+
+def test_padded_query_batches_give_the_same_vectors(tiny_model, monkeypatch) -> None:
+    """Query chunks padded to a few fixed sizes (as on CUDA): only those shapes reach the model, and
+    the vectors equal the unpadded ones."""
+    from simsearch.embed.embedder import QUERY_PAD_SIZES
+
+    emb = Embedder(tiny_model, device="cpu", batch_size=20, workers=0, precision="fp32")
+    crops = torch.randint(0, 256, (27, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert emb.pad_queries is False  # CPU: no cuDNN autotuning to avoid
+    ref = np.concatenate([emb.embed_uint8(crops[i : i + 1]) for i in range(3)] + [emb.embed_uint8(crops[3:])])
+    shapes: list[int] = []
+    real = emb._forward_module
+    monkeypatch.setattr(emb, "_forward_module", lambda x: (shapes.append(x.shape[0]), real(x))[1])
+    emb.pad_queries = True
+    got = np.concatenate([emb.embed_uint8(crops[i : i + 1]) for i in range(3)] + [emb.embed_uint8(crops[3:])])
+    assert shapes == [1, 1, 1, 20, 4]  # 24 = one full chunk of 20, then 4 padded to 4
+    emb.embed_uint8(crops[:6])
+    assert shapes[-1] == 16 and set(shapes) <= set(QUERY_PAD_SIZES) | {20}
+    assert got.shape == ref.shape == (27, emb.dim)
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+def test_query_embedder_decodes_on_the_cpu(tmp_path, monkeypatch) -> None:
+    """A query-only embedder asks for CPU decoding: it never initialises nvJPEG."""
+    from conftest import run_index
+    import simsearch.embed.embedder as embedder_mod
+    from simsearch.search import Searcher
+
+    make_collection(tmp_path / "photos", n=3)
+    run_index(tmp_path / "photos", tmp_path / "idx")
+    asked: list[str] = []
+    real = embedder_mod.resolve_decode
+    monkeypatch.setattr(embedder_mod, "resolve_decode", lambda decode, device: (asked.append(decode), real(decode, device))[1])
+    with Searcher(tmp_path / "idx", device="cpu") as s:
+        assert s.embedder.decode == "cpu"
+    assert asked == ["cpu"]

@@ -108,7 +108,7 @@ def variants(tmp_path_factory, arr) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "name, to_gpu",
     [
-        ("baseline420", True), ("baseline444", True), ("progressive", True), ("gray", True), ("exif6", True),
+        ("baseline420", True), ("baseline444", True), ("progressive", False), ("gray", True), ("exif6", True),
         ("trailing", True), ("mpo", True), ("xmp6", True),
         ("cmyk", False), ("truncated", False), ("adobe_rgb", False), ("png", False), ("text", False),
     ],
@@ -116,6 +116,40 @@ def variants(tmp_path_factory, arr) -> dict[str, Path]:
 def test_routing(variants, name, to_gpu) -> None:
     data = variants[name].read_bytes()
     assert (gpu_route(data, None) is not None) is to_gpu
+
+
+def test_progressive_jpegs_go_to_the_cpu_workers(arr, tmp_path) -> None:
+    """Progressive JPEGs (SOF2), which nvJPEG's hardware decoder rejects, are decoded by the workers
+    (crops in the batch), baseline ones travel as bytes to the GPU; rows stay in input order."""
+    kinds = ["baseline", "progressive", "baseline", "progressive", "baseline422"]
+    paths = []
+    for i, kind in enumerate(kinds):
+        save = {"progressive": True} if kind == "progressive" else ({"subsampling": 1} if kind == "baseline422" else {})
+        p = tmp_path / f"{i}_{kind}.jpg"
+        p.write_bytes(jpeg_bytes(np.roll(arr, 17 * i, axis=1), **save))
+        paths.append(str(p))
+    assert [probe_jpeg(Path(p).read_bytes()).sof for p in paths] == [0xC0, 0xC2, 0xC0, 0xC2, 0xC0]
+    raw = read_batch(paths, DECODER, gpu=True)
+    assert [r.slot for r in raw.jpegs] == [0, 2, 4] and raw.crop_slots == [1, 3]
+    meta, ref = _cpu_reference(paths)
+    out = GpuBatchDecoder(torch.device("cpu"), DECODER, torch.float32, channels_last=False)(raw)
+    assert [(i.path, i.hash, i.width, i.height, i.error) for i in out.items] == meta
+    from simsearch.embed import normalize_batch
+
+    assert float((out.x - normalize_batch(ref, PREP)).abs().mean(dim=(1, 2, 3)).max()) < 0.05
+
+
+def test_uncommon_chroma_subsampling_goes_to_the_cpu(arr) -> None:
+    """Only the subsamplings the hardware decoder takes go to the GPU (the probe reads them from SOF)."""
+    for subsampling, factors in ((0, (1, 1)), (1, (2, 1)), (2, (2, 2))):
+        probe = probe_jpeg(jpeg_bytes(arr, subsampling=subsampling))
+        assert probe.sampling == (factors, (1, 1), (1, 1)) and probe.gpu_ok
+    data = bytearray(jpeg_bytes(arr, subsampling=2))
+    sof = data.index(b"\xff\xc0")
+    cb = sof + 4 + 6 + 3 + 1  # second component's sampling byte
+    assert data[cb] == 0x11
+    data[cb] = 0x21  # chroma sampled 2x1: not a hardware format
+    assert probe_jpeg(bytes(data)).gpu_ok is False
 
 
 def test_probe_reads_header(arr) -> None:
@@ -158,7 +192,7 @@ def test_metadata_equals_cpu_path(variants) -> None:
     errors = {Path(i.path).stem for i in cpu_batch.items if not i.ok}
     assert {"empty", "text", "truncated"} <= errors
     assert {Path(gpu_batch.items[gpu_batch.slots[r.slot]].path).stem for r in gpu_batch.jpegs} == {
-        "baseline420", "baseline444", "progressive", "gray", "exif6", "exif3", "exif8", "trailing", "mpo", "xmp6",
+        "baseline420", "baseline444", "gray", "exif6", "exif3", "exif8", "trailing", "mpo", "xmp6",
         "corrupt_scan",
     }
     assert gpu_batch.crops.shape[0] == len(gpu_batch.crop_slots)
@@ -229,6 +263,56 @@ def test_decode_stage_matches_cpu_crops(variants) -> None:
     assert decoder.gpu_decoded == len(raw.jpegs)
 
 
+def test_decode_leaves_the_warning_filters_alone(variants, monkeypatch) -> None:
+    """The prepare thread never swaps the process-wide warning filters (catch_warnings is not
+    thread-safe): they are the same during every decode call as before it."""
+    import torchvision.io
+    import warnings
+
+    decoder = GpuBatchDecoder(torch.device("cpu"), DECODER, torch.float32, channels_last=False)
+    raw = read_batch([str(variants[n]) for n in ("baseline420", "gray", "exif6")], DECODER, gpu=True)
+    before = list(warnings.filters)
+    during: list[list] = []
+    real = torchvision.io.decode_jpeg
+
+    def spy(views, **kw):
+        during.append(list(warnings.filters))
+        return real(views, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", spy)
+    decoder(raw)
+    assert during and all(f == before for f in during)
+
+
+def test_torchvision_deprecation_warning_is_silenced_from_a_thread(tmp_path, arr) -> None:
+    """torchvision's per-call deprecation warning stays quiet when a pipeline thread decodes, even
+    with DeprecationWarnings turned into errors on the command line."""
+    import subprocess
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes(arr))
+    code = (
+        "import threading, torch\n"
+        "from simsearch.embed import CropDecoder\n"
+        "from simsearch.embed.batches import read_batch\n"
+        "from simsearch.embed.gpu_decode import GpuBatchDecoder\n"
+        "from simsearch.models import Preprocessing\n"
+        "dec = CropDecoder(Preprocessing(), max_pixels=None)\n"
+        "g = GpuBatchDecoder(torch.device('cpu'), dec, torch.float32)\n"
+        f"raw = read_batch([{str(path)!r}], dec, gpu=True)\n"
+        "out = []\n"
+        "t = threading.Thread(target=lambda: out.append(g(raw)))\n"
+        "t.start(); t.join()\n"
+        "print(g.gpu_decoded, tuple(out[0].x.shape))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True,
+                         text=True, timeout=120, cwd=root, env={**__import__("os").environ, "PYTHONPATH": root})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "(1,", "3,", "224,", "224)"]
+    assert "deprecated" not in res.stderr
+
+
 def test_decoder_rejection_falls_back_to_cpu(variants, monkeypatch) -> None:
     """A file the GPU decoder refuses (the whole batched call fails) is bisected out and decoded by Pillow."""
     import torchvision.io
@@ -247,7 +331,7 @@ def test_decoder_rejection_falls_back_to_cpu(variants, monkeypatch) -> None:
     raw = read_batch(paths, DECODER, gpu=True)
     decoder = GpuBatchDecoder(torch.device("cpu"), DECODER, torch.float32, channels_last=False)
     out = decoder(raw)
-    assert decoder.cpu_fallbacks == 1 and decoder.gpu_decoded == 3
+    assert decoder.cpu_fallbacks == 1 and decoder.gpu_decoded == 2  # (progressive: decoded by the workers)
     assert [(i.path, i.hash, i.width, i.height, i.error) for i in out.items] == meta
     from simsearch.embed import normalize_batch
 
@@ -463,3 +547,36 @@ def test_cuda_precision_choices(tiny_model) -> None:
     assert auto.precision in ("bf16", "fp16") and all(p.dtype != torch.float32 for p in auto.model.parameters())
     a, b = fp32.embed_uint8(crops), auto.embed_uint8(crops)
     assert a.dtype == b.dtype == np.float32 and float((a * b).sum(1).min()) > 0.99
+
+
+@cuda
+def test_cuda_chunked_decode_of_12mp_photos_matches_cpu(tmp_path, monkeypatch) -> None:
+    """Batches of 12 MP photos are decoded in several nvJPEG calls (DECODE_PIXEL_BUDGET); each call
+    is ordered against the stream's earlier work, so every crop equals the CPU path's, run after run
+    (unordered, a chunk's output could land in memory the previous chunk's resize still reads)."""
+    import simsearch.embed.gpu_decode as gpu_decode_mod
+    from simsearch.embed import normalize_batch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from synth_images import write_jpeg
+
+    paths = []
+    for i in range(8):
+        w, h = (4000, 3000) if i % 3 else (3000, 4000)
+        paths.append(str(tmp_path / f"photo{i}.jpg"))
+        write_jpeg(paths[-1], w, h, seed=300 + i)
+    monkeypatch.setattr(gpu_decode_mod, "DECODE_PIXEL_BUDGET", 2 * 4000 * 3000)  # 4 decode calls a batch
+    meta, ref = _cpu_reference(paths)
+    ref = normalize_batch(ref, PREP)
+    raw = read_batch(paths, DECODER, gpu=True)
+    assert len(raw.jpegs) == 8
+    decoder = GpuBatchDecoder(torch.device("cuda"), DECODER, torch.float32, channels_last=False)
+    for run in range(3):
+        with torch.cuda.stream(decoder.stream):
+            out = decoder(raw)
+        out.event.synchronize()
+        assert [(i.path, i.hash, i.width, i.height, i.error) for i in out.items] == meta
+        per_image = (out.x.float().cpu() - ref).abs().mean(dim=(1, 2, 3))
+        print(f"run {run}: mean |gpu - cpu| per 12 MP photo:", [round(float(v), 4) for v in per_image])
+        assert float(per_image.max()) < 0.1, per_image
+    assert decoder.gpu_decoded == 24 and decoder.cpu_fallbacks == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
 
 import torch
@@ -74,6 +75,26 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+# torchvision >= 0.29 warns on every decode_jpeg call that its image I/O is deprecated
+_TORCHVISION_IO_DEPRECATION = r"The image decoding and encoding capabilities of TorchVision are deprecated"
+_filter_lock = threading.Lock()
+_filter_installed = False
+
+
+def ignore_torchvision_io_deprecation() -> None:
+    """Silence torchvision's per-call deprecation warning of its JPEG decoder, once per process.
+
+    One filter for that warning alone, added to the process-wide list the first time (under a
+    lock) and never removed: unlike ``warnings.catch_warnings()``, which swaps the process-wide
+    filters in and out and so races with every other thread, this is safe to call from any thread.
+    """
+    global _filter_installed
+    with _filter_lock:
+        if not _filter_installed:
+            warnings.filterwarnings("ignore", message=_TORCHVISION_IO_DEPRECATION, category=DeprecationWarning)
+            _filter_installed = True
+
+
 def nvjpeg_unavailable_reason(device: torch.device) -> str | None:
     """None when ``decode_jpeg(device=cuda)`` works here; else why not (checked by decoding a tiny JPEG)."""
     if device.type != "cuda":
@@ -84,9 +105,8 @@ def nvjpeg_unavailable_reason(device: torch.device) -> str | None:
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
         data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = decode_jpeg([data], mode=ImageReadMode.UNCHANGED, device=device)
+        ignore_torchvision_io_deprecation()
+        out = decode_jpeg([data], mode=ImageReadMode.UNCHANGED, device=device)
         torch.cuda.synchronize(device)
         if tuple(out[0].shape) != (3, 16, 16):
             return f"torchvision's GPU decoder returned shape {tuple(out[0].shape)} for a 16x16 RGB JPEG"

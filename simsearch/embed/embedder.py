@@ -42,6 +42,17 @@ log = logging.getLogger(__name__)
 # Batch sizes tried, largest first, when none is given on CUDA (the first whose forward fits).
 CUDA_BATCH_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 CPU_BATCH_SIZE = 32
+# Query batches on CUDA are padded up to one of these sizes (or to the query batch size), so that
+# cudnn.benchmark autotunes a handful of shapes per process, not one per number of query images.
+QUERY_PAD_SIZES = (1, 4, 16, 64)
+
+
+def query_pad_size(n: int, step: int) -> int:
+    """The batch size a query chunk of ``n`` images (``n <= step``) is padded to: the smallest of
+    :data:`QUERY_PAD_SIZES` that holds it, but never more than ``step`` (the chunk size)."""
+    if not 0 < n <= step:
+        raise ValueError(f"a query chunk holds 1 to {step} images, not {n}")
+    return min([s for s in QUERY_PAD_SIZES if s >= n] + [step])
 
 
 @dataclass
@@ -116,6 +127,8 @@ class Embedder:
         if compile:
             self._forward_module = torch.compile(self.model, dynamic=False)
         self._batch_size = batch_size or (None if self.cuda else CPU_BATCH_SIZE)
+        # pad query chunks to QUERY_PAD_SIZES (on CUDA: one cuDNN autotuning per size, not per count)
+        self.pad_queries = self.cuda
         if warmup and (self.cuda or compile):
             self.warm_up()
 
@@ -162,9 +175,11 @@ class Embedder:
         c = self.prep.crop_size
         for size in CUDA_BATCH_CANDIDATES:
             try:
-                x = torch.randn((size, 3, c, c), device=self.device, dtype=self._input_dtype())
-                x = x.contiguous(memory_format=torch.channels_last)
+                # built inside inference_mode, as every real batch is: an ordinary tensor here would
+                # make a compiled model guard on it, and the first real batch would recompile
                 with torch.inference_mode():
+                    x = torch.randn((size, 3, c, c), device=self.device, dtype=self._input_dtype())
+                    x = x.contiguous(memory_format=torch.channels_last)
                     self._forward_module(x)
                 torch.cuda.synchronize(self.device)
                 del x
@@ -175,15 +190,17 @@ class Embedder:
                 continue
         raise InputError("not even a batch of 1 fits in GPU memory; use --device cpu")
 
-    def _forward(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, pad: bool = True, pad_to: int | None = None) -> torch.Tensor:
         """Model output (float32, L2-normalised) for a prepared input batch.
 
         Batches are padded to one shape when compiled (one compilation) and, with ``pad``, on CUDA
-        (one set of cuDNN algorithms: a short last batch would otherwise be autotuned anew).
+        (one set of cuDNN algorithms: a short last batch would otherwise be autotuned anew);
+        otherwise to ``pad_to`` rows when given. Padding rows are zeros, and their outputs dropped.
         """
         n = x.shape[0]
-        if (self.compiled or (pad and self.cuda)) and 0 < n < self.batch_size:
-            filler = x.new_zeros((self.batch_size - n, *x.shape[1:]))
+        target = self.batch_size if self.compiled or (pad and self.cuda) else (pad_to or n)
+        if 0 < n < target:
+            filler = x.new_zeros((target - n, *x.shape[1:]))
             x = torch.cat([x, filler]).contiguous(memory_format=torch.channels_last)
         if self._cpu_autocast:
             with torch.autocast("cpu", dtype=self.dtype):
@@ -197,10 +214,10 @@ class Embedder:
         x = normalize_batch(x, self.prep, self._input_dtype())
         return x.contiguous(memory_format=torch.channels_last)
 
-    def forward_crops(self, batch: torch.Tensor, pad: bool = True) -> torch.Tensor:
+    def forward_crops(self, batch: torch.Tensor, pad: bool = True, pad_to: int | None = None) -> torch.Tensor:
         """Normalise a uint8 NCHW batch of crops on the device and run the model: float32 vectors, on the
-        device (no copy back; call under ``torch.inference_mode``). See :meth:`_forward` for ``pad``."""
-        return self._forward(self._prepare_crops(batch), pad=pad)
+        device (no copy back; call under ``torch.inference_mode``). See :meth:`_forward` for the padding."""
+        return self._forward(self._prepare_crops(batch), pad=pad, pad_to=pad_to)
 
     @torch.inference_mode()
     def embed_uint8(self, batch: torch.Tensor) -> np.ndarray:
@@ -208,7 +225,10 @@ class Embedder:
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
         step = self._query_batch_size()
-        out = [self.forward_crops(chunk, pad=False) for chunk in batch.split(step)]
+        out = [
+            self.forward_crops(chunk, pad=False, pad_to=query_pad_size(len(chunk), step) if self.pad_queries else None)
+            for chunk in batch.split(step)
+        ]
         return torch.cat(out).cpu().numpy()
 
     def _query_batch_size(self) -> int:

@@ -14,7 +14,6 @@ any device, so it is tested on CPU against the PIL path.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from ..models import Preprocessing
 from .batches import JpegRef, PreparedBatch, RawBatch
 from .decode import CropDecoder, normalize_batch
+from .device import ignore_torchvision_io_deprecation
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,12 @@ def _rgb(img: torch.Tensor) -> torch.Tensor:
 class GpuBatchDecoder:
     """Turns a :class:`RawBatch` into normalised model input on the GPU (call from one thread).
 
-    Call it with ``self.stream`` current. The stream is synchronised before each decode: nvJPEG
-    writes its output on a stream of its own, into memory the caching allocator may hand back
-    from this stream's earlier (possibly still queued) work.
+    Call it with ``self.stream`` current. Around every ``decode_jpeg`` call (each chunk of a batch
+    of big photos, each bisection step) the stream is synchronised first: nvJPEG writes its output
+    from a stream of its own, into memory that the caching allocator hands out on this stream and
+    may have taken back from this stream's earlier work (the previous chunk's images, freed while
+    their resize kernels are still queued). Afterwards this stream waits for the decode (torchvision
+    makes only the legacy default stream wait for it), so nothing reads an image before it is written.
     """
 
     def __init__(
@@ -124,15 +127,23 @@ class GpuBatchDecoder:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.gpu_decoded = 0
         self.cpu_fallbacks = 0
+        ignore_torchvision_io_deprecation()  # here, in the constructing thread, not per call
+
+    def _decode_jpeg(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One batched nvJPEG call, ordered against this stream's work on both sides."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if self.stream is not None:
+            self.stream.synchronize()  # earlier kernels done with any memory nvJPEG may write into
+        out = list(decode_jpeg(views, mode=ImageReadMode.UNCHANGED, device=self.device))
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.default_stream(self.device))
+        return out
 
     def decode_list(self, views: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Batched nvJPEG decode; on an error (the call is all-or-nothing) bisect to find the culprits."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return list(decode_jpeg(views, mode=ImageReadMode.UNCHANGED, device=self.device))
+            return self._decode_jpeg(views)
         except RuntimeError as exc:
             if len(views) == 1:
                 log.debug("nvJPEG rejected a file: %s", exc)
@@ -143,8 +154,6 @@ class GpuBatchDecoder:
     def __call__(self, raw: RawBatch) -> PreparedBatch:
         n = len(raw.slots)
         c = self.prep.crop_size
-        if self.stream is not None:
-            self.stream.synchronize()
         pieces: list[tuple[torch.Tensor, list[int]]] = []  # (rows, their slots)
         dropped: set[int] = set()
         for refs in _chunks_by_pixels(raw.jpegs, DECODE_PIXEL_BUDGET):

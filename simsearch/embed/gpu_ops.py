@@ -1,9 +1,12 @@
 """Spherical k-means and exact inner-product search in torch, for a CUDA device when FAISS has none.
 
-The k-means follows FAISS's ``Clustering`` with ``spherical=True`` step for step (assign by
-maximum inner product, centroid = mean of its members, re-normalise, split a big cluster into an
-empty one), so given the same initial centroids both give the same clustering; the objective is
-FAISS's too (sum of the members' inner products with their centroids at the last assignment).
+The k-means follows FAISS's ``Clustering`` with ``spherical=True`` step for step (the same
+initial rows for the same seed, assign by maximum inner product, centroid = mean of its members,
+re-normalise, split a big cluster into an empty one with FAISS's random draws), so ``cluster
+--device cuda`` and ``--device cpu`` give the same clustering up to float rounding; the objective
+is FAISS's too (sum of the members' inner products with their centroids at the last assignment).
+FAISS's random numbers come from ``std::mt19937``, the generator numpy's legacy ``RandomState``
+is built on, seeded the same way: its raw 32-bit draws replay FAISS's.
 Everything is plain torch, so it runs (and is tested) on CPU as well; memory stays bounded by
 processing the vectors in row chunks.
 """
@@ -41,10 +44,48 @@ def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tens
     return labels, best
 
 
+class _Mt19937:
+    """FAISS's ``RandomGenerator``: raw ``std::mt19937`` draws (numpy's legacy seeding is mt19937's)."""
+
+    def __init__(self, seed: int) -> None:
+        self._rs = np.random.RandomState(seed & 0xFFFFFFFF)
+        self._buf = np.zeros(0, dtype=np.uint64)
+        self._pos = 0
+
+    def next(self) -> int:
+        if self._pos == len(self._buf):
+            # with this range, each value is one raw 32-bit output, in order
+            self._buf = self._rs.randint(0, 1 << 32, size=256, dtype=np.uint64)
+            self._pos = 0
+        self._pos += 1
+        return int(self._buf[self._pos - 1])
+
+    def rand_int(self, bound: int) -> int:
+        return self.next() % bound
+
+    def rand_float(self) -> np.float32:
+        return np.float32(self.next()) / np.float32(4294967295.0)
+
+
+def faiss_init_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """The rows FAISS's ``Clustering`` starts from (``x[perm[:k]]``, ``rand_perm`` seeded ``seed + 1``).
+
+    Only the first ``k`` steps of its Fisher-Yates shuffle decide them, so this is O(k), not O(n).
+    """
+    rng = _Mt19937(seed + 1)
+    moved: dict[int, int] = {}
+    rows = np.empty(k, dtype=np.int64)
+    for i in range(k):
+        j = i + rng.rand_int(n - i)
+        rows[i] = moved.get(j, j)
+        moved[j] = moved.get(i, i)
+    return rows
+
+
 def init_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """k distinct rows of ``x`` chosen with a seeded numpy RNG (the same rows on any device)."""
-    rows = np.random.RandomState(seed).choice(x.shape[0], size=k, replace=False)
-    return x[torch.from_numpy(np.sort(rows)).to(x.device)].clone()
+    """The k rows of ``x`` FAISS's k-means starts from for ``seed``, in its order (on any device)."""
+    rows = faiss_init_rows(x.shape[0], k, seed)
+    return x[torch.from_numpy(rows).to(x.device)].clone()
 
 
 def spherical_kmeans(
@@ -61,9 +102,11 @@ def spherical_kmeans(
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and {n}")
+    if k == n and init is None:  # FAISS's corner case: the points are the centroids, no iterations
+        labels, best = assign_nearest(x, x)
+        return x.clone(), labels, float(best.double().sum())
     c = (init.to(x.device, x.dtype) if init is not None else init_centroids(x, k, seed)).clone()
     c = torch.nn.functional.normalize(c, dim=1)
-    rng = np.random.RandomState(seed + 15486557)  # for splitting clusters, as FAISS seeds its own
     objective = 0.0
     labels = torch.zeros(n, dtype=torch.int64, device=x.device)
     for _ in range(niter):
@@ -71,25 +114,28 @@ def spherical_kmeans(
         objective = float(best.double().sum())
         sums = torch.zeros((k, d), dtype=x.dtype, device=x.device).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k)
-        new = sums / counts.clamp(min=1).to(x.dtype)[:, None]
+        new = sums * (1.0 / counts.clamp(min=1).to(x.dtype))[:, None]  # FAISS's arithmetic
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
-            new = _split_clusters(new, counts.double().cpu().numpy(), empty, rng)
+            new = _split_clusters(new, counts.cpu().numpy().astype(np.float32), empty, n)
         c = torch.nn.functional.normalize(new, dim=1)
     return c, labels, objective
 
 
-def _split_clusters(c: torch.Tensor, counts: np.ndarray, empty: list[int], rng: np.random.RandomState) -> torch.Tensor:
-    """Give each empty cluster half of a big one, as FAISS does (size-proportional pick, +-eps split)."""
+def _split_clusters(c: torch.Tensor, counts: np.ndarray, empty: list[int], n: int) -> torch.Tensor:
+    """Give each empty cluster half of a big one, as FAISS's ``split_clusters`` does: the same draws
+    (a generator seeded 1234 at every call), the same float32 arithmetic, the same +-eps split."""
     c = c.clone()
-    n = counts.sum()
+    rng = _Mt19937(1234)
     sign = torch.ones(c.shape[1], dtype=c.dtype, device=c.device)
     sign[1::2] = -1.0
     k = len(counts)
     for ci in empty:
         cj = 0
         while True:  # scan for a cluster to split, each picked with probability ~ its size
-            if rng.uniform() < (counts[cj] - 1.0) / max(1.0, n - k):
+            # (n == k: FAISS divides by zero; max(1, .) picks the same clusters)
+            p = np.float32((float(counts[cj]) - 1.0) / float(max(1, n - k)))
+            if rng.rand_float() < p:
                 break
             cj = (cj + 1) % k
         c[ci] = c[cj] * (1 + _SPLIT_EPS * sign)
@@ -109,7 +155,8 @@ def kmeans_torch(
         x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(dev)
         c, _, objective = spherical_kmeans(x, k, niter=niter, seed=seed)
         labels, ip = assign_nearest(x, c)  # final centroids, as the FAISS path searches them
-        sq = (x * x).sum(1) + (c * c).sum(1)[labels] - 2 * ip
+        # squared norms by reduction: no n x d temporary
+        sq = torch.linalg.vector_norm(x, dim=1).square_() + torch.linalg.vector_norm(c, dim=1).square_()[labels] - 2 * ip
         dist = sq.clamp_(min=0).sqrt_()
         return (
             c.cpu().numpy(),

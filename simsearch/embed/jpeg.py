@@ -1,8 +1,13 @@
 """Which JPEGs the GPU may decode: a marker scan, and Pillow's reading of the header.
 
-nvJPEG is given a file only when it decodes it to the same pixels Pillow would (8-bit baseline or
-progressive Huffman JPEGs in YCbCr or grayscale, complete, within ``max_pixels``); everything
-else goes to the CPU decoder, which reports failures in its own words. Host code only (no torch),
+nvJPEG is given a file only when its hardware decoder (A100/H100/H200) takes it in the batched
+call and decodes it to the same pixels Pillow would: 8-bit baseline Huffman JPEGs in YCbCr or
+grayscale, with a common chroma subsampling (4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1), complete, within
+``max_pixels``. Everything else goes to the CPU decoder, which reports failures in its own words.
+Progressive JPEGs (SOF2) in particular go to the CPU: torchvision hands whatever the hardware
+decoder rejects to nvJPEG's software path, one file at a time and with a host sync per file, in
+the single thread that prepares batches for the GPU, where the DataLoader workers decode them in
+parallel. Host code only (no torch),
 run in the DataLoader workers by :func:`simsearch.embed.batches.read_batch`.
 """
 
@@ -13,7 +18,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-_SOF_GPU = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman)
+_SOF_GPU = (0xC0,)  # baseline only: the hardware decoder's format
+# luma (H, V) sampling factors the hardware decoder takes, chroma being 1x1: 4:4:4, 4:2:2, 4:4:0,
+# 4:2:0, 4:1:1
+_LUMA_SAMPLING_GPU = frozenset({(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)})
 _SOF_ALL = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC are not frames
 
 
@@ -27,6 +35,7 @@ class JpegProbe:
     height: int
     components: int
     component_ids: tuple[int, ...]
+    sampling: tuple[tuple[int, int], ...]  # (H, V) sampling factors per component
     adobe_transform: int | None
     end: int  # offset just past the first EOI after the first scan (the primary image's end)
     header_end: int  # offset just past the first SOS header: everything Pillow reads to open the file
@@ -38,8 +47,10 @@ class JpegProbe:
             return False
         if self.components == 1:
             return True
-        if self.components != 3:
+        if self.components != 3 or len(self.sampling) != 3:
             return False  # CMYK / YCCK
+        if self.sampling[0] not in _LUMA_SAMPLING_GPU or self.sampling[1:] != ((1, 1), (1, 1)):
+            return False  # a subsampling the hardware decoder leaves to the software path
         if self.adobe_transform == 0:
             return False  # Adobe "no transform": stored as RGB, not YCbCr
         return self.component_ids != (ord("R"), ord("G"), ord("B"))
@@ -57,7 +68,7 @@ def probe_jpeg(data: bytes | bytearray | memoryview) -> JpegProbe | None:
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     pos = 2
-    sof: tuple[int, int, int, int, int, tuple[int, ...]] | None = None
+    sof: tuple[int, int, int, int, int, tuple[int, ...], tuple[tuple[int, int], ...]] | None = None
     adobe: int | None = None
     mpf = False
     sos_end = -1
@@ -82,7 +93,9 @@ def probe_jpeg(data: bytes | bytearray | memoryview) -> JpegProbe | None:
                 if seglen < 8:
                     return None
                 ncomp = data[start + 5]
-                ids = tuple(data[start + 6 + 3 * i] for i in range(ncomp) if start + 6 + 3 * i < end)
+                comps = [start + 6 + 3 * i for i in range(ncomp) if start + 6 + 3 * i + 1 < end]
+                ids = tuple(data[c] for c in comps)
+                sampling = tuple((data[c + 1] >> 4, data[c + 1] & 0x0F) for c in comps)
                 sof = (
                     marker,
                     data[start],
@@ -90,6 +103,7 @@ def probe_jpeg(data: bytes | bytearray | memoryview) -> JpegProbe | None:
                     (data[start + 1] << 8) | data[start + 2],
                     ncomp,
                     ids,
+                    sampling,
                 )
         elif marker == 0xEE and seglen >= 14 and bytes(data[start : start + 5]) == b"Adobe":
             adobe = data[start + 11]
@@ -108,8 +122,8 @@ def probe_jpeg(data: bytes | bytearray | memoryview) -> JpegProbe | None:
         if eoi < 0:
             return None
         end = eoi + 2
-    marker, precision, width, height, ncomp, ids = sof
-    return JpegProbe(marker, precision, width, height, ncomp, ids, adobe, end, sos_end)
+    marker, precision, width, height, ncomp, ids, sampling = sof
+    return JpegProbe(marker, precision, width, height, ncomp, ids, sampling, adobe, end, sos_end)
 
 
 def gpu_route(data: bytes | memoryview, max_pixels: int | None) -> tuple[JpegProbe, int, tuple[int, int]] | None:
