@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from ..images import THIN_ASPECT
+
 _SOF_GPU = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman)
 _SOF_ALL = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC are not frames
 
@@ -132,6 +134,8 @@ def gpu_route(data: bytes | memoryview, max_pixels: int | None) -> tuple[JpegPro
         return None
     if max_pixels is not None and w * h > max_pixels:
         return None  # the CPU path raises the over-the-limit error
+    if max(w, h) > THIN_ASPECT * min(w, h):
+        return None  # the CPU path trims a very thin image before resizing it (bounded memory)
     if not isinstance(orientation, int):
         orientation = 1
     size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
