@@ -13,8 +13,9 @@ import hashlib
 import io
 import logging
 import os
+import stat
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -42,6 +43,61 @@ class FileEntry:
     mtime_ns: int
 
 
+# What an OS error reading a file (permission, I/O) reads like in a stored error: such a failure
+# says nothing about the file's content, so the next run retries it even if size and mtime did
+# not change. Bad-image errors start with the file's (absolute) path instead, never with this.
+READ_ERROR_PREFIX = "cannot read "
+
+# Images more than this many times longer than wide (or wider than long) are centre-trimmed along
+# their long side before resizing (see simsearch.embed.decode): resizing a 60000 x 1 strip's short
+# side to 256 would otherwise allocate a 15,360,000 x 256 image (about 12 GB).
+THIN_ASPECT = 32
+
+
+def is_read_error(error: str | None) -> bool:
+    """Whether a stored failure was an OS error reading the file (worth retrying), not a bad image."""
+    return bool(error) and error.startswith(READ_ERROR_PREFIX)  # type: ignore[union-attr]
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, from its ``st_mode``."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def not_regular_reason(path: str, mode: int) -> str:
+    """The one-line reason a non-regular file is skipped (it is never opened: a FIFO would block)."""
+    return f"{path} is {file_kind(mode)}, not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading; anything else is refused without blocking.
+
+    The open is non-blocking, so a FIFO swapped in after the walk cannot hang the run; the file
+    is then checked to be regular before a byte is read. Raises OSError, or :class:`ImageError`
+    for a FIFO, socket or device.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(not_regular_reason(os.fspath(path), mode))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -57,26 +113,40 @@ def _excluded(path: str, rel: str, patterns: tuple[str, ...]) -> bool:
     )
 
 
-def iter_image_files(roots: Iterable[str | os.PathLike[str]], exclude: Iterable[str] = ()) -> Iterator[FileEntry]:
+SkipCallback = Callable[[str, str], None]
+
+
+def iter_image_files(
+    roots: Iterable[str | os.PathLike[str]], exclude: Iterable[str] = (), on_skip: SkipCallback | None = None
+) -> Iterator[FileEntry]:
     """Walk ``roots`` recursively and yield image files in a stable (sorted) order.
 
     Hidden files and folders, OS junk (``._*``, ``Thumbs.db``, ``.DS_Store``) and paths matching
     an ``exclude`` glob (tested against the name, the path relative to the root, and the absolute
     path) are skipped. Symlinked folders are followed once: a loop or a second link to the same
     folder never repeats it, and a file reachable by two paths is yielded once.
+
+    A FIFO, socket or device with an image name (or given as a root) is never opened (a FIFO
+    would block); ``on_skip(path, reason)`` hears of it.
     """
     patterns = tuple(exclude)
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
+    skip = on_skip or (lambda path, reason: None)
     for root in roots:
         root_path = os.path.abspath(os.fspath(root))
-        if os.path.isfile(root_path):
+        try:
             st = os.stat(root_path)
-            if (st.st_dev, st.st_ino) not in seen_files:
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
+                skip(root_path, not_regular_reason(root_path, st.st_mode))
+            elif (st.st_dev, st.st_ino) not in seen_files:
                 seen_files.add((st.st_dev, st.st_ino))
                 yield FileEntry(root_path, st.st_size, st.st_mtime_ns)
             continue
-        yield from _walk(root_path, root_path, patterns, seen_dirs, seen_files)
+        yield from _walk(root_path, root_path, patterns, seen_dirs, seen_files, skip)
 
 
 def _walk(
@@ -85,6 +155,7 @@ def _walk(
     patterns: tuple[str, ...],
     seen_dirs: set[tuple[int, int]],
     seen_files: set[tuple[int, int]],
+    skip: SkipCallback,
 ) -> Iterator[FileEntry]:
     try:
         st = os.stat(folder)
@@ -112,10 +183,13 @@ def _walk(
             if entry.is_dir(follow_symlinks=True):
                 subdirs.append(entry.path)
                 continue
-            if not entry.is_file(follow_symlinks=True) or not is_image_name(entry.name):
+            if not is_image_name(entry.name):
                 continue
             fst = entry.stat(follow_symlinks=True)
         except OSError:  # dangling link, permission denied
+            continue
+        if not stat.S_ISREG(fst.st_mode):
+            skip(entry.path, not_regular_reason(entry.path, fst.st_mode))
             continue
         fkey = (fst.st_dev, fst.st_ino)
         if fkey in seen_files:
@@ -123,7 +197,7 @@ def _walk(
         seen_files.add(fkey)
         yield FileEntry(entry.path, fst.st_size, fst.st_mtime_ns)
     for sub in subdirs:
-        yield from _walk(root, sub, patterns, seen_dirs, seen_files)
+        yield from _walk(root, sub, patterns, seen_dirs, seen_files, skip)
 
 
 def content_hash(data: bytes) -> str:
@@ -132,16 +206,17 @@ def content_hash(data: bytes) -> str:
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
-    with open(path, "rb") as f:
+    """Raises OSError (or ImageError for a file that is not regular)."""
+    with open_regular(path) as f:
         return content_hash(f.read())
 
 
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
     except OSError as exc:
-        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise ImageError(f"{READ_ERROR_PREFIX}{path}: {exc.strerror or exc}") from exc
     if not data:
         raise ImageError(f"{path} is empty (0 bytes)")
     return data

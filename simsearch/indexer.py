@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
-from .errors import InputError
-from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, iter_image_files
-from .store import ImageRow, IndexStore, storable_path, utc_now
+from .errors import ImageError, InputError
+from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, is_read_error, iter_image_files
+from .store import ImageRow, IndexStore, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class IndexSummary:
     seconds: float = 0.0
     embed_seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # FIFOs, sockets, devices: never opened
 
     @property
     def images_per_second(self) -> float:
@@ -216,7 +218,7 @@ def index_folders(
                 "updated_at": utc_now(),
                 "max_pixels": options.max_pixels,
                 "roots": sorted(set(store.meta.get("roots", [])) | set(root_list)),
-                "last_run": {k: v for k, v in summary.to_dict().items() if k != "failures"},
+                "last_run": {k: v for k, v in summary.to_dict().items() if k not in ("failures", "skipped")},
             }
         )
         return summary
@@ -237,20 +239,30 @@ def _pixel_limit(max_pixels: int | None) -> float:
 def _plan(
     store: IndexStore, roots: list[str], exclude: Iterable[str], summary: IndexSummary, retry_failed: bool = False
 ) -> _Plan:
-    """Classify files and apply the cheap changes (moves, touches, removals) before embedding."""
-    existing = {row.path: row for row in store.catalog.rows()}
+    """Classify files and apply the cheap changes (moves, touches, removals) before embedding.
+
+    Rows are keyed by the real path (what the walk reports), never by its printable form: two
+    names that print alike are still two files.
+    """
+    existing = {row.real_path: row for row in store.catalog.rows()}
     seen: set[str] = set()
     new: list[FileEntry] = []
     to_embed: list[FileEntry] = []
     touched: list[tuple[FileEntry, ImageRow]] = []
-    for entry in iter_image_files(roots, exclude):
-        key = storable_path(entry.path)
+
+    def skipped(path: str, reason: str) -> None:
+        summary.skipped.append({"path": path, "reason": reason})
+        log.warning("skipped: %s", reason)
+
+    for entry in iter_image_files(roots, exclude, on_skip=skipped):
+        key = entry.path
         seen.add(key)
         row = existing.get(key)
         if row is None:
             new.append(entry)
         elif row.size == entry.size and row.mtime_ns == entry.mtime_ns:
-            if retry_failed and not row.ok:
+            # an OS error (permission, I/O) said nothing about the content: try again
+            if not row.ok and (retry_failed or is_read_error(row.error)):
                 to_embed.append(entry)
             else:
                 summary.unchanged += 1
@@ -272,7 +284,7 @@ def _plan(
         if candidates:
             try:
                 digest = hash_file(entry.path)
-            except OSError:
+            except (OSError, ImageError):
                 digest = None
             match = next((r for r in candidates if r.hash == digest), None)
         if match is not None:
@@ -287,7 +299,7 @@ def _plan(
     for entry, row in touched:
         try:
             same = hash_file(entry.path) == row.hash
-        except OSError:
+        except (OSError, ImageError):
             same = False
         if same and (row.ok or not retry_failed):
             touched_only.append((entry, row))
@@ -300,7 +312,7 @@ def _plan(
         removals=removed,
     )
     for entry, row in moves:
-        existing.pop(row.path, None)
+        existing.pop(row.real_path, None)
         log.info("moved: %s -> %s", row.path, entry.path)
     summary.moved = len(moves)
     summary.removed = len(removed)
@@ -309,12 +321,30 @@ def _plan(
 
 
 def _commit_batch(store: IndexStore, batch: Any, by_path: dict[str, FileEntry], existing: dict[str, ImageRow], summary: IndexSummary) -> None:
-    """Turn one embedded batch into rows, have the store commit them with their vectors, and count."""
+    """Turn one embedded batch into rows, have the store commit them with their vectors, and count.
+
+    A row the catalog refuses (a constraint error) fails that file only: the batch is then
+    committed file by file, and the refused file is reported as failed (and not stored).
+    """
     records = [_record(by_path[item.path], item.hash, item.width, item.height, item.error) for item in batch.items]
-    replacing = [existing.get(storable_path(item.path)) for item in batch.items]
-    store.commit(records, batch.vectors, replacing)
-    for item, row in zip(batch.items, replacing):
-        if not item.ok:
+    replacing = [existing.get(item.path) for item in batch.items]
+    refused: dict[int, str] = {}
+    try:
+        store.commit(records, batch.vectors, replacing)
+    except sqlite3.IntegrityError:
+        vectors = iter(batch.vectors)
+        for i, (record, row) in enumerate(zip(records, replacing)):
+            vector = batch.vectors[:0] if record["status"] != "ok" else next(vectors)[None]
+            try:
+                store.commit([record], vector, [row])
+            except sqlite3.IntegrityError as exc:
+                refused[i] = f"{record['path']}: the catalog refused its row ({exc})"
+    for i, (item, row) in enumerate(zip(batch.items, replacing)):
+        if i in refused:
+            summary.failed += 1
+            summary.failures.append({"path": item.path, "error": refused[i]})
+            log.warning("skipped: %s", refused[i])
+        elif not item.ok:
             summary.failed += 1
             summary.failures.append({"path": item.path, "error": item.error or ""})
             log.warning("skipped: %s", item.error)

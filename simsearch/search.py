@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
-from .images import DEFAULT_MAX_PIXELS, content_hash, read_bytes
+from .images import DEFAULT_MAX_PIXELS, content_hash, not_regular_reason, read_bytes
 from .store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,12 @@ def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:
         if path.is_dir():
             raise InputError(f"query image {q} is a folder; give image files")
         if not path.is_file():
-            raise InputError(f"query image not found: {q}")
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                raise InputError(f"query image not found: {q}") from None
+            # a FIFO, socket or device: never opened (reading a FIFO would block)
+            raise InputError(f"query image {not_regular_reason(str(q), mode)}")
 
 
 class Searcher:

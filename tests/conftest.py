@@ -158,4 +158,4 @@ def assert_consistent(index_dir) -> None:
             got = np.stack([index.reconstruct(int(i)) for i in ids])
             np.testing.assert_allclose(got, vectors, rtol=0, atol=0)
         rows = store.catalog.rows()
-        assert len({r.path for r in rows}) == len(rows)
+        assert len({r.real_path for r in rows}) == len(rows)

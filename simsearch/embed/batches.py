@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ImageError
-from ..images import content_hash, read_bytes
+from ..images import content_hash, open_regular, read_bytes
 from .decode import CropDecoder, DecodedItem
 from .jpeg import gpu_route
 
@@ -138,7 +138,7 @@ def read_batch(paths: Sequence[str], decoder: CropDecoder, gpu: bool) -> RawBatc
 def _read_into(path: str, view: memoryview, pos: int) -> memoryview | None:
     """Read a whole file into ``view[pos:]``; None if it is empty, unreadable or does not fit."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO swapped in since the walk must not block
             n = os.fstat(f.fileno()).st_size
             if n <= 0 or pos + n > len(view):
                 return None
@@ -146,6 +146,6 @@ def _read_into(path: str, view: memoryview, pos: int) -> memoryview | None:
             if f.readinto(mv) != n or f.read(1):
                 return None
             return mv
-    except OSError:
+    except (OSError, ImageError):
         return None
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImageError
-from ..images import DEFAULT_MAX_PIXELS, decode_image_sized
+from ..images import DEFAULT_MAX_PIXELS, THIN_ASPECT, decode_image_sized
 from ..models import Preprocessing
 
 
@@ -36,11 +36,34 @@ class DecodedItem:
         return self.error is None
 
 
+def trim_thin(img: Image.Image, aspect: int = THIN_ASPECT) -> Image.Image:
+    """Keep the centred part of a very thin image's long side, at most ``aspect`` times its short side.
+
+    The shorter side is resized to the model's resize size and only a centred square is kept, so
+    the trimmed-off ends never reach the model; but resizing them first would allocate
+    ``long / short * resize_size**2`` pixels (about 12 GB for a 60000 x 1 strip). Trimmed, the
+    resize allocates at most ``aspect * resize_size**2`` pixels whatever the file. Images within
+    the aspect ratio are returned as they are.
+    """
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    if short == 0 or long <= aspect * short:
+        return img
+    keep = aspect * short
+    start = (long - keep) // 2
+    return img.crop((start, 0, start + keep, h) if w > h else (0, start, w, start + keep))
+
+
 def preprocess_pil(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """Resize the shorter side, centre-crop, return a uint8 CHW tensor (normalised later, on device)."""
+    """Resize the shorter side, centre-crop, return a uint8 CHW tensor (normalised later, on device).
+
+    A very thin image is first trimmed to its centre (:func:`trim_thin`), so that memory stays
+    bounded whatever the aspect ratio.
+    """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
+    img = trim_thin(img)
     img = F.resize(img, [prep.resize_size], interpolation=InterpolationMode(prep.interpolation), antialias=True)
     img = F.center_crop(img, [prep.crop_size])
     return F.pil_to_tensor(img)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from ..images import THIN_ASPECT
+
 _SOF_GPU = (0xC0,)  # baseline only: the hardware decoder's format
 # luma (H, V) sampling factors the hardware decoder takes, chroma being 1x1: 4:4:4, 4:2:2, 4:4:0,
 # 4:2:0, 4:1:1
@@ -146,6 +148,8 @@ def gpu_route(data: bytes | memoryview, max_pixels: int | None) -> tuple[JpegPro
         return None
     if max_pixels is not None and w * h > max_pixels:
         return None  # the CPU path raises the over-the-limit error
+    if max(w, h) > THIN_ASPECT * min(w, h):
+        return None  # the CPU path trims a very thin image before resizing it (bounded memory)
     if not isinstance(orientation, int):
         orientation = 1
     size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -16,6 +16,8 @@ from .catalog import (
     Catalog,
     Clustering,
     ImageRow,
+    display_path,
+    real_path,
     storable_path,
     utc_now,
 )
@@ -44,6 +46,8 @@ __all__ = [
     "describe_identity",
     "index_info",
     "storable_path",
+    "real_path",
+    "display_path",
     "utc_now",
     "write_atomic",
 ]

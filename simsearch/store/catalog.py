@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -36,22 +36,37 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def storable_path(path: str) -> str:
-    """The text a path is stored and looked up under.
+def storable_path(path: str) -> str | bytes:
+    """The value a path is stored and looked up under: lossless, and distinct for distinct names.
 
     POSIX file names are bytes; one that is not valid UTF-8 reaches Python with surrogate escapes,
-    which SQLite cannot store. Such a name is kept with its odd bytes written as ``\\xff`` escapes,
-    so the file is still indexed, shown readably, and found again under the same key next run.
+    which SQLite text cannot hold. A valid UTF-8 name is stored as text, exactly as it reads (as
+    every earlier version stored it); any other name is stored as its raw bytes (a BLOB). SQLite
+    never finds a BLOB equal to a text value, so a name cannot collide with another whose text
+    looks the same (``x\\xff.jpg`` spelt out), and :func:`real_path` gives back the very bytes.
     """
     try:
         path.encode("utf-8")
         return path
     except UnicodeEncodeError:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return os.fsencode(path)
+
+
+def real_path(stored: str | bytes) -> str:
+    """The path to open for a stored path (the inverse of :func:`storable_path`)."""
+    return os.fsdecode(stored) if isinstance(stored, bytes) else stored
+
+
+def display_path(path: str | bytes) -> str:
+    """A path as printable text: bytes that are not UTF-8 are written as ``\\xff`` escapes."""
+    raw = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _storable_record(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: storable_path(v) if isinstance(v, str) else v for k, v in record.items()}
+    return {
+        k: (storable_path(v) if k == "path" else display_path(v)) if isinstance(v, str) else v for k, v in record.items()
+    }
 
 
 @dataclass
@@ -67,6 +82,14 @@ class ImageRow:
     height: int | None
     status: str
     error: str | None
+    real_path: str = field(default="", repr=False, compare=False)
+    """The name to open the file by; ``path`` is the same name as printable text (they differ only
+    for a name that is not valid UTF-8, which the catalog hands over as its stored bytes)."""
+
+    def __post_init__(self) -> None:
+        stored = self.path
+        self.real_path = real_path(stored)
+        self.path = display_path(stored) if isinstance(stored, bytes) else stored
 
     @property
     def ok(self) -> bool:

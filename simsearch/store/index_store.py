@@ -57,7 +57,8 @@ class Consistency:
 
     @property
     def count(self) -> int:
-        return len(self.missing) + len(self.extra) + len(self.stale)
+        """How many ids were out of step, each once (a missing row is usually pending too)."""
+        return len(np.union1d(np.union1d(self.missing, self.extra), self.stale))
 
 
 class IndexStore:
@@ -158,12 +159,13 @@ class IndexStore:
     def ensure_identity(self, description: dict[str, Any], rebuild: bool = False) -> None:
         """Record the model for a fresh index; refuse a different one unless ``rebuild``.
 
-        Rebuilding drops every row and vector, and keeps the recorded FAISS layout.
+        Rebuilding (even with the same model) drops every row and vector, and keeps the recorded
+        FAISS layout.
         """
         if not rebuild:
             self.check_model(description)
         current = self.catalog.identity()
-        if current == {k: description[k] for k in IDENTITY_KEYS}:
+        if current == {k: description[k] for k in IDENTITY_KEYS} and not rebuild:
             return
         if current is not None:
             log.warning("rebuilding %s: dropping every vector made with %s", self.path, describe_identity(current))
