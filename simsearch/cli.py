@@ -534,6 +534,134 @@ def eval_command(
         click.echo(f"warning: {w}", err=True)
 
 
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@index_option
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None, help="Cosine similarity that makes a duplicate (overrides the calibrated one).")
+@click.option("--calibrate", is_flag=True, help="Measure the threshold again on synthetic copies of a sample of the collection (embeds them).")
+@click.option("--precision-target", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.99, show_default=True, help="Precision the calibrated threshold aims at.")
+@click.option("--keep", type=click.Choice(["largest", "oldest", "newest", "shortest-path"]), default="largest", show_default=True, help="Which image of a group is the keeper.")
+@click.option("--prefer", "prefer", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER", help="Keep images under FOLDER first (repeatable), then apply --keep.")
+@click.option("--verify", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="Check candidate pairs below the threshold with local features (OpenCV ORB + RANSAC); auto: when the calibration found it better.")
+@click.option("--neighbours", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Nearest neighbours searched per image.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print duplicate,keeper,score rows.")
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the groups as a self-contained HTML page with thumbnails.")
+@click.option("--move-to", "move_to", type=click.Path(file_okay=False, path_type=Path), default=None, help="Move every non-keeper under this folder (keeping its relative path); a dry run unless --apply.")
+@click.option("--apply", "apply", is_flag=True, help="With --move-to: really move the files.")
+@device_option
+@json_option
+@quiet_option
+@handle_errors
+def duplicates(
+    images: tuple[Path, ...],
+    index_dir: Path | None,
+    threshold: float | None,
+    calibrate: bool,
+    precision_target: float,
+    keep: str,
+    prefer: tuple[Path, ...],
+    verify: str,
+    k: int,
+    as_csv: bool,
+    html: Path | None,
+    move_to: Path | None,
+    apply: bool,
+    device: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Groups of near-duplicate indexed images, each with a keeper; with IMAGE..., whether those images are already indexed."""
+    from .duplicates import check_images, find_duplicates, move_duplicates
+
+    index_dir = index_dir or default_index_dir()
+    if apply and move_to is None:
+        raise click.UsageError("--apply goes with --move-to")
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    if images:
+        if move_to is not None or html is not None or as_csv:
+            raise click.UsageError("--move-to, --html and --csv work on the whole index, not with IMAGE arguments")
+        used, checks = check_images(images, index_dir, threshold=threshold, precision_target=precision_target, k=k, device=device)
+        if as_json:
+            _dump({"threshold": used, "images": [c.to_dict() for c in checks]})
+            return
+        for c in checks:
+            click.echo(f"{c.image}: " + (f"{len(c.matches)} in the index" if c.matches else "not in the index"))
+            for m in c.matches:
+                click.echo(f"  {m['score']:7.4f}  {'identical ' if m['identical'] else ''}{m['path']}")
+        return
+    result = find_duplicates(
+        index_dir, threshold=threshold, keep=keep, prefer=[str(p) for p in prefer], verify=verify,
+        calibrate=calibrate, precision_target=precision_target, k=k, move_to=move_to,
+        calibrate_options={"device": device},
+    )
+    if result.calibrated_now and result.calibration and not quiet and not (calibrate and not (as_json or as_csv)):
+        _echo_calibration(result.calibration, err=True)
+    if html is not None:
+        from .report import write_duplicates_html
+
+        write_duplicates_html(index_dir, result, html)
+    plan = move_duplicates(index_dir, result, move_to, apply=apply) if move_to is not None else None
+    if plan is not None:
+        for warning in plan.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        data = result.to_dict()
+        data["calibration"] = result.calibration
+        if plan is not None:
+            data["move"] = plan.to_dict()
+        _dump(data)
+        return
+    if as_csv:
+        click.echo(result.to_csv(), nl=False)
+        return
+    if calibrate and result.calibration:
+        _echo_calibration(result.calibration, err=False)
+    how = f"threshold {result.threshold:.4f} ({result.threshold_source})"
+    if result.verified:
+        how += f", pairs from {result.candidate_threshold:.4f} verified with local features ({result.pairs_verified} checked)"
+    click.echo(f"{len(result.groups)} groups, {result.duplicates} duplicates among {result.images} images; {how} [{result.seconds:.1f}s]")
+    for n, group in enumerate(result.groups, 1):
+        kp = group.keeper
+        click.echo(f"group {n}: keep {kp.path}  ({_size_text(kp.width, kp.height)}, {_human_bytes(kp.size or 0)})")
+        for m in group.duplicates:
+            tags = " ".join(t for t, on in (("identical", m.identical), ("verified", m.verified)) if on)
+            click.echo(f"  {m.score:7.4f}  {_size_text(m.width, m.height):>11}  {m.path}" + (f"  [{tags}]" if tags else ""))
+    if plan is not None:
+        verb = "moved" if plan.applied else "would move"
+        for move in plan.moves:
+            if move.skipped is None:
+                click.echo(f"{verb}: {move.source} -> {move.target}")
+        if not plan.applied:
+            click.echo(f"dry run: {len(plan.moves)} files would move to {plan.target_dir}; add --apply to move them")
+        else:
+            click.echo(f"moved {plan.moved} files to {plan.target_dir}, skipped {len(plan.moves) - plan.moved}")
+
+
+def _size_text(width: int | None, height: int | None) -> str:
+    return f"{width}x{height}" if width else "?"
+
+
+def _echo_calibration(cal: dict[str, Any], err: bool) -> None:
+    lines = [
+        f"calibrated on {cal['sample']} images x {len(cal['edits'])} edits, {cal['negatives']} non-copies: "
+        f"threshold {cal['threshold']:.4f} for precision {cal['precision_target']}"
+        f" (estimated {cal['estimated_precision']}, recall {cal['estimated_recall']})",
+    ]
+    verified = cal.get("verified_recall")
+    if verified:
+        lines.append(
+            f"with verification from {cal['candidate_threshold']:.4f}: estimated precision "
+            f"{cal['estimated_precision_verified']}, recall {cal['estimated_recall_verified']}"
+            + (" (the default)" if cal.get("verify_default") else " (not used by default)")
+        )
+    lines.append(f"  {'edit':<12} {'recall':>7}" + (f" {'verified':>9}" if verified else ""))
+    for edit, row in cal["recall"].items():
+        lines.append(f"  {edit:<12} {row['recall']:7.3f}" + (f" {verified[edit]:9.3f}" if verified else ""))
+    for line in lines:
+        click.echo(line, err=err)
+
+
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

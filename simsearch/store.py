@@ -11,13 +11,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .ann import DEFAULT_FACTORY, FAISS_FILE, VectorIndex
-from .catalog import IDENTITY_KEYS, Catalog
+from .catalog import IDENTITY_KEYS, Catalog, storable_path, utc_now  # noqa: F401 (re-exported)
 from .errors import EmptyIndexError, IndexBusyError, IndexCorruptError, IndexMismatchError
+
+if TYPE_CHECKING:
+    from .thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +216,32 @@ class IndexStore:
         self.ann.save(self.ann_path)
         if len(pending):
             self.catalog.clear_pending(pending)
+
+    # -- near-duplicates (simsearch.duplicates) ----------------------------------------------
+    def record_duplicates_calibration(self, calibration: dict[str, Any]) -> None:
+        """Keep the duplicates threshold a calibration chose (with the model identity it holds for)."""
+        self.catalog.set_meta({"duplicates_calibration": calibration})
+
+    def forget_moved_images(self, ids: list[int]) -> None:
+        """Drop rows whose files were moved out of the indexed folders: catalog, FAISS and thumbnails.
+
+        The caller holds the write lock (:meth:`lock_for_writing`).
+        """
+        if not ids:
+            return
+        with self.catalog.transaction():
+            self.catalog.delete_rows(ids)
+        if self.ann is not None:
+            self.ann.remove(np.asarray(ids, dtype=np.int64))
+        self.save_ann()
+        self.thumbnails.drop(ids)
+
+    @property
+    def thumbnails(self) -> "ThumbnailCache":
+        """Bounded JPEG thumbnails of indexed images, cached under ``thumbs/`` (see :mod:`simsearch.thumbnails`)."""
+        from .thumbnails import ThumbnailCache
+
+        return ThumbnailCache(self.path, self.catalog)
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
