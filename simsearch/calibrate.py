@@ -211,6 +211,14 @@ def calibrate_index(
     pos = np.einsum("nd,nd->n", vectors, ann.index.reconstruct_batch(src)).astype(np.float64)
     neg_ids = np.sort(rng.choice(all_ids, size=min(negatives, len(all_ids)), replace=False))
     neg = nearest_other_scores(store, neg_ids).astype(np.float64)
+    if verify is None:
+        verify = verifier_available()
+    verifier = Verifier() if verify else None
+    held = 0
+    if verifier is not None:  # copies the collection already holds are not non-copies
+        keep = _drop_held_copies(store, verifier, neg_ids, neg, float(np.quantile(pos, 0.01)))
+        held = int((~keep).sum())
+        neg_ids, neg = neg_ids[keep], neg[keep]
     threshold = threshold_for_precision(pos, neg, precision_target)
     kinds_arr = np.asarray(kinds)
     recall = {k: {"recall": round(float(np.mean(pos[kinds_arr == k] >= threshold)), 4)} for k in edits}
@@ -226,19 +234,44 @@ def calibrate_index(
         "sample": len(originals),
         "copies": len(copies),
         "negatives": len(neg),
+        "held_copies_dropped": held,
         "seed": seed,
         "edits": list(edits),
         "verify_default": False,
     }
-    if verify is None:
-        verify = verifier_available()
-    if verify:
-        record_.update(_calibrate_verification(store, Verifier(), pos, neg, neg_ids, threshold, copies, src, kinds_arr, precision_target, rows_of=store.catalog.rows_by_ids))
+    if verifier is not None:
+        record_.update(_calibrate_verification(store, verifier, pos, neg, neg_ids, threshold, copies, src, kinds_arr, precision_target, rows_of=store.catalog.rows_by_ids))
     record_["created_at"] = utc_now()
     record_["seconds"] = round(time.perf_counter() - start, 2)
     if record:
         store.record_duplicates_calibration(record_)
     return record_
+
+
+def _nearest_other(store: IndexStore, ids: np.ndarray) -> list[tuple[int, int]]:
+    """(id, its nearest other indexed id) pairs."""
+    ann = store.require_vectors()
+    _, found = ann.search(ann.index.reconstruct_batch(ids), 2)
+    return [(int(i), int(f[1] if f[0] == i else f[0])) for i, f in zip(ids.tolist(), found)]
+
+
+def _drop_held_copies(
+    store: IndexStore, verifier: Any, ids: np.ndarray, scores: np.ndarray, low: float, limit: int = 1000
+) -> np.ndarray:
+    """Mask of the negatives to keep: an image whose nearest other scores at least ``low`` (where
+    copies start) and matches it under a homography is a copy the collection already holds, not a
+    non-copy. The ``limit`` highest-scoring are checked."""
+    keep = np.ones(len(ids), bool)
+    band = np.flatnonzero(scores >= low)
+    band = band[np.argsort(-scores[band])][:limit]
+    if len(band) == 0:
+        return keep
+    pairs = _nearest_other(store, ids[band])
+    rows = store.catalog.rows_by_ids([x for p in pairs for x in p])
+    for j, (a, b) in zip(band.tolist(), pairs):
+        if a in rows and b in rows and verifier.same_scene(rows[a].path, rows[b].path):
+            keep[j] = False
+    return keep
 
 
 def _calibrate_verification(
@@ -266,10 +299,7 @@ def _calibrate_verification(
     checked_neg = band_neg if len(band_neg) <= check_limit else np.sort(rnd.choice(band_neg, check_limit, replace=False))
     fp = 0
     if len(checked_neg):
-        ann = store.require_vectors()
-        ids = neg_ids[checked_neg]
-        _, found = ann.search(ann.index.reconstruct_batch(ids), 2)
-        pairs = [(int(i), int(f[1] if f[0] == i else f[0])) for i, f in zip(ids.tolist(), found)]
+        pairs = _nearest_other(store, neg_ids[checked_neg])
         rows_n = rows_of([x for p in pairs for x in p])
         fp = sum(verifier.same_scene(rows_n[a].path, rows_n[b].path) for a, b in pairs if a in rows_n and b in rows_n)
     neg_rate = fp / len(checked_neg) if len(checked_neg) else 0.0

@@ -228,6 +228,7 @@ def _render_failed(rows: list[dict[str, Any]], as_json: bool) -> None:
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None, help="Only results with cosine similarity at least this.")
 @click.option("--include-self", is_flag=True, help="Keep an indexed query image in its own results.")
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the results as a self-contained HTML page with thumbnails.")
 @device_option
 @precision_option
 @json_option
@@ -241,6 +242,7 @@ def query(
     device: str,
     precision: str,
     as_json: bool,
+    html: Path | None = None,
 ) -> None:
     """Find the indexed images most similar to each example IMAGE."""
     from .search import query_images
@@ -249,6 +251,10 @@ def query(
         images, index_dir or default_index_dir(), k=top_k, threshold=threshold, include_self=include_self, device=device,
         precision=precision,
     )
+    if html is not None:
+        from .report import write_query_html
+
+        write_query_html(index_dir or default_index_dir(), results, html)
     if as_json:
         _dump([r.to_dict() for r in results])
         return
@@ -277,6 +283,7 @@ def query(
     show_default=True,
     help="Where k-means runs (auto: the GPU when present, via FAISS-GPU or torch).",
 )
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the clusters and their representatives as a self-contained HTML page.")
 @json_option
 @handle_errors
 def cluster(
@@ -288,6 +295,7 @@ def cluster(
     show: int | None,
     device: str,
     as_json: bool,
+    html: Path | None = None,
 ) -> None:
     """Group the indexed images into k clusters (k-means); show a stored clustering without -k."""
     from .cluster import cluster_index, cluster_members, load_clusters
@@ -306,6 +314,10 @@ def cluster(
         if k is not None
         else load_clusters(index_dir, representatives)
     )
+    if html is not None:
+        from .report import write_cluster_html
+
+        write_cluster_html(index_dir, result, html)
     if as_json:
         _dump(result.to_dict())
         return
@@ -540,6 +552,7 @@ def eval_command(
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None, help="Cosine similarity that makes a duplicate (overrides the calibrated one).")
 @click.option("--calibrate", is_flag=True, help="Measure the threshold again on synthetic copies of a sample of the collection (embeds them).")
 @click.option("--precision-target", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.99, show_default=True, help="Precision the calibrated threshold aims at.")
+@click.option("--calibration-sample", type=click.IntRange(min=1), default=100, show_default=True, help="Images a calibration makes synthetic copies of.")
 @click.option("--keep", type=click.Choice(["largest", "oldest", "newest", "shortest-path"]), default="largest", show_default=True, help="Which image of a group is the keeper.")
 @click.option("--prefer", "prefer", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER", help="Keep images under FOLDER first (repeatable), then apply --keep.")
 @click.option("--verify", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="Check candidate pairs below the threshold with local features (OpenCV ORB + RANSAC); auto: when the calibration found it better.")
@@ -558,6 +571,7 @@ def duplicates(
     threshold: float | None,
     calibrate: bool,
     precision_target: float,
+    calibration_sample: int,
     keep: str,
     prefer: tuple[Path, ...],
     verify: str,
@@ -593,7 +607,7 @@ def duplicates(
     result = find_duplicates(
         index_dir, threshold=threshold, keep=keep, prefer=[str(p) for p in prefer], verify=verify,
         calibrate=calibrate, precision_target=precision_target, k=k, move_to=move_to,
-        calibrate_options={"device": device},
+        calibrate_options={"device": device, "sample": calibration_sample},
     )
     if result.calibrated_now and result.calibration and not quiet and not (calibrate and not (as_json or as_csv)):
         _echo_calibration(result.calibration, err=True)

@@ -26,7 +26,7 @@ from .errors import ImageError
 from .images import load_image
 
 MIN_INLIERS = 20  # homography-consistent matches that make a pair the same picture
-MAX_SIDE = 512  # images are matched at most this size (longer side)
+MAX_SIDE = 512  # images are matched at this size (longer side; small ones are enlarged, so scale differences shrink)
 FEATURES = 1000  # ORB keypoints per image
 RATIO = 0.8  # Lowe's ratio test
 CACHE = 512  # images whose features are kept (a keeper is checked against each of its candidates)
@@ -53,7 +53,7 @@ class Verifier:
     def _gray(self, image: Image.Image) -> np.ndarray:
         image = image.convert("L")
         scale = self.max_side / max(image.size)
-        if scale < 1:
+        if abs(scale - 1) > 0.05:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
         return np.asarray(image)
 
