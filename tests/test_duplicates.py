@@ -172,16 +172,24 @@ def test_keeper_rules():
 
 
 # -- the command, on a real index ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dup_index(tmp_path_factory):
-    """8 distinct images, an identical copy, a half-size copy and a JPEG re-save of two of them."""
-    root = tmp_path_factory.mktemp("dup") / "photos"
+def make_duplicate_collection(root: Path) -> list[Path]:
+    """8 distinct images; two identical copies of the first, a half-size copy of the second, a JPEG
+    re-save of the third and an enlarged PNG of the fifth (13 files)."""
     paths = make_collection(root, n=8)
     (root / "copies").mkdir()
-    (root / "copies" / "same.jpg").write_bytes(paths[0].read_bytes())
+    for name in ("same.jpg", "same-again.jpg"):
+        (root / "copies" / name).write_bytes(paths[0].read_bytes())
     img = Image.open(paths[1])
     img.resize((img.width // 2, img.height // 2)).save(root / "copies" / "half.jpg", quality=90)
     Image.open(paths[2]).save(root / "copies" / "resaved.jpg", quality=50)
+    Image.open(paths[4]).resize((800, 600)).save(root / "copies" / "big.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def dup_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dup") / "photos"
+    paths = make_duplicate_collection(root)
     index = root.parent / "index"
     run_index(root, index)
     return root, index, paths
@@ -196,9 +204,9 @@ def test_command_json_csv_and_text(dup_index):
     result = invoke("duplicates", "--index", index, "--threshold", "0.999", "--verify", "off", "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["threshold"] == 0.999 and data["threshold_source"] == "given" and data["images"] == 11
+    assert data["threshold"] == 0.999 and data["threshold_source"] == "given" and data["images"] == 13
     groups = {frozenset(m["path"] for m in g["members"]): g for g in data["groups"]}
-    same = frozenset({str(paths[0]), str(root / "copies" / "same.jpg")})
+    same = frozenset({str(paths[0]), str(root / "copies" / "same.jpg"), str(root / "copies" / "same-again.jpg")})
     assert same in groups
     for g in data["groups"]:
         keepers = [m for m in g["members"] if m["keeper"]]
@@ -257,7 +265,7 @@ def test_check_new_images_without_adding(dup_index, tmp_path):
     assert [m["path"] for m in found[str(outside)]][0] == str(paths[3])
     assert found[str(other)] == []
     identical = {m["path"] for m in found[str(paths[0])] if m["identical"]}
-    assert identical == {str(paths[0]), str(root / "copies" / "same.jpg")}
+    assert identical == {str(paths[0]), str(root / "copies" / "same.jpg"), str(root / "copies" / "same-again.jpg")}
     assert json.loads(invoke("info", "--index", index, "--json").stdout)["indexed"] == before
 
 

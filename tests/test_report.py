@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import make_collection, run_index
+from conftest import run_index
 from simsearch.cli import cli
 from simsearch.store import IndexStore
+from test_duplicates import make_duplicate_collection
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -49,13 +50,7 @@ def browser():
 @pytest.fixture(scope="module")
 def dup_collection(tmp_path_factory):
     root = tmp_path_factory.mktemp("report") / "photos"
-    paths = make_collection(root, n=8)
-    (root / "copies").mkdir()
-    (root / "copies" / "same.jpg").write_bytes(paths[0].read_bytes())
-    (root / "copies" / "same-again.jpg").write_bytes(paths[0].read_bytes())
-    Image.open(paths[2]).save(root / "copies" / "resaved.jpg", quality=60)
-    big = Image.open(paths[4]).resize((800, 600))
-    big.save(root / "copies" / "big.png")
+    paths = make_duplicate_collection(root)
     index = root.parent / "index"
     run_index(root, index)
     return root, index, paths
