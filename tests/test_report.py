@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import run_index
 from simsearch.cli import cli
 from simsearch.store import IndexStore
-from test_duplicates import make_duplicate_collection
+from test_duplicates import dup_index  # noqa: F401 (the fixture: a small index holding copies)
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -47,15 +47,6 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def dup_collection(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report") / "photos"
-    paths = make_duplicate_collection(root)
-    index = root.parent / "index"
-    run_index(root, index)
-    return root, index, paths
-
-
 def open_page(browser, path: Path, shot: Path):
     page = browser.new_page(viewport={"width": 1100, "height": 800})
     page.goto(path.resolve().as_uri())
@@ -65,8 +56,8 @@ def open_page(browser, path: Path, shot: Path):
     return page, images
 
 
-def test_duplicates_page_matches_json(browser, dup_collection, tmp_path):
-    root, index, paths = dup_collection
+def test_duplicates_page_matches_json(browser, dup_index, tmp_path):
+    root, index, paths = dup_index
     html = tmp_path / "dups.html"
     out = invoke("duplicates", "--index", index, "--threshold", "0.999", "--verify", "off", "--json", "--html", html)
     data = json.loads(out.stdout)
@@ -90,8 +81,8 @@ def test_duplicates_page_matches_json(browser, dup_collection, tmp_path):
     assert (tmp_path / "duplicates.png").stat().st_size > 1000
 
 
-def test_query_and_cluster_pages(browser, dup_collection, tmp_path):
-    root, index, paths = dup_collection
+def test_query_and_cluster_pages(browser, dup_index, tmp_path):
+    root, index, paths = dup_index
     outside = tmp_path / "outside.png"
     Image.open(paths[1]).save(outside)
     qhtml = tmp_path / "query.html"
@@ -112,8 +103,8 @@ def test_query_and_cluster_pages(browser, dup_collection, tmp_path):
     page.close()
 
 
-def test_thumbnails_cached_bounded_and_dropped(dup_collection, tmp_path):
-    src_root, _, _ = dup_collection
+def test_thumbnails_cached_bounded_and_dropped(dup_index, tmp_path):
+    src_root, _, _ = dup_index
     root = tmp_path / "photos"
     shutil.copytree(src_root, root)
     index = tmp_path / "index"
