@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 KEEP_RULES = ("largest", "oldest", "newest", "shortest-path")
 GRAPH_K = 10  # neighbours searched per image
 CHUNK = 4096  # query vectors per search
-EXACT_LIMIT = 200_000  # above this many vectors the graph is searched through an IVF index
+EXACT_LIMIT = 50_000  # above this many vectors the graph is searched through an IVF index
 VERIFY_MODES = ("auto", "on", "off")
 
 
@@ -102,7 +102,8 @@ def _ivf_index(ann: Any, n: int, nprobe: int) -> Any:
     ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
     all_ids = ann.ids()
     rng = np.random.default_rng(0)
-    train_ids = np.sort(rng.choice(all_ids, size=min(len(all_ids), max(nlist * 40, 50_000)), replace=False))
+    train_ids = np.sort(rng.choice(all_ids, size=min(len(all_ids), nlist * 32), replace=False))
+    ivf.cp.niter = 10  # coarse cells only need to be roughly right: a copy sits in its original's cell or the next
     ivf.train(ann.index.reconstruct_batch(train_ids))
     wrapped = faiss.IndexIDMap(ivf)
     for start in range(0, len(all_ids), 65536):
