@@ -117,14 +117,15 @@ def score(data: dict, root: Path) -> tuple[dict[str, float], float, int]:
 
 def part1(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
-    root = build_collection(Path(args.data), work, args.originals, args.others, args.seed)
-    index = work / "index"
-    if index.exists():
-        shutil.rmtree(index)
+    root, index = work / "collection", work / "index"
+    if not (args.reuse and index.exists()):
+        root = build_collection(Path(args.data), work, args.originals, args.others, args.seed)
+        if index.exists():
+            shutil.rmtree(index)
+        _, t_index, _ = simsearch(["index", str(root), "--index", str(index), "--model", args.model, "-q"])
+        print(f"indexed with {args.model} in {t_index:.0f} s")
     n_images = sum(1 for p in root.rglob("*.jpg"))
     print(f"collection: {args.originals} originals x {len(EDITS)} edits + {args.others} other photos = {n_images} images")
-    _, t_index, _ = simsearch(["index", str(root), "--index", str(index), "--model", args.model, "-q"])
-    print(f"indexed with {args.model} in {t_index:.0f} s")
     cal_out, t_cal, rss_cal = simsearch(
         ["duplicates", "--index", str(index), "--calibrate", "--calibration-sample", str(args.calibration_sample), "--keep", "oldest", "--verify", "off", "--json", "-q"]
     )
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--others", type=int, default=1000)
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--calibration-sample", type=int, default=100)
+    parser.add_argument("--reuse", action="store_true", help="keep the collection and index of a previous run in --workdir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic", type=int, action="append", default=[])
     args = parser.parse_args()

@@ -57,29 +57,37 @@ class Verifier:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
         return np.asarray(image)
 
-    def features(self, image: str | os.PathLike[str] | Image.Image) -> tuple[Any, Any]:
-        """(keypoint coordinates (n, 2), ORB descriptors) of an image; cached by path."""
+    def features(self, image: str | os.PathLike[str] | Image.Image, mirrored: bool = False) -> tuple[Any, Any]:
+        """(keypoint coordinates (n, 2), ORB descriptors) of an image, or of its mirror image; cached by path."""
         name = None if isinstance(image, Image.Image) else os.fspath(image)
-        if name is not None and name in self.cache:
-            self.cache.move_to_end(name)
-            return self.cache[name]
+        key = f"{name}|{mirrored}"
+        if name is not None and key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
         try:
             pil = image if isinstance(image, Image.Image) else load_image(name, draft_size=self.max_side)  # type: ignore[arg-type]
         except (ImageError, OSError):
             found: tuple[Any, Any] = (np.zeros((0, 2), np.float32), None)
         else:
-            keypoints, descriptors = self.orb.detectAndCompute(self._gray(pil), None)
+            gray = self._gray(pil)
+            keypoints, descriptors = self.orb.detectAndCompute(gray[:, ::-1].copy() if mirrored else gray, None)
             found = (np.float32([k.pt for k in keypoints]).reshape(-1, 2), descriptors)
         if name is not None:
-            self.cache[name] = found
+            self.cache[key] = found
             if len(self.cache) > CACHE:
                 self.cache.popitem(last=False)
         return found
 
     def inliers(self, a: str | os.PathLike[str] | Image.Image, b: str | os.PathLike[str] | Image.Image) -> int:
-        """How many ORB matches between ``a`` and ``b`` agree with one homography (0 when too few match)."""
-        pa, da = self.features(a)
-        pb, db = self.features(b)
+        """How many ORB matches between ``a`` and ``b`` (or ``b`` mirrored, when that matches more:
+        a mirrored copy is a copy) agree with one homography; 0 when too few match."""
+        found = self._inliers(self.features(a), self.features(b))
+        if found >= self.min_inliers:
+            return found
+        return max(found, self._inliers(self.features(a), self.features(b, mirrored=True)))
+
+    def _inliers(self, fa: tuple[Any, Any], fb: tuple[Any, Any]) -> int:
+        (pa, da), (pb, db) = fa, fb
         if da is None or db is None or len(da) < 2 or len(db) < 2:
             return 0
         pairs = self.matcher.knnMatch(da, db, k=2)

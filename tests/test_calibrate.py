@@ -132,5 +132,6 @@ def test_verifier_tells_a_copy_from_another_picture(tmp_path):
     edited = EDITS["crop_large"](EDITS["rotate"](a, random.Random(0)), random.Random(1))
     assert v.inliers(a, edited) >= v.min_inliers
     assert v.same_scene(tmp_path / "a.png", edited)
+    assert v.same_scene(a, EDITS["mirror"](edited, random.Random(2)))  # a mirrored copy is a copy
     assert v.inliers(a, other) < v.min_inliers
     assert v.inliers(a, tmp_path / "missing.png") == 0
