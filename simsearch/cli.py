@@ -24,6 +24,7 @@ from .store import INDEX_ENV_VAR, default_index_dir
 
 if TYPE_CHECKING:  # result types, for the renderers' signatures only (importing them may load torch)
     from .cluster import ClusterResult, Member
+    from .duplicates import DuplicatesResult
     from .evaluate import EvalResult
     from .indexer import IndexSummary
     from .search import QueryResult
@@ -106,6 +107,8 @@ def json_data(result: Any) -> Any:
         return result.to_dict()
     if isinstance(result, (list, tuple)):
         return [json_data(item) for item in result]
+    if isinstance(result, dict):
+        return {key: json_data(value) for key, value in result.items()}
     return result
 
 
@@ -246,6 +249,7 @@ def _print_failed(rows: list[dict[str, Any]]) -> None:
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None, help="Only results with cosine similarity at least this.")
 @click.option("--include-self", is_flag=True, help="Keep an indexed query image in its own results.")
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the results as a self-contained HTML page with thumbnails.")
 @device_option
 @precision_option
 @json_option
@@ -259,6 +263,7 @@ def query(
     device: str,
     precision: str,
     as_json: bool,
+    html: Path | None = None,
 ) -> None:
     """Find the indexed images most similar to each example IMAGE."""
     from .search import query_images
@@ -267,6 +272,10 @@ def query(
         images, index_dir or default_index_dir(), k=top_k, threshold=threshold, include_self=include_self, device=device,
         precision=precision,
     )
+    if html is not None:
+        from .report import write_query_html
+
+        write_query_html(index_dir or default_index_dir(), results, html)
     render(results, as_json, _print_query_results)
 
 
@@ -290,6 +299,7 @@ def _print_query_results(results: list[QueryResult]) -> None:
 @click.option("-r", "--representatives", type=click.IntRange(min=0), default=5, show_default=True, help="Images shown per cluster.")
 @click.option("--show", "show", type=int, default=None, metavar="C", help="List every member of cluster C (from the last run).")
 @auto_choice("--device", ["cpu", "cuda"], "Where k-means runs (auto: the GPU when present, via FAISS-GPU or torch).")
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the clusters and their representatives as a self-contained HTML page.")
 @json_option
 @handle_errors
 def cluster(
@@ -301,6 +311,7 @@ def cluster(
     show: int | None,
     device: str,
     as_json: bool,
+    html: Path | None = None,
 ) -> None:
     """Group the indexed images into k clusters (k-means); show a stored clustering without -k."""
     from .cluster import cluster_index, cluster_members, load_clusters
@@ -314,6 +325,10 @@ def cluster(
         if k is not None
         else load_clusters(index_dir, representatives)
     )
+    if html is not None:
+        from .report import write_cluster_html
+
+        write_cluster_html(index_dir, result, html)
     render(result, as_json, _print_clustering)
 
 
@@ -584,6 +599,135 @@ def serve(ctx: click.Context, index_dir: Path | None, host: str, port: int, toke
         log_level="info" if verbose else "warning", device=device, precision=precision,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, warm=warm,
     )
+
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@index_option
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None, help="Cosine similarity that makes a duplicate (overrides the calibrated one).")
+@click.option("--calibrate", is_flag=True, help="Measure the threshold again on synthetic copies of a sample of the collection (embeds them).")
+@click.option("--precision-target", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.99, show_default=True, help="Precision the calibrated threshold aims at.")
+@click.option("--calibration-sample", type=click.IntRange(min=1), default=100, show_default=True, help="Images a calibration makes synthetic copies of.")
+@click.option("--keep", type=click.Choice(["largest", "oldest", "newest", "shortest-path"]), default="largest", show_default=True, help="Which image of a group is the keeper.")
+@click.option("--prefer", "prefer", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER", help="Keep images under FOLDER first (repeatable), then apply --keep.")
+@click.option("--verify", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="Check candidate pairs below the threshold with local features (OpenCV ORB + RANSAC); auto: when the calibration found it better.")
+@click.option("--neighbours", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Nearest neighbours searched per image.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print duplicate,keeper,score rows.")
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the groups as a self-contained HTML page with thumbnails.")
+@click.option("--move-to", "move_to", type=click.Path(file_okay=False, path_type=Path), default=None, help="Move every non-keeper under this folder (keeping its relative path); a dry run unless --apply.")
+@click.option("--apply", "apply", is_flag=True, help="With --move-to: really move the files.")
+@device_option
+@json_option
+@quiet_option
+@handle_errors
+def duplicates(
+    images: tuple[Path, ...],
+    index_dir: Path | None,
+    threshold: float | None,
+    calibrate: bool,
+    precision_target: float,
+    calibration_sample: int,
+    keep: str,
+    prefer: tuple[Path, ...],
+    verify: str,
+    k: int,
+    as_csv: bool,
+    html: Path | None,
+    move_to: Path | None,
+    apply: bool,
+    device: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Groups of near-duplicate indexed images, each with a keeper; with IMAGE..., whether those images are already indexed."""
+    from .duplicates import check_images, find_duplicates, move_duplicates
+
+    index_dir = index_dir or default_index_dir()
+    if apply and move_to is None:
+        raise click.UsageError("--apply goes with --move-to")
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    if images:
+        if move_to is not None or html is not None or as_csv:
+            raise click.UsageError("--move-to, --html and --csv work on the whole index, not with IMAGE arguments")
+        used, checks = check_images(images, index_dir, threshold=threshold, precision_target=precision_target, k=k, device=device)
+        render({"threshold": used, "images": checks}, as_json, _print_image_checks)
+        return
+    result = find_duplicates(
+        index_dir, threshold=threshold, keep=keep, prefer=[str(p) for p in prefer], verify=verify,
+        calibrate=calibrate, precision_target=precision_target, k=k, move_to=move_to,
+        calibrate_options={"device": device, "sample": calibration_sample},
+    )
+    if result.calibrated_now and result.calibration and not quiet and not (calibrate and not (as_json or as_csv)):
+        _echo_calibration(result.calibration, err=True)
+    if html is not None:
+        from .report import write_duplicates_html
+
+        write_duplicates_html(index_dir, result, html)
+    if move_to is not None:
+        result.move = move_duplicates(index_dir, result, move_to, apply=apply)
+        for warning in result.move.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    if as_csv:
+        click.echo(result.to_csv(), nl=False)
+        return
+    render(result, as_json, functools.partial(_print_duplicates, show_calibration=calibrate))
+
+
+def _print_image_checks(found: dict[str, Any]) -> None:
+    for c in found["images"]:
+        click.echo(f"{c.image}: " + (f"{len(c.matches)} in the index" if c.matches else "not in the index"))
+        for m in c.matches:
+            click.echo(f"  {m['score']:7.4f}  {'identical ' if m['identical'] else ''}{m['path']}")
+
+
+def _print_duplicates(result: DuplicatesResult, show_calibration: bool) -> None:
+    if show_calibration and result.calibration:
+        _echo_calibration(result.calibration, err=False)
+    how = f"threshold {result.threshold:.4f} ({result.threshold_source})"
+    if result.verified:
+        how += f", pairs from {result.candidate_threshold:.4f} verified with local features ({result.pairs_verified} checked)"
+    click.echo(f"{len(result.groups)} groups, {result.duplicates} duplicates among {result.images} images; {how} [{result.seconds:.1f}s]")
+    for n, group in enumerate(result.groups, 1):
+        kp = group.keeper
+        click.echo(f"group {n}: keep {kp.path}  ({_size_text(kp.width, kp.height)}, {_human_bytes(kp.size or 0)})")
+        for m in group.duplicates:
+            tags = " ".join(t for t, on in (("identical", m.identical), ("verified", m.verified)) if on)
+            click.echo(f"  {m.score:7.4f}  {_size_text(m.width, m.height):>11}  {m.path}" + (f"  [{tags}]" if tags else ""))
+    plan = result.move
+    if plan is not None:
+        verb = "moved" if plan.applied else "would move"
+        for move in plan.moves:
+            if move.skipped is None:
+                click.echo(f"{verb}: {move.source} -> {move.target}")
+        if not plan.applied:
+            click.echo(f"dry run: {len(plan.moves)} files would move to {plan.target_dir}; add --apply to move them")
+        else:
+            click.echo(f"moved {plan.moved} files to {plan.target_dir}, skipped {len(plan.moves) - plan.moved}")
+
+
+def _size_text(width: int | None, height: int | None) -> str:
+    return f"{width}x{height}" if width else "?"
+
+
+def _echo_calibration(cal: dict[str, Any], err: bool) -> None:
+    lines = [
+        f"calibrated on {cal['sample']} images x {len(cal['edits'])} edits, {cal['negatives']} non-copies: "
+        f"threshold {cal['threshold']:.4f} for precision {cal['precision_target']}"
+        f" (estimated {cal['estimated_precision']}, recall {cal['estimated_recall']})",
+    ]
+    verified = cal.get("verified_recall")
+    if verified:
+        lines.append(
+            f"with verification from {cal['candidate_threshold']:.4f}: estimated precision "
+            f"{cal['estimated_precision_verified']}, recall {cal['estimated_recall_verified']}"
+            + (" (the default)" if cal.get("verify_default") else " (not used by default)")
+        )
+    lines.append(f"  {'edit':<12} {'recall':>7}" + (f" {'verified':>9}" if verified else ""))
+    for edit, row in cal["recall"].items():
+        lines.append(f"  {edit:<12} {row['recall']:7.3f}" + (f" {verified[edit]:9.3f}" if verified else ""))
+    for line in lines:
+        click.echo(line, err=err)
+
 
 def _human_bytes(n: int) -> str:
     size = float(n)

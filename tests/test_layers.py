@@ -30,6 +30,10 @@ LAYERS: list[tuple[str, int]] = [
     ("simsearch.cluster", 4),
     ("simsearch.evaluate", 4),
     ("simsearch.train", 4),
+    ("simsearch.duplicates", 4),
+    ("simsearch.calibrate", 4),
+    ("simsearch.verify", 4),
+    ("simsearch.report", 4),
     ("simsearch.cli", 5),
     ("simsearch.serve", 5),
     ("simsearch.__main__", 5),
@@ -180,6 +184,7 @@ LIGHT = [
     ["info", "--json", "--index", "{index}"],
     ["cluster", "--index", "{index}"],
     ["cluster", "--show", "0", "--index", "{index}"],
+    ["duplicates", "--threshold", "0.9", "--verify", "off", "--index", "{index}"],
 ]
 
 

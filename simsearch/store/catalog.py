@@ -238,6 +238,14 @@ class Catalog:
     def ok_ids_by_hash(self, digest: str) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT id FROM images WHERE hash = ? AND status = 'ok'", [digest])]
 
+    def ok_ids_sharing_hash(self) -> list[list[int]]:
+        """Ids of ok rows grouped by content hash, for every hash held by two rows or more."""
+        sql = (
+            "SELECT group_concat(id) FROM images WHERE status = 'ok' AND hash IS NOT NULL "
+            "GROUP BY hash HAVING count(*) > 1"
+        )
+        return [sorted(int(i) for i in r[0].split(",")) for r in self.db.execute(sql)]
+
     def ok_ids(self) -> np.ndarray:
         return np.array(
             [r[0] for r in self.db.execute("SELECT id FROM images WHERE status = 'ok' ORDER BY id")], dtype=np.int64

@@ -17,13 +17,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..errors import EmptyIndexError, IndexBusyError, IndexCorruptError, IndexMismatchError
 from .catalog import IDENTITY_KEYS, Catalog, Clustering, ImageRow
 from .vector_index import DEFAULT_FACTORY, FAISS_FILE, VectorIndex
+
+if TYPE_CHECKING:
+    from .thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +324,29 @@ class IndexStore:
             self.require_consistent()  # rows but an empty or deleted FAISS file: say how to repair it
         assert self.ann is not None
         return self.ann
+
+    # -- near-duplicates (simsearch.duplicates) ----------------------------------------------
+    def record_duplicates_calibration(self, calibration: dict[str, Any]) -> None:
+        """Keep the duplicates threshold a calibration chose (with the model identity it holds for)."""
+        self.set_meta({"duplicates_calibration": calibration})
+
+    def forget_moved_images(self, rows: Sequence[ImageRow]) -> None:
+        """Drop rows whose files were moved out of the indexed folders: catalog, FAISS and thumbnails.
+
+        The caller holds the write lock (:meth:`lock_for_writing`).
+        """
+        if not rows:
+            return
+        self.apply_changes(removals=rows)
+        self.save()
+        self.thumbnails.drop([row.id for row in rows])
+
+    @property
+    def thumbnails(self) -> "ThumbnailCache":
+        """Bounded JPEG thumbnails of indexed images, cached under ``thumbs/`` (see :mod:`simsearch.store.thumbnails`)."""
+        from .thumbnails import ThumbnailCache
+
+        return ThumbnailCache(self.path, self.catalog)
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())

@@ -1,0 +1,137 @@
+"""Calibrating the duplicates threshold (mechanics, on a tiny random model) and verifying pairs with ORB."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import make_collection, make_image, run_index
+from simsearch.calibrate import EDITS, calibrate_index, threshold_for_precision
+from simsearch.cli import cli
+from simsearch.duplicates import find_duplicates, stored_calibration
+from simsearch.store import IndexStore
+
+
+def brute_force_threshold(pos, neg, target):
+    grid = np.unique(np.concatenate([pos, neg]))
+    r = (pos[None, :] >= grid[:, None]).mean(1)
+    f = (neg[None, :] >= grid[:, None]).mean(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = (r > 0) & (r / (r + f) >= target)
+    return grid[np.argmax(ok)] if ok.any() else None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_for_precision_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    pos = np.clip(rng.normal(0.9, 0.05, 400), -1, 1)
+    neg = np.clip(rng.normal(0.7, 0.08, 300), -1, 1)
+    for target in (0.9, 0.99):
+        expected = brute_force_threshold(pos, neg, target)
+        got = threshold_for_precision(pos, neg, target)
+        if expected is None:
+            assert got > neg.max()
+        else:
+            assert got == pytest.approx(expected)
+            r, f = np.mean(pos >= got), np.mean(neg >= got)
+            assert r / (r + f) >= target
+
+
+def test_threshold_when_nothing_separates():
+    assert threshold_for_precision(np.array([0.5, 0.6]), np.array([0.9, 0.95]), 0.99) > 0.95
+
+
+def test_every_edit_makes_a_changed_rgb_image(tmp_path):
+    img = Image.open(make_image(tmp_path / "x.png", size=(200, 150)))
+    for name, edit in EDITS.items():
+        out = edit(img, random.Random(0))
+        assert out.mode == "RGB" and out.width > 10, name
+        assert out.size != img.size or np.asarray(out).tobytes() != np.asarray(img).tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal") / "photos"
+    make_collection(root, n=10)
+    index = root.parent / "index"
+    run_index(root, index)
+    return root, index
+
+
+def test_calibration_records_threshold_and_recall_table(small_index):
+    _, index = small_index
+    with IndexStore.open(index) as store:
+        cal = calibrate_index(store, precision_target=0.9, sample=4, seed=3, device="cpu", verify=True)
+        assert cal["sample"] == 4 and cal["copies"] == 4 * len(cal["edits"])
+        assert -1 <= cal["threshold"] <= 1.0 + 1e-6
+        assert set(cal["recall"]) == set(cal["edits"]) and set(cal["verified_recall"]) == set(cal["edits"])
+        assert all(0 <= v["recall"] <= 1 for v in cal["recall"].values())
+        assert cal["candidate_threshold"] <= cal["threshold"]
+        assert stored_calibration(store, 0.9) == json.loads(json.dumps(cal))  # recorded in the index
+        assert stored_calibration(store, 0.99) is None  # another target needs another calibration
+    # the same seed gives the same threshold
+    with IndexStore.open(index) as store:
+        again = calibrate_index(store, precision_target=0.9, sample=4, seed=3, device="cpu", verify=False, record=False)
+    assert again["threshold"] == cal["threshold"] and again["recall"] == cal["recall"]
+
+
+def test_first_run_calibrates_then_reuses(small_index, monkeypatch):
+    _, index = small_index
+    result = find_duplicates(index, precision_target=0.95, verify="off", calibrate_options={"sample": 3, "device": "cpu"})
+    assert result.calibrated_now and result.threshold_source == "calibrated"
+    assert result.threshold == pytest.approx(result.calibration["threshold"])
+    import simsearch.calibrate
+
+    monkeypatch.setattr(simsearch.calibrate, "calibrate_index", lambda *a, **k: pytest.fail("calibrated twice"))
+    second = find_duplicates(index, precision_target=0.95, verify="off")
+    assert not second.calibrated_now and second.threshold == result.threshold
+    given = find_duplicates(index, threshold=0.5, precision_target=0.95, verify="off")
+    assert given.threshold == 0.5 and given.threshold_source == "given"
+
+
+def test_calibrate_flag_prints_the_table(small_index):
+    _, index = small_index
+    out = CliRunner().invoke(
+        cli, ["duplicates", "--index", str(index), "--calibrate", "--precision-target", "0.9", "--verify", "off", "--device", "cpu"]
+    )
+    assert out.exit_code == 0, out.output
+    assert "calibrated on" in out.stdout and "jpeg" in out.stdout and "combo3" in out.stdout
+
+
+def scene(path, seed: int, size=(480, 360)):
+    """A picture with structure at several scales (random shapes), like a photo has corners to match."""
+    from PIL import ImageDraw
+
+    rnd = random.Random(seed)
+    img = Image.new("RGB", size, (rnd.randint(0, 255), rnd.randint(0, 255), rnd.randint(0, 255)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(80):
+        x, y = rnd.randint(0, size[0]), rnd.randint(0, size[1])
+        r = rnd.randint(4, 60)
+        colour = (rnd.randint(0, 255), rnd.randint(0, 255), rnd.randint(0, 255))
+        if rnd.random() < 0.5:
+            draw.rectangle((x, y, x + r, y + rnd.randint(4, 60)), fill=colour)
+        else:
+            draw.polygon([(x, y), (x + r, y + rnd.randint(-r, r)), (x + rnd.randint(-r, r), y + r)], fill=colour)
+    img.save(path)
+    return img
+
+
+def test_verifier_tells_a_copy_from_another_picture(tmp_path):
+    pytest.importorskip("cv2")
+    from simsearch.verify import Verifier
+
+    a = scene(tmp_path / "a.png", seed=1)
+    other = scene(tmp_path / "b.png", seed=2)
+    v = Verifier()
+    edited = EDITS["crop_large"](EDITS["rotate"](a, random.Random(0)), random.Random(1))
+    assert v.inliers(a, edited) >= v.min_inliers
+    assert v.same_scene(tmp_path / "a.png", edited)
+    assert v.same_scene(a, EDITS["mirror"](edited, random.Random(2)))  # a mirrored copy is a copy
+    assert v.inliers(a, other) < v.min_inliers
+    assert v.inliers(a, tmp_path / "missing.png") == 0
