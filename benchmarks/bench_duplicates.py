@@ -177,11 +177,9 @@ def part2(n: int, work: Path, seed: int, dim: int = 512) -> None:
                 planted += [(s + int(r), s - len(base) + k) for k, r in enumerate(rows)]
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             records = [{"path": f"/synthetic/{s + i}.jpg", "size": 1, "mtime_ns": 1, "hash": f"h{s + i}", "width": 1, "height": 1, "status": "ok"} for i in range(m)]
-            with store.catalog.transaction():
-                ids = store.catalog.insert_rows(records, list(x))
-            store.ann.add(np.asarray(ids), x)
+            store.commit(records, x, [None] * m)
             base = x
-        store.save_ann()
+        store.save()
     print(f"synthetic {n:,} x {dim}: built in {time.perf_counter() - start:.0f} s", flush=True)
     out, seconds, rss = simsearch(["duplicates", "--index", str(index), "--threshold", "0.9", "--verify", "off", "--json", "-q"])
     data = json.loads(out)

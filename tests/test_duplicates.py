@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from simsearch.ann import VectorIndex
+from simsearch.store import VectorIndex
 from simsearch.cli import cli
 from simsearch.duplicates import (
     group_duplicates,
