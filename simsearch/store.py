@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .ann import DEFAULT_FACTORY, FAISS_FILE, VectorIndex
-from .catalog import IDENTITY_KEYS, Catalog
+from .catalog import IDENTITY_KEYS, Catalog, storable_path, utc_now  # noqa: F401 (re-exported)
 from .errors import EmptyIndexError, IndexBusyError, IndexCorruptError, IndexMismatchError
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,28 @@ class IndexStore:
         self.ann.save(self.ann_path)
         if len(pending):
             self.catalog.clear_pending(pending)
+
+    # -- labels (the catalog's labels table; written only through these) ------------------------
+    def import_labels(self, labels: dict[int, str]) -> None:
+        """Record given labels (image id -> label) in one transaction; they replace any label those images had."""
+        with self.catalog.transaction():
+            self.catalog.set_labels(labels, "given")
+
+    def write_predictions(self, labels: dict[int, str], confidences: dict[int, float]) -> None:
+        """Replace every predicted label with these (given labels are never touched)."""
+        given = self.catalog.labels("given", ok_only=False)
+        with self.catalog.transaction():
+            self.catalog.delete_labels("predicted")
+            self.catalog.set_labels({i: l for i, l in labels.items() if i not in given}, "predicted", confidences)
+
+    def clear_labels(self, source: str | None = None) -> int:
+        """Drop every label, or those of one source (given / predicted); returns how many went."""
+        with self.catalog.transaction():
+            return self.catalog.delete_labels(source)
+
+    def record_classifier(self, info: dict[str, Any]) -> None:
+        """Keep the classifier's calibration (and what it was fitted on) in the index description."""
+        self.catalog.set_meta({"classifier": info})
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
