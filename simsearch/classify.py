@@ -68,9 +68,8 @@ def vote_shares(sims: np.ndarray, neighbour_labels: np.ndarray, n_classes: int, 
     top = s.max(axis=1, keepdims=True) if k else np.zeros((n, 1))
     top = np.where(np.isfinite(top), top, 0.0)
     weights = np.where(valid, np.exp((s - top) / temperature), 0.0)  # shifted: shares are unchanged, no overflow
-    shares = np.zeros((n, n_classes), np.float64)
-    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
-    np.add.at(shares, (rows[valid], neighbour_labels[valid]), weights[valid])
+    cells = (np.arange(n)[:, None] * n_classes + neighbour_labels)[valid]
+    shares = np.bincount(cells, weights[valid], minlength=n * n_classes).reshape(n, n_classes)
     total = shares.sum(axis=1, keepdims=True)
     return np.divide(shares, total, out=np.full_like(shares, 1.0 / max(n_classes, 1)), where=total > 0)
 

@@ -342,6 +342,11 @@ def test_cli_labels_and_classify(tmp_path: Path, pets: Path) -> None:
     assert json.loads(invoke("labels", "--index", idx, "--json").stdout)["predicted"] >= 0
     r = invoke("classify", "--index", idx, "--k", "3", pets / "cat" / "cat3.jpg")  # an indexed IMAGE
     assert r.exit_code == 0 and r.stdout.endswith(f"{pets / 'cat' / 'cat3.jpg'}\n")
+    outside = make_image(tmp_path / "new" / "red.jpg", color=(220, 40, 40), shape="ellipse", seed=77)
+    r = invoke("classify", "--index", idx, "--k", "3", "--device", "cpu", "--json", outside)  # embedded with the index's model
+    assert r.exit_code == 0, r.stderr
+    [p] = json.loads(r.stdout)["predictions"]
+    assert p["path"] == str(outside) and p["best"] in ("cat", "dog") and 0 <= p["confidence"] <= 1
     r = invoke("classify", "--index", idx, "--eval", "--json")
     assert set(json.loads(r.stdout)["accuracy_at_k"]) <= {"1", "5", "10", "20", "3", "4", "5"}
     r = invoke("classify", "--index", idx, "--suspects", "--json")
