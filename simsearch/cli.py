@@ -23,10 +23,12 @@ from .images import DEFAULT_MAX_PIXELS
 from .store import INDEX_ENV_VAR, default_index_dir
 
 if TYPE_CHECKING:  # result types, for the renderers' signatures only (importing them may load torch)
+    from .classify import ClassifyResult, EvalReport, Suspect
     from .cluster import ClusterResult, Member
     from .duplicates import DuplicatesResult
     from .evaluate import EvalResult
     from .indexer import IndexSummary
+    from .labels import ImportSummary, LabelListing
     from .search import QueryResult
     from .train.loop import TrainSummary
 
@@ -600,6 +602,66 @@ def serve(ctx: click.Context, index_dir: Path | None, host: str, port: int, toke
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, warm=warm,
     )
 
+
+@cli.group(invoke_without_command=True)
+@index_option
+@json_option
+@click.pass_context
+@handle_errors
+def labels(ctx: click.Context, index_dir: Path | None, as_json: bool) -> None:
+    """List the index's classes with their given and predicted label counts (see also: import, clear)."""
+    ctx.ensure_object(dict)
+    ctx.obj["index_dir"] = index_dir
+    if ctx.invoked_subcommand is not None:
+        return
+    from .labels import list_labels
+
+    render(list_labels(index_dir or default_index_dir()), as_json, _print_labels)
+
+
+def _print_labels(listing: LabelListing) -> None:
+    click.echo(f"{listing.given} given and {listing.predicted} predicted labels, {len(listing.classes)} classes, {listing.indexed} images indexed")
+    for c in listing.classes:
+        click.echo(f"  {c.given:>7} given  {c.predicted:>7} predicted  {c.label}")
+
+
+@labels.command("import")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@index_option
+@json_option
+@click.pass_context
+@handle_errors
+def labels_import(ctx: click.Context, source: Path, index_dir: Path | None, as_json: bool) -> None:
+    """Give labels to indexed images: SOURCE is a folder of class sub-folders, or a CSV of path,label."""
+    from .labels import import_labels
+
+    summary = import_labels(source, index_dir or ctx.obj.get("index_dir") or default_index_dir())
+    for w in summary.warnings:
+        click.echo(f"warning: {w}", err=True)
+    render(summary, as_json, _print_label_import)
+
+
+def _print_label_import(summary: ImportSummary) -> None:
+    click.echo(f"imported {summary.imported} labels of {summary.classes} classes from {summary.source}")
+    if summary.not_indexed:
+        click.echo(f"{len(summary.not_indexed)} labelled files are not in the index (index them, then import again):")
+        for path in summary.not_indexed:
+            click.echo(f"  {path}")
+
+
+@labels.command("clear")
+@index_option
+@click.option("--source", type=click.Choice(["given", "predicted", "all"]), default="predicted", show_default=True, help="Which labels to drop.")
+@click.pass_context
+@handle_errors
+def labels_clear(ctx: click.Context, index_dir: Path | None, source: str) -> None:
+    """Drop the predicted labels (or the given ones, or all)."""
+    from .labels import clear_labels
+
+    n = clear_labels(index_dir or ctx.obj.get("index_dir") or default_index_dir(), None if source == "all" else source)
+    click.echo(f"dropped {n} labels")
+
+
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @index_option
@@ -727,6 +789,88 @@ def _echo_calibration(cal: dict[str, Any], err: bool) -> None:
         lines.append(f"  {edit:<12} {row['recall']:7.3f}" + (f" {verified[edit]:9.3f}" if verified else ""))
     for line in lines:
         click.echo(line, err=err)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@index_option
+@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Labelled neighbours that vote.")
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="Abstain below this calibrated confidence.")
+@click.option("--method", type=click.Choice(["auto", "knn", "head"]), default="auto", show_default=True, help="kNN vote, or the trained head's class proxies (needs a simsearch train checkpoint).")
+@click.option("--write", is_flag=True, help="Store the confident predictions as predicted labels (replacing earlier ones).")
+@click.option("--suspects", is_flag=True, help="List labelled images whose neighbours disagree with their label.")
+@click.option("--eval", "evaluate", is_flag=True, help="Leave-one-out accuracy (k = 1, 5, 10, 20), accuracy/coverage, calibration error.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print results as CSV.")
+@device_option
+@json_option
+@handle_errors
+def classify(
+    images: tuple[Path, ...], index_dir: Path | None, k: int, min_confidence: float, method: str, write: bool,
+    suspects: bool, evaluate: bool, as_csv: bool, device: str, as_json: bool,
+) -> None:
+    """Predict labels of the unlabelled indexed images (or of IMAGE files) from their labelled neighbours."""
+    from .classify import classify_index, evaluate_labels, find_suspects
+
+    index_dir = index_dir or default_index_dir()
+    if suspects and evaluate:
+        raise click.UsageError("give --suspects or --eval, not both")
+    if (suspects or evaluate) and (images or write):
+        raise click.UsageError("--suspects and --eval work on the labelled images: no IMAGE, no --write")
+    if evaluate:
+        report = evaluate_labels(index_dir, k=k)
+        _echo_csv(report.curve) if as_csv else render(report, as_json, _print_label_eval)
+        return
+    if suspects:
+        found = find_suspects(index_dir, k=k)
+        _echo_csv(s.to_dict() for s in found) if as_csv else render(found, as_json, _print_suspects)
+        return
+    result = classify_index(index_dir, images, k=k, min_confidence=min_confidence, method=method, write=write, device=device)
+    if as_json:
+        render(result, as_json, _print_classified)
+        return
+    if as_csv:
+        _echo_csv(p.to_dict() for p in result.predictions())
+    else:
+        _print_classified(result)
+    summary = result.summary()
+    click.echo(
+        f"{summary['images']} images: {summary['classified']} classified, {summary['abstained']} abstained "
+        f"(min confidence {min_confidence}); {result.method} k={result.k}, leave-one-out accuracy "
+        f"{summary['calibration']['loo_accuracy']:.4f}, ECE {summary['calibration']['ece']:.4f}"
+        + (f"; wrote {result.written} predicted labels" if write else ""),
+        err=True,
+    )
+
+
+def _print_label_eval(report: EvalReport) -> None:
+    click.echo(f"{report.labelled} labelled images, {report.classes} classes (leave-one-out)")
+    click.echo("accuracy: " + "  ".join(f"k={j} {a:.4f}" for j, a in report.accuracy_at_k.items()))
+    click.echo(f"at k={report.k}: accuracy at 90% coverage {report.accuracy_at_90_coverage:.4f}, calibration error (ECE) {report.ece:.4f}")
+    click.echo("min confidence  coverage  accuracy")
+    for row in report.curve:
+        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        click.echo(f"{row['threshold']:>14.2f}  {row['coverage']:>8.4f}  {acc:>8}")
+
+
+def _print_suspects(found: list[Suspect]) -> None:
+    for s in found:
+        click.echo(f"{s.rank:>5}  {s.label_share:.4f}  {s.label} -> {s.suggested} ({s.confidence:.2f})  {s.path}")
+
+
+def _print_classified(result: ClassifyResult) -> None:
+    for p in result.predictions():
+        click.echo(f"{p.label or '-'}\t{p.confidence:.4f}\t{p.path}")
+
+
+def _echo_csv(rows: Any) -> None:
+    import csv
+
+    writer = None
+    for row in rows:
+        if writer is None:
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(row), lineterminator="\n")
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def _human_bytes(n: int) -> str:

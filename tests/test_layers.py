@@ -34,6 +34,8 @@ LAYERS: list[tuple[str, int]] = [
     ("simsearch.calibrate", 4),
     ("simsearch.verify", 4),
     ("simsearch.report", 4),
+    ("simsearch.labels", 4),
+    ("simsearch.classify", 4),
     ("simsearch.cli", 5),
     ("simsearch.serve", 5),
     ("simsearch.__main__", 5),
@@ -185,6 +187,7 @@ LIGHT = [
     ["cluster", "--index", "{index}"],
     ["cluster", "--show", "0", "--index", "{index}"],
     ["duplicates", "--threshold", "0.9", "--verify", "off", "--index", "{index}"],
+    ["labels", "--index", "{index}"],
 ]
 
 

@@ -174,6 +174,7 @@ class Catalog:
                 db["cluster_members"].create_index(["cluster", "distance"])
                 db["ann_pending"].create({"id": int}, pk="id")
                 self._set_meta_raw({"schema_version": SCHEMA_VERSION, "created_at": utc_now()})
+                self._create_labels_table()
             return
         version = self.get_meta().get("schema_version")
         if version != SCHEMA_VERSION:
@@ -181,6 +182,20 @@ class Catalog:
                 f"{self.path} has schema version {version}, this simsearch reads version {SCHEMA_VERSION}; "
                 "rebuild the index with --rebuild"
             )
+        if "labels" not in db.table_names():  # an index made before labels: gains the table, keeps its vectors
+            with self.transaction():
+                if "labels" not in db.table_names():
+                    self._create_labels_table()
+
+    def _create_labels_table(self) -> None:
+        # One label per image: given (imported) or predicted (classify --write). Keyed by the row id,
+        # so a moved or re-embedded file keeps its label; delete_rows drops it with the row.
+        self.db["labels"].create(
+            {"image_id": int, "label": str, "source": str, "confidence": float, "updated_at": str},
+            pk="image_id",
+            not_null={"label", "source"},
+        )
+        self.db["labels"].create_index(["source", "label"])
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -300,6 +315,10 @@ class Catalog:
             [self._values(r, v, now) + (int(i),) for i, r, v in zip(ids, records, vectors)],
         )
         self._mark_pending([int(i) for i in ids])
+        # a changed file keeps its given label; a prediction made from its old vector is stale
+        self.db.conn.executemany(
+            "DELETE FROM labels WHERE image_id = ? AND source = 'predicted'", [(int(i),) for i in ids]
+        )
 
     def update_row(self, row_id: int, record: dict[str, Any], vector: np.ndarray | None = None, *, keep_vector: bool = False) -> None:
         values = dict(_storable_record(record), indexed_at=utc_now())
@@ -316,6 +335,7 @@ class Catalog:
             marks = ",".join("?" * len(chunk))
             self.db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
             self.db.execute(f"DELETE FROM cluster_members WHERE image_id IN ({marks})", chunk)
+            self.db.execute(f"DELETE FROM labels WHERE image_id IN ({marks})", chunk)
 
     # -- ids whose vector changed since the FAISS file was last saved ---------------------------
     # An id can keep its number while its vector changes (a modified file, or SQLite reusing the
@@ -367,6 +387,55 @@ class Catalog:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    # -- labels ----------------------------------------------------------------------------
+    def set_labels(self, labels: dict[int, str], source: str, confidences: dict[int, float] | None = None) -> None:
+        """Write one label per image id (call inside a transaction); replaces what the ids had."""
+        now = utc_now()
+        conf = confidences or {}
+        self.db.conn.executemany(
+            "INSERT OR REPLACE INTO labels (image_id, label, source, confidence, updated_at) VALUES (?, ?, ?, ?, ?)",
+            [(int(i), str(label), source, conf.get(i), now) for i, label in labels.items()],
+        )
+
+    def delete_labels(self, source: str | None = None) -> int:
+        """Drop every label, or those of one source (call inside a transaction); returns how many."""
+        if source is None:
+            return self.db.execute("DELETE FROM labels").rowcount
+        return self.db.execute("DELETE FROM labels WHERE source = ?", [source]).rowcount
+
+    def labels(self, source: str | None = None, ok_only: bool = True) -> dict[int, str]:
+        """image id -> label (of one source, or all), for rows that still exist (ok rows by default)."""
+        sql = "SELECT l.image_id, l.label FROM labels l JOIN images i ON i.id = l.image_id"
+        where, params = [], []
+        if ok_only:
+            where.append("i.status = 'ok'")
+        if source is not None:
+            where.append("l.source = ?")
+            params.append(source)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return {i: label for i, label in self.db.execute(sql + " ORDER BY l.image_id", params)}
+
+    def label_counts(self) -> list[tuple[str, str, int]]:
+        """(label, source, count) over rows that still exist, most frequent first."""
+        sql = (
+            "SELECT l.label, l.source, count(*) AS n FROM labels l JOIN images i ON i.id = l.image_id "
+            "GROUP BY l.label, l.source ORDER BY n DESC, l.label, l.source"
+        )
+        return [(label, source, n) for label, source, n in self.db.execute(sql)]
+
+    def ids_by_paths(self, paths: Iterable[str]) -> dict[str, int]:
+        """path (as given) -> row id, for the paths that are indexed (any status)."""
+        wanted = {storable_path(p): p for p in paths}
+        stored = list(wanted)
+        out: dict[str, int] = {}
+        for start in range(0, len(stored), 500):
+            chunk = stored[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for i, p in self.db.execute(f"SELECT id, path FROM images WHERE path IN ({marks})", chunk):
+                out[wanted[p]] = i
+        return out
+
     # -- clusters --------------------------------------------------------------------------
     def replace_clusters(self, clustering: Clustering) -> None:
         """Swap in a new clustering atomically: readers see the old one or the new one, never a mix."""
@@ -414,6 +483,7 @@ class Catalog:
         """Drop every row and the model description (for --rebuild)."""
         with self.transaction():
             self.db.execute("DELETE FROM images")
+            self.db.execute("DELETE FROM labels")
             self.db.execute("DELETE FROM ann_pending")
             self.db.execute("DELETE FROM clusters")
             self.db.execute("DELETE FROM cluster_members")

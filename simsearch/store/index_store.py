@@ -325,6 +325,28 @@ class IndexStore:
         assert self.ann is not None
         return self.ann
 
+    # -- labels (the catalog's labels table; written only through these) ------------------------
+    def import_labels(self, labels: dict[int, str]) -> None:
+        """Record given labels (image id -> label) in one transaction; they replace any label those images had."""
+        with self.catalog.transaction():
+            self.catalog.set_labels(labels, "given")
+
+    def write_predictions(self, labels: dict[int, str], confidences: dict[int, float]) -> None:
+        """Replace every predicted label with these (given labels are never touched)."""
+        given = self.catalog.labels("given", ok_only=False)
+        with self.catalog.transaction():
+            self.catalog.delete_labels("predicted")
+            self.catalog.set_labels({i: l for i, l in labels.items() if i not in given}, "predicted", confidences)
+
+    def clear_labels(self, source: str | None = None) -> int:
+        """Drop every label, or those of one source (given / predicted); returns how many went."""
+        with self.catalog.transaction():
+            return self.catalog.delete_labels(source)
+
+    def record_classifier(self, info: dict[str, Any]) -> None:
+        """Keep the classifier's calibration (and what it was fitted on) in the index description."""
+        self.set_meta({"classifier": info})
+
     # -- near-duplicates (simsearch.duplicates) ----------------------------------------------
     def record_duplicates_calibration(self, calibration: dict[str, Any]) -> None:
         """Keep the duplicates threshold a calibration chose (with the model identity it holds for)."""

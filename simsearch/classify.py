@@ -1,0 +1,605 @@
+"""Classification from the index: kNN votes of labelled neighbours, calibrated confidence, suspects, evaluation.
+
+This module owns turning an index's given labels (see :mod:`simsearch.labels`) into a classifier:
+
+* **Vote.** An image's label is a similarity-weighted vote of its ``k`` nearest *labelled*
+  neighbours (cosine similarity over the stored L2-normalised vectors). The weight of a neighbour
+  with similarity ``s`` is ``exp(s / T)`` (``T`` = :data:`TEMPERATURE`, the weighting of DINO's kNN
+  classifier): close neighbours count much more than far ones. The raw score of a class is its share
+  of the weight. Only the labelled vectors are searched: they are read once from the store into a
+  flat (exact) FAISS index, and the images to classify are streamed through it in chunks, so memory
+  is bounded by the labelled set plus one chunk, whatever the size of the index.
+* **Calibration.** The raw vote share is not a probability. It is mapped to one by isotonic
+  regression fitted on the labelled images themselves, leave-one-out (each image voted on by its
+  neighbours with its own vote removed, as cleanlab does), and recorded in the index description
+  (meta ``classifier``) with a fingerprint of the labels it was fitted on; it is refitted when the
+  labels, the index or ``k`` change. The calibration error reported is cross-fitted (each fold is
+  scored by a calibration fitted on the other folds), so it is not flattered by fitting and scoring
+  on the same images.
+* **Suspects.** Labelled images whose leave-one-out vote disagrees with their label, ranked by how
+  little weight their own label gets (cleanlab's self-confidence), with the label the neighbours suggest.
+* **Evaluation.** Leave-one-out accuracy for k in 1, 5, 10, 20, the accuracy/coverage curve over the
+  confidence threshold, and the calibration error.
+
+Nothing here imports torch unless IMAGE files from outside the stored vectors must be embedded.
+``--method head`` (the class proxies of a ``simsearch train`` checkpoint) is refused with a clear
+message: the checkpoints this version writes carry class names but not the loss's class proxies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from .errors import InputError
+from .store import IndexStore, utc_now
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 10
+TEMPERATURE = 0.07
+EVAL_KS = (1, 5, 10, 20)
+SEARCH_CHUNK = 4096  # images searched together: bounds the memory of a classification run
+CALIBRATION_SAMPLE = 20_000  # labelled images the calibration is fitted on, at most (seeded sample)
+ECE_BINS = 15
+CALIBRATION_FOLDS = 5
+CURVE_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+METHODS = ("knn", "head", "auto")
+
+
+# -- the algorithm, on arrays -------------------------------------------------------------------
+def vote_shares(sims: np.ndarray, neighbour_labels: np.ndarray, n_classes: int, temperature: float = TEMPERATURE) -> np.ndarray:
+    """Each class's share of the similarity-weighted vote: (n, n_classes), rows summing to 1.
+
+    ``sims``, ``neighbour_labels``: (n, k) similarities and class indices of the neighbours; a label
+    of -1 marks no neighbour (fewer labelled images than k) and casts no vote.
+    """
+    n, k = sims.shape
+    valid = neighbour_labels >= 0
+    s = np.where(valid, sims, -np.inf).astype(np.float64)
+    top = s.max(axis=1, keepdims=True) if k else np.zeros((n, 1))
+    top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.where(valid, np.exp((s - top) / temperature), 0.0)  # shifted: shares are unchanged, no overflow
+    cells = (np.arange(n)[:, None] * n_classes + neighbour_labels)[valid]
+    shares = np.bincount(cells, weights[valid], minlength=n * n_classes).reshape(n, n_classes)
+    total = shares.sum(axis=1, keepdims=True)
+    return np.divide(shares, total, out=np.full_like(shares, 1.0 / max(n_classes, 1)), where=total > 0)
+
+
+class LabelledNeighbours:
+    """Exact inner-product search over the labelled vectors only (positions 0..n-1 = ``labels``)."""
+
+    def __init__(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, labels) of each query's k nearest labelled vectors (label -1: none)."""
+        sims, pos = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return sims, np.where(pos >= 0, self.labels[np.maximum(pos, 0)], -1)
+
+    def search_leave_one_out(self, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`search` for labelled vectors themselves, each one's own entry removed."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return self.search_excluding(self.index.reconstruct_batch(positions), k, positions)
+
+    def search_excluding(self, queries: np.ndarray, k: int, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`search`, leaving out each query's own labelled vector (``own``: its position, -1: none)."""
+        sims, pos = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
+        drop = pos == np.asarray(own)[:, None]
+        # drop the query's own entry; where it has none (or a tie pushed it out of the k+1), the last one
+        drop[~drop.any(axis=1), -1] = True
+        drop &= np.cumsum(drop, axis=1) == 1
+        n = len(queries)
+        sims, pos = sims[~drop].reshape(n, k), pos[~drop].reshape(n, k)
+        return sims, np.where(pos >= 0, self.labels[np.maximum(pos, 0)], -1)
+
+    def leave_one_out_shares(
+        self, positions: np.ndarray, k: int, temperature: float = TEMPERATURE, chunk: int = SEARCH_CHUNK
+    ) -> np.ndarray:
+        n_classes = int(self.labels.max()) + 1
+        parts = []
+        for start in range(0, len(positions), chunk):
+            sims, labels = self.search_leave_one_out(positions[start : start + chunk], k)
+            parts.append(vote_shares(sims, labels, n_classes, temperature))
+        return np.concatenate(parts) if parts else np.zeros((0, n_classes))
+
+
+def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing least-squares fit of y on x (pool adjacent violators).
+
+    Returns knots (xs, ys) for ``np.interp``: the ends of each pooled block of x, at the block's mean y.
+    """
+    order = np.argsort(x, kind="stable")
+    x, y = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
+    # equal x values form one block from the start
+    ux, first = np.unique(x, return_index=True)
+    sums = np.add.reduceat(y, first)
+    counts = np.diff(np.append(first, len(x))).astype(np.float64)
+    lo: list[float] = []
+    hi: list[float] = []
+    s: list[float] = []
+    c: list[float] = []
+    for xv, sv, cv in zip(ux, sums, counts):
+        lo.append(xv), hi.append(xv), s.append(sv), c.append(cv)
+        while len(s) > 1 and s[-2] / c[-2] >= s[-1] / c[-1]:
+            sv2, cv2, hv = s.pop(), c.pop(), hi.pop()
+            lo.pop()
+            s[-1] += sv2
+            c[-1] += cv2
+            hi[-1] = hv
+    means = np.asarray(s) / np.asarray(c)
+    xs = np.ravel(np.column_stack([lo, hi]))
+    ys = np.repeat(means, 2)
+    return xs, ys
+
+
+@dataclass
+class Calibration:
+    """Raw top vote share -> probability that the predicted label is right (isotonic knots)."""
+
+    xs: list[float]
+    ys: list[float]
+
+    @classmethod
+    def fit(cls, raw: np.ndarray, correct: np.ndarray) -> "Calibration":
+        xs, ys = fit_isotonic(raw, correct.astype(np.float64))
+        return cls([round(float(v), 6) for v in xs], [round(float(v), 6) for v in ys])
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        return np.interp(np.asarray(raw, np.float64), self.xs, self.ys)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence| weighted by the bin's share."""
+    if len(confidence) == 0:
+        return 0.0
+    which = np.minimum((np.asarray(confidence) * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        m = which == b
+        total += m.mean() * abs(float(np.mean(correct[m])) - float(np.mean(confidence[m])))
+    return total
+
+
+def cross_fitted_confidence(raw: np.ndarray, correct: np.ndarray, folds: int = CALIBRATION_FOLDS, seed: int = 0) -> np.ndarray:
+    """Each image's calibrated confidence from a calibration fitted on the other folds (honest ECE)."""
+    fold = np.random.default_rng(seed).permutation(len(raw)) % folds
+    out = np.zeros(len(raw))
+    for f in range(folds):
+        test = fold == f
+        if test.any() and (~test).any():
+            out[test] = Calibration.fit(raw[~test], correct[~test])(raw[test])
+    return out
+
+
+def accuracy_coverage(confidence: np.ndarray, correct: np.ndarray, thresholds: Sequence[float] = CURVE_THRESHOLDS) -> list[dict[str, float]]:
+    """For each threshold: the share of images at or above it (coverage) and their accuracy."""
+    out = []
+    for t in thresholds:
+        m = confidence >= t
+        out.append({"threshold": t, "coverage": float(m.mean()), "accuracy": float(correct[m].mean()) if m.any() else None})
+    return out
+
+
+def accuracy_at_coverage(confidence: np.ndarray, correct: np.ndarray, coverage: float) -> float:
+    """Accuracy of the most confident ``coverage`` share of the images."""
+    n = max(1, int(round(coverage * len(confidence))))
+    order = np.argsort(-confidence, kind="stable")[:n]
+    return float(correct[order].mean())
+
+
+# -- reading labels and vectors from the store ----------------------------------------------------
+@dataclass
+class LabelledData:
+    ids: np.ndarray  # row ids of the labelled ok images
+    y: np.ndarray  # their class indices
+    classes: list[str]
+    neighbours: LabelledNeighbours
+    fingerprint: str
+
+
+def load_labelled(store: IndexStore) -> LabelledData:
+    """The given labels of ok rows with their stored vectors; an error when there is nothing to learn from."""
+    labels = store.catalog.labels("given")
+    if not labels:
+        raise InputError(
+            f"the index at {store.path} has no labels: classification needs labelled examples of at least two "
+            "classes (simsearch labels import FOLDER_OF_CLASS_FOLDERS or CSV)"
+        )
+    classes = sorted(set(labels.values()))
+    if len(classes) < 2:
+        raise InputError(
+            f"the index at {store.path} has labels of one class only ({classes[0]!r}): classification needs "
+            "labelled examples of at least two classes (simsearch labels import ...)"
+        )
+    position = {c: i for i, c in enumerate(classes)}
+    id_parts, vec_parts = [], []
+    for ids, vectors in store.catalog.iter_vectors(np.fromiter(labels, dtype=np.int64)):
+        id_parts.append(ids)
+        vec_parts.append(vectors)
+    ids = np.concatenate(id_parts)
+    y = np.array([position[labels[int(i)]] for i in ids], dtype=np.int64)
+    digest = hashlib.sha1(ids.tobytes() + y.tobytes() + "\n".join(classes).encode())
+    digest.update(str(store.meta.get("updated_at")).encode())  # vectors re-embedded since: refit
+    return LabelledData(ids, y, classes, LabelledNeighbours(np.concatenate(vec_parts), y), digest.hexdigest()[:16])
+
+
+def _check_method(store: IndexStore, method: str) -> str:
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; use knn, head or auto")
+    if method == "head":
+        source = str(store.meta.get("weights_source", ""))
+        if not source.lower().endswith((".pt", ".pth")) and "checkpoint" not in source:
+            raise InputError(
+                f"--method head needs an index built with a simsearch train checkpoint as --weights; the index at "
+                f"{store.path} was built with {store.meta.get('model')} ({store.meta.get('weights')}). Use --method knn"
+            )
+        raise InputError(
+            "--method head needs the trained head's class proxies, which simsearch train checkpoints do not "
+            "record yet; use --method knn (on the index built with the checkpoint, its embedding is the trained one)"
+        )
+    return "knn"
+
+
+def _check_k(k: int, data: LabelledData) -> int:
+    if k < 1:
+        raise InputError("--k must be at least 1")
+    return min(k, len(data.ids) - 1) if len(data.ids) > 1 else 1
+
+
+@dataclass
+class CalibrationInfo:
+    """The calibration in use and how well the classifier does leave-one-out on the labelled images."""
+
+    method: str
+    k: int
+    temperature: float
+    labelled: int
+    classes: int
+    fitted_on: int
+    loo_accuracy: float
+    ece: float
+    fingerprint: str
+    fitted_at: str
+    calibration: Calibration
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibrate(store: IndexStore, data: LabelledData, k: int, seed: int = 0) -> CalibrationInfo:
+    """The recorded calibration when it was fitted on these labels with this k; else fit and record one."""
+    recorded = store.meta.get("classifier")
+    if (
+        isinstance(recorded, dict)
+        and recorded.get("fingerprint") == data.fingerprint
+        and recorded.get("k") == k
+        and recorded.get("temperature") == TEMPERATURE
+    ):
+        fields = dict(recorded)
+        fields["calibration"] = Calibration(**recorded["calibration"])
+        return CalibrationInfo(**fields)
+    positions = np.arange(len(data.ids))
+    if len(positions) > CALIBRATION_SAMPLE:
+        positions = np.sort(np.random.default_rng(seed).choice(positions, CALIBRATION_SAMPLE, replace=False))
+    shares = data.neighbours.leave_one_out_shares(positions, k)
+    raw = shares.max(axis=1)
+    correct = shares.argmax(axis=1) == data.y[positions]
+    info = CalibrationInfo(
+        method="knn",
+        k=k,
+        temperature=TEMPERATURE,
+        labelled=len(data.ids),
+        classes=len(data.classes),
+        fitted_on=len(positions),
+        loo_accuracy=round(float(correct.mean()), 6),
+        ece=round(expected_calibration_error(cross_fitted_confidence(raw, correct, seed=seed), correct), 6),
+        fingerprint=data.fingerprint,
+        fitted_at=utc_now(),
+        calibration=Calibration.fit(raw, correct),
+    )
+    store.record_classifier(info.to_dict())
+    return info
+
+
+# -- classify -----------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """One image's predicted label (None: abstained, confidence below the threshold)."""
+
+    path: str
+    label: str | None
+    confidence: float
+    best: str  # the top class of the vote, even when abstaining
+    vote_share: float  # its raw share of the vote, before calibration
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ClassifyResult:
+    """Predictions for the unlabelled images of an index (or for IMAGE files), as compact arrays.
+
+    ``predictions()`` yields them with their paths, a chunk at a time (an index of a million images
+    is never held as a million Python objects).
+    """
+
+    index: str
+    method: str
+    k: int
+    min_confidence: float
+    classes: list[str]
+    calibration: CalibrationInfo
+    ids: np.ndarray  # row ids (-1 for IMAGE files outside the index)
+    best: np.ndarray  # class index of the top vote
+    vote_share: np.ndarray
+    confidence: np.ndarray
+    paths: list[str] | None = None  # for IMAGE arguments; None: look the ids up in the index
+    written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def classified(self) -> int:
+        return int((self.confidence >= self.min_confidence).sum())
+
+    @property
+    def abstained(self) -> int:
+        return len(self.ids) - self.classified
+
+    def predictions(self, chunk: int = SEARCH_CHUNK) -> Iterator[Prediction]:
+        store = None if self.paths is not None else IndexStore.open(self.index)
+        try:
+            for start in range(0, len(self.ids), chunk):
+                part = slice(start, start + chunk)
+                if self.paths is not None:
+                    names = self.paths[part]
+                else:
+                    assert store is not None
+                    rows = store.catalog.rows_by_ids(self.ids[part].tolist())
+                    names = [rows[int(i)].path if int(i) in rows else f"(id {int(i)}, gone)" for i in self.ids[part]]
+                for name, b, share, conf in zip(names, self.best[part], self.vote_share[part], self.confidence[part]):
+                    best = self.classes[int(b)]
+                    yield Prediction(
+                        name, best if conf >= self.min_confidence else None, round(float(conf), 4), best, round(float(share), 4)
+                    )
+        finally:
+            if store is not None:
+                store.close()
+
+    def summary(self) -> dict[str, Any]:
+        counts = np.bincount(self.best[self.confidence >= self.min_confidence], minlength=len(self.classes))
+        return {
+            "index": self.index,
+            "method": self.method,
+            "k": self.k,
+            "min_confidence": self.min_confidence,
+            "images": len(self.ids),
+            "classified": self.classified,
+            "abstained": self.abstained,
+            "written": self.written,
+            "by_class": {c: int(n) for c, n in zip(self.classes, counts) if n},
+            "calibration": {
+                "loo_accuracy": self.calibration.loo_accuracy,
+                "ece": self.calibration.ece,
+                "labelled": self.calibration.labelled,
+                "fitted_at": self.calibration.fitted_at,
+            },
+            "seconds": round(self.seconds, 3),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.summary(), predictions=[asdict(p) for p in self.predictions()])
+
+
+def _classify_vectors(
+    data: LabelledData, vectors: np.ndarray, k: int, calibration: Calibration, own: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top class, raw share, calibrated confidence) per vector; ``own``: labelled positions to leave out."""
+    if own is None:
+        sims, labels = data.neighbours.search(vectors, k)
+    else:
+        sims, labels = data.neighbours.search_excluding(vectors, k, own)
+    shares = vote_shares(sims, labels, len(data.classes))
+    best = shares.argmax(axis=1)
+    raw = shares[np.arange(len(best)), best]
+    return best.astype(np.int32), raw.astype(np.float32), calibration(raw).astype(np.float32)
+
+
+def classify_index(
+    index_dir: str | os.PathLike[str],
+    images: Sequence[str | os.PathLike[str]] = (),
+    k: int = DEFAULT_K,
+    min_confidence: float = 0.0,
+    method: str = "auto",
+    write: bool = False,
+    device: str = "auto",
+) -> ClassifyResult:
+    """Predict a label for every unlabelled indexed image, or for each of ``images`` (which need not be indexed).
+
+    Predictions with a calibrated confidence below ``min_confidence`` abstain. ``write`` replaces the
+    index's predicted labels with the confident predictions (given labels are never touched).
+    """
+    t0 = time.perf_counter()
+    if not 0.0 <= min_confidence <= 1.0:
+        raise InputError("--min-confidence must be between 0 and 1")
+    if write and images:
+        raise InputError("--write stores predictions for indexed images; give no IMAGE with it")
+    with IndexStore.open(index_dir) as store:
+        store.require_vectors()
+        method = _check_method(store, method)
+        data = load_labelled(store)
+        k = _check_k(k, data)
+        info = calibrate(store, data, k)
+        paths: list[str] | None = None
+        if images:
+            paths = [str(p) for p in images]
+            ids, vectors = _embed_images(store, paths, device)
+            # an indexed, labelled IMAGE is classified by its neighbours, not by its own label
+            position = {int(i): n for n, i in enumerate(data.ids)}
+            own = np.array([position.get(int(i), -1) for i in ids], dtype=np.int64)
+            best, raw, conf = _classify_vectors(data, vectors, k, info.calibration, own)
+        else:
+            labelled = data.ids
+            parts: list[tuple[np.ndarray, ...]] = []
+            for chunk_ids, vectors in store.catalog.iter_vectors(chunk=SEARCH_CHUNK):
+                keep = ~np.isin(chunk_ids, labelled, assume_unique=True)
+                if keep.any():
+                    parts.append((chunk_ids[keep],) + _classify_vectors(data, vectors[keep], k, info.calibration))
+            empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+            ids, best, raw, conf = (np.concatenate(c) for c in zip(*parts)) if parts else empty
+        result = ClassifyResult(
+            str(store.path), method, k, min_confidence, data.classes, info, ids, best, raw, conf, paths
+        )
+        if write:
+            confident = conf >= min_confidence
+            chosen = {int(i): data.classes[int(b)] for i, b in zip(ids[confident], best[confident])}
+            store.write_predictions(chosen, {int(i): round(float(c), 6) for i, c in zip(ids[confident], conf[confident])})
+            result.written = len(chosen)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _embed_images(store: IndexStore, paths: list[str], device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, vectors) of IMAGE files: the stored vector of an indexed file (id), else the file
+    embedded with the index's own model (id -1; only then is torch imported)."""
+    from .images import DEFAULT_MAX_PIXELS, decode_image, read_bytes
+    from .search import load_index_model
+
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"image not found: {p}")
+    ids = np.full(len(paths), -1, np.int64)
+    known = store.catalog.ids_by_paths(os.path.abspath(p) for p in paths)
+    vectors = np.zeros((len(paths), int(store.meta["dim"])), np.float32)
+    todo = []
+    for n, p in enumerate(paths):
+        row_id = known.get(os.path.abspath(p))
+        vec = store.catalog.vector(row_id) if row_id is not None else None
+        if vec is not None:
+            ids[n], vectors[n] = row_id, vec
+        else:
+            todo.append(n)
+    if todo:
+        embedder = load_index_model(store, device=device)
+        draft = int(store.meta["preprocessing"]["resize_size"])
+        for start in range(0, len(todo), 64):
+            part = todo[start : start + 64]
+            decoded = [decode_image(read_bytes(paths[n]), paths[n], max_pixels=DEFAULT_MAX_PIXELS, draft_size=draft) for n in part]
+            vectors[part] = embedder.embed_images(decoded)
+    return ids, vectors
+
+
+# -- suspects -----------------------------------------------------------------------------------
+@dataclass
+class Suspect:
+    """A labelled image whose neighbours vote for another label."""
+
+    rank: int
+    path: str
+    label: str
+    suggested: str
+    label_share: float  # the share of the vote its own label gets (low: strong disagreement)
+    confidence: float  # calibrated confidence of the suggested label
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def self_confidence(data: LabelledData, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out vote shares of every labelled image: (share of its own label, top class)."""
+    shares = data.neighbours.leave_one_out_shares(np.arange(len(data.ids)), k)
+    return shares[np.arange(len(data.ids)), data.y], shares
+
+
+def find_suspects(index_dir: str | os.PathLike[str], k: int = DEFAULT_K, limit: int | None = None) -> list[Suspect]:
+    """Labelled images whose neighbours disagree with their label, most doubtful first."""
+    with IndexStore.open(index_dir) as store:
+        store.require_vectors()
+        data = load_labelled(store)
+        k = _check_k(k, data)
+        info = calibrate(store, data, k)
+        own, shares = self_confidence(data, k)
+        top = shares.argmax(axis=1)
+        doubtful = np.flatnonzero(top != data.y)
+        order = doubtful[np.lexsort((-shares[doubtful, top[doubtful]], own[doubtful]))]
+        if limit is not None:
+            order = order[:limit]
+        rows = store.catalog.rows_by_ids(data.ids[order].tolist())
+        conf = info.calibration(shares[order, top[order]])
+        return [
+            Suspect(
+                r + 1, rows[int(data.ids[p])].path, data.classes[data.y[p]], data.classes[top[p]],
+                round(float(own[p]), 4), round(float(c), 4),
+            )
+            for r, (p, c) in enumerate(zip(order, conf))
+        ]
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+@dataclass
+class EvalReport:
+    """Leave-one-out quality of the kNN classifier on the index's labels."""
+
+    labelled: int
+    classes: int
+    k: int
+    accuracy_at_k: dict[int, float]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_at_90_coverage: float = 0.0
+    ece: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_labels(index_dir: str | os.PathLike[str], k: int = DEFAULT_K, seed: int = 0) -> EvalReport:
+    """Leave-one-out accuracy for k in 1, 5, 10, 20; accuracy/coverage and cross-fitted ECE at ``k``."""
+    t0 = time.perf_counter()
+    with IndexStore.open(index_dir) as store:
+        store.require_vectors()
+        data = load_labelled(store)
+        k = _check_k(k, data)
+        ks = sorted({min(j, len(data.ids) - 1) for j in EVAL_KS} | {k})
+        deepest = max(ks)
+        n_classes = len(data.classes)
+        correct_at = {j: 0 for j in ks}
+        raw_k, correct_k = [], []
+        positions = np.arange(len(data.ids))
+        for start in range(0, len(positions), SEARCH_CHUNK):
+            part = positions[start : start + SEARCH_CHUNK]
+            sims, labels = data.neighbours.search_leave_one_out(part, deepest)
+            for j in ks:
+                shares = vote_shares(sims[:, :j], labels[:, :j], n_classes)
+                hit = shares.argmax(axis=1) == data.y[part]
+                correct_at[j] += int(hit.sum())
+                if j == k:
+                    raw_k.append(shares.max(axis=1))
+                    correct_k.append(hit)
+    raw, correct = np.concatenate(raw_k), np.concatenate(correct_k)
+    conf = cross_fitted_confidence(raw, correct, seed=seed)
+    n = len(data.ids)
+    return EvalReport(
+        labelled=n,
+        classes=n_classes,
+        k=k,
+        accuracy_at_k={j: round(correct_at[j] / n, 6) for j in ks},
+        curve=[{kk: (round(v, 6) if isinstance(v, float) else v) for kk, v in row.items()} for row in accuracy_coverage(conf, correct)],
+        accuracy_at_90_coverage=round(accuracy_at_coverage(conf, correct, 0.9), 6),
+        ece=round(expected_calibration_error(conf, correct), 6),
+        seconds=time.perf_counter() - t0,
+    )

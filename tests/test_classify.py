@@ -1,0 +1,377 @@
+"""Labels and classification from the index: kNN votes, calibration, suspects and evaluation against
+numpy brute force on seeded vectors; the labels' life through re-indexing, moves, changes and deletion;
+CSV errors; the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import FAST_ARGS, make_image, run_index
+from simsearch.classify import (
+    TEMPERATURE,
+    Calibration,
+    LabelledNeighbours,
+    classify_index,
+    evaluate_labels,
+    expected_calibration_error,
+    find_suspects,
+    fit_isotonic,
+    vote_shares,
+)
+from simsearch.cli import cli
+from simsearch.errors import InputError
+from simsearch.labels import import_labels, list_labels
+from simsearch.store import IndexStore
+
+
+def clustered(n: int, classes: int, dim: int = 16, spread: float = 0.35, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded unit vectors around ``classes`` random centres, with their true classes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim))
+    y = rng.integers(0, classes, n)
+    x = centres[y] / np.sqrt(dim) + spread * rng.standard_normal((n, dim)) / np.sqrt(dim) * 2
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x, y
+
+
+def vector_index(path: Path, vectors: np.ndarray) -> list[int]:
+    """An index holding these vectors under made-up paths (no model, no images): the row ids."""
+    with IndexStore.open(path, create=True) as store:
+        store.ensure_identity(
+            {"model": "synthetic", "weights": "none", "dim": vectors.shape[1], "preprocessing": {"resize_size": 1, "crop_size": 1}}
+        )
+        records = [{"path": f"/synthetic/{i:06d}.jpg", "size": 1, "status": "ok"} for i in range(len(vectors))]
+        with store.catalog.transaction():
+            ids = store.catalog.insert_rows(records, list(vectors))
+        store.ann.add(np.asarray(ids), vectors)
+        store.save_ann()
+    return ids
+
+
+def give(path: Path, ids, labels) -> None:
+    with IndexStore.open(path) as store:
+        store.import_labels({int(i): f"c{int(l)}" for i, l in zip(ids, labels)})
+
+
+def brute_shares(sims_row: np.ndarray, labels_row: np.ndarray, k: int, n_classes: int) -> np.ndarray:
+    """The vote of one query from its full similarity row, with numpy only."""
+    order = np.argsort(-sims_row, kind="stable")[:k]
+    w = np.exp(sims_row[order] / TEMPERATURE)
+    out = np.zeros(n_classes)
+    for weight, label in zip(w, labels_row[order]):
+        out[label] += weight
+    return out / out.sum()
+
+
+# -- the algorithm against brute force ------------------------------------------------------------
+def test_knn_vote_matches_numpy() -> None:
+    x, y = clustered(600, 5, seed=1)
+    ref, q = x[:400], x[400:]
+    nb = LabelledNeighbours(ref, y[:400])
+    for k in (1, 7, 20):
+        sims, labels = nb.search(q, k)
+        got = vote_shares(sims, labels, 5)
+        full = q @ ref.T
+        want = np.stack([brute_shares(full[i], y[:400], k, 5) for i in range(len(q))])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_leave_one_out_matches_numpy() -> None:
+    x, y = clustered(300, 4, seed=2)
+    nb = LabelledNeighbours(x, y)
+    got = nb.leave_one_out_shares(np.arange(300), 10, chunk=64)  # several chunks
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    want = np.stack([brute_shares(full[i], y, 10, 4) for i in range(300)])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_vote_with_fewer_neighbours_than_k() -> None:
+    sims = np.array([[0.9, 0.5, -1.0]], np.float32)
+    labels = np.array([[1, 0, -1]])  # the third is no neighbour
+    shares = vote_shares(sims, labels, 2)
+    w = np.exp(np.array([0.9, 0.5]) / TEMPERATURE)
+    np.testing.assert_allclose(shares[0], [w[1] / w.sum(), w[0] / w.sum()], rtol=1e-5)
+
+
+def test_isotonic_fit_is_the_minmax_solution() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.random(60)
+    y = (rng.random(60) < x).astype(float)
+    xs, ys = fit_isotonic(x, y)
+    fitted = np.interp(np.sort(x), xs, ys)
+    ysorted = y[np.argsort(x)]
+    # the isotonic regression at i is max over j<=i of min over l>=i of mean(y[j..l])
+    want = np.array(
+        [max(min(ysorted[j : l + 1].mean() for l in range(i, 60)) for j in range(i + 1)) for i in range(60)]
+    )
+    np.testing.assert_allclose(fitted, want, atol=1e-12)
+    assert np.all(np.diff(ys) >= 0)
+
+
+def test_ece_by_hand() -> None:
+    conf = np.array([0.95, 0.95, 0.55, 0.55])
+    correct = np.array([True, False, True, True])
+    # bins: 0.95 -> acc 0.5 (gap .45, weight .5); 0.55 -> acc 1 (gap .45, weight .5)
+    assert expected_calibration_error(conf, correct) == pytest.approx(0.45)
+
+
+# -- through an index ---------------------------------------------------------------------------
+def test_calibrated_confidence_is_right_as_often_as_it_says(tmp_path: Path) -> None:
+    """Overlapping clusters with 15% label noise: on held-out images, ECE of the confidence is small."""
+    x, y = clustered(6000, 6, spread=0.9, seed=4)
+    rng = np.random.default_rng(5)
+    noisy = np.where(rng.random(len(y)) < 0.15, rng.integers(0, 6, len(y)), y)
+    ids = vector_index(tmp_path / "idx", x)
+    give(tmp_path / "idx", ids[:4000], noisy[:4000])
+    result = classify_index(tmp_path / "idx", k=20)
+    assert len(result.ids) == 2000 and set(result.ids.tolist()) == set(ids[4000:])
+    truth = {i: f"c{l}" for i, l in zip(ids[4000:], noisy[4000:])}
+    correct = np.array([result.classes[b] == truth[int(i)] for i, b in zip(result.ids, result.best)])
+    assert 0.4 < correct.mean() < 0.95  # a problem where confidence matters
+    assert expected_calibration_error(result.confidence, correct) < 0.05
+    assert result.calibration.ece < 0.05
+    # the raw vote share is over-confident here: calibrating is what made it honest
+    assert expected_calibration_error(result.vote_share, correct) > 2 * expected_calibration_error(result.confidence, correct)
+    # recorded in the index, reused while the labels are the same
+    with IndexStore.open(tmp_path / "idx") as store:
+        recorded = store.meta["classifier"]
+    assert recorded["k"] == 20 and recorded["labelled"] == 4000
+    again = classify_index(tmp_path / "idx", k=20)
+    assert again.calibration.fitted_at == recorded["fitted_at"]
+    np.testing.assert_array_equal(again.confidence, result.confidence)
+
+
+def test_min_confidence_abstains_and_write_stores_predictions(tmp_path: Path) -> None:
+    x, y = clustered(400, 3, spread=0.8, seed=6)
+    ids = vector_index(tmp_path / "idx", x)
+    give(tmp_path / "idx", ids[:200], y[:200])
+    result = classify_index(tmp_path / "idx", k=10, min_confidence=0.9, write=True)
+    preds = list(result.predictions())
+    assert len(preds) == 200
+    assert all((p.label is None) == (p.confidence < 0.9) for p in preds)
+    assert 0 < result.abstained < 200
+    listing = list_labels(tmp_path / "idx")
+    assert listing.given == 200 and listing.predicted == result.classified == result.written
+    with IndexStore.open(tmp_path / "idx") as store:
+        given = store.catalog.labels("given")
+        predicted = store.catalog.labels("predicted")
+    assert set(given) == set(ids[:200]) and not set(predicted) & set(given)
+    # the given labels vote, the predicted ones do not: a second run predicts the same images again
+    again = classify_index(tmp_path / "idx", k=10, min_confidence=0.0, write=True)
+    assert len(again.ids) == 200 and again.written == 200
+    assert list_labels(tmp_path / "idx").predicted == 200
+
+
+def test_suspects_find_planted_label_flips(tmp_path: Path) -> None:
+    x, y = clustered(2000, 8, spread=0.25, seed=7)  # well separated: clean leave-one-out accuracy 0.99
+    ids = vector_index(tmp_path / "idx", x)
+    rng = np.random.default_rng(8)
+    flipped = rng.choice(2000, 100, replace=False)
+    given = y.copy()
+    given[flipped] = (y[flipped] + rng.integers(1, 8, 100)) % 8
+    give(tmp_path / "idx", ids, given)
+    suspects = find_suspects(tmp_path / "idx", k=10)
+    top = suspects[:100]
+    path_to_pos = {f"/synthetic/{i:06d}.jpg": i for i in range(2000)}
+    hits = [path_to_pos[s.path] in set(flipped.tolist()) for s in top]
+    assert np.mean(hits) >= 0.9
+    found = [s for s in top if path_to_pos[s.path] in set(flipped.tolist())]
+    right = [s.suggested == f"c{y[path_to_pos[s.path]]}" for s in found]
+    assert np.mean(right) >= 0.95  # the neighbours suggest the true class
+    shares = [s.label_share for s in suspects]
+    assert shares == sorted(shares)
+
+
+def test_eval_matches_numpy_leave_one_out(tmp_path: Path) -> None:
+    x, y = clustered(500, 5, spread=0.9, seed=9)
+    ids = vector_index(tmp_path / "idx", x)
+    give(tmp_path / "idx", ids, y)
+    report = evaluate_labels(tmp_path / "idx", k=10)
+    full = x @ x.T
+    np.fill_diagonal(full, -np.inf)
+    for k in (1, 5, 10, 20):
+        want = np.mean([brute_shares(full[i], y, k, 5).argmax() == y[i] for i in range(500)])
+        assert report.accuracy_at_k[k] == pytest.approx(want, abs=1e-6)
+    assert report.curve[0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": pytest.approx(report.accuracy_at_k[10])}
+    coverages = [row["coverage"] for row in report.curve]
+    assert coverages == sorted(coverages, reverse=True)
+    assert report.accuracy_at_90_coverage >= report.accuracy_at_k[10] - 1e-9
+    assert report.ece < 0.08
+
+
+def test_no_labels_or_one_class_says_what_is_needed(tmp_path: Path) -> None:
+    x, y = clustered(50, 2, seed=10)
+    ids = vector_index(tmp_path / "idx", x)
+    with pytest.raises(InputError, match="no labels.*at least two classes"):
+        classify_index(tmp_path / "idx")
+    give(tmp_path / "idx", ids[:10], [0] * 10)
+    for call in (classify_index, find_suspects, evaluate_labels):
+        with pytest.raises(InputError, match="one class only.*at least two classes"):
+            call(tmp_path / "idx")
+
+
+def test_method_head_on_a_plain_backbone_is_a_clear_error(tmp_path: Path) -> None:
+    x, y = clustered(50, 2, seed=11)
+    ids = vector_index(tmp_path / "idx", x)
+    give(tmp_path / "idx", ids[:20], y[:20])
+    with pytest.raises(InputError, match="--method head needs an index built with a simsearch train checkpoint"):
+        classify_index(tmp_path / "idx", method="head")
+    assert classify_index(tmp_path / "idx", method="auto").method == "knn"
+
+
+def test_an_index_without_the_labels_table_gains_it(tmp_path: Path) -> None:
+    x, _ = clustered(20, 2, seed=12)
+    vector_index(tmp_path / "idx", x)
+    conn = sqlite3.connect(tmp_path / "idx" / "catalog.db")
+    conn.execute("DROP TABLE labels")
+    conn.commit()
+    conn.close()
+    with IndexStore.open(tmp_path / "idx") as store:
+        assert "labels" in store.catalog.db.table_names()
+        assert store.catalog.counts()["ok"] == 20  # vectors kept, nothing re-embedded
+
+
+# -- labels of real files: import, and their life through re-indexing ----------------------------
+@pytest.fixture
+def pets(tmp_path: Path) -> Path:
+    root = tmp_path / "pets"
+    for c, (cls, colour) in enumerate((("cat", (220, 40, 40)), ("dog", (40, 40, 220)))):
+        for i in range(4):
+            make_image(root / cls / f"{cls}{i}.jpg", color=colour, shape=("ellipse", "rectangle")[c], seed=10 * c + i)
+    return root
+
+
+def labels_by_path(index_dir: Path, source: str = "given") -> dict[str, str]:
+    with IndexStore.open(index_dir) as store:
+        rows = store.catalog.rows_by_ids(store.catalog.labels(source, ok_only=False))
+        return {rows[i].path: label for i, label in store.catalog.labels(source, ok_only=False).items()}
+
+
+def test_labels_survive_reindex_move_and_change_and_go_with_a_deleted_file(tmp_path: Path, pets: Path) -> None:
+    idx = tmp_path / "idx"
+    run_index(pets, idx)
+    summary = import_labels(pets, idx)
+    assert (summary.imported, summary.classes, summary.not_indexed) == (8, 2, [])
+    before = labels_by_path(idx)
+    assert before[str(pets / "cat" / "cat0.jpg")] == "cat"
+    with IndexStore.open(idx) as store:  # a prediction for one image, to see it go when the file changes
+        store.write_predictions({store.catalog.row_by_path(str(pets / "dog" / "dog3.jpg")).id: "cat"}, {})
+    store_given = {p: l for p, l in before.items() if not p.endswith("dog3.jpg")}
+    # unchanged re-index
+    run_index(pets, idx)
+    assert labels_by_path(idx) == before
+    # move: cat0 to another folder; change: cat1 gets new content; delete: dog0; dog3 changes too
+    moved = pets / "elsewhere" / "moved_cat0.jpg"
+    moved.parent.mkdir()
+    os.rename(pets / "cat" / "cat0.jpg", moved)
+    make_image(pets / "cat" / "cat1.jpg", color=(10, 200, 10), shape="triangle", seed=99)
+    make_image(pets / "dog" / "dog3.jpg", color=(10, 200, 200), shape="stripes", seed=98)
+    (pets / "dog" / "dog0.jpg").unlink()
+    s = run_index(pets, idx)
+    assert (s.moved, s.updated, s.removed) == (1, 2, 1)
+    after = labels_by_path(idx)
+    assert after[str(moved)] == "cat"  # moved: kept its label
+    assert after[str(pets / "cat" / "cat1.jpg")] == "cat"  # re-embedded: given label kept
+    assert str(pets / "dog" / "dog0.jpg") not in after  # deleted: label gone
+    assert len(after) == 7
+    assert labels_by_path(idx, "predicted") == {}  # the stale prediction of the changed dog3 went
+    with IndexStore.open(idx) as store:
+        orphans = store.catalog.db.execute("SELECT count(*) FROM labels WHERE image_id NOT IN (SELECT id FROM images)").fetchone()[0]
+    assert orphans == 0
+    assert len(store_given) == 7
+
+
+def test_csv_import_reports_unindexed_files_and_names_bad_lines(tmp_path: Path, pets: Path) -> None:
+    idx = tmp_path / "idx"
+    run_index(pets / "cat", idx)
+    outside = make_image(tmp_path / "loose.jpg")
+    good = tmp_path / "labels.csv"
+    good.write_text(f"path,label\npets/cat/cat0.jpg,cat\n{pets / 'cat' / 'cat1.jpg'},kitten\n{outside},dog\n\n# comment\n")
+    summary = import_labels(good, idx)
+    assert summary.imported == 2 and summary.not_indexed == [str(outside)]
+    assert labels_by_path(idx)[str(pets / "cat" / "cat1.jpg")] == "kitten"
+    bad_rows = {
+        "missing column": ("pets/cat/cat0.jpg,cat\npets/cat/cat2.jpg\n", ":2: expected two columns"),
+        "empty label": ("pets/cat/cat0.jpg,cat\n\npets/cat/cat2.jpg, \n", ":3: empty label"),
+        "unknown path": ("pets/cat/cat0.jpg,cat\nno/such.jpg,cat\n", ":2: no such file, and not in the index"),
+    }
+    for name, (text, message) in bad_rows.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.csv"
+        bad.write_text(text)
+        with pytest.raises(InputError, match=message):
+            import_labels(bad, idx)
+    assert labels_by_path(idx)[str(pets / "cat" / "cat0.jpg")] == "cat"  # nothing written by a bad file
+    assert len(labels_by_path(idx)) == 2
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"SIMSEARCH_INDEX": None}, catch_exceptions=False)
+
+
+def test_cli_labels_and_classify(tmp_path: Path, pets: Path) -> None:
+    idx = tmp_path / "idx"
+    assert invoke("index", pets, "--index", idx, *FAST_ARGS, "-q").exit_code == 0
+    r = invoke("classify", "--index", idx)
+    assert r.exit_code == 1 and "no labels" in r.stderr and "\n" not in r.stderr.strip()
+    labels_csv = tmp_path / "l.csv"
+    labels_csv.write_text("".join(f"{pets / c / f'{c}{i}.jpg'},{c}\n" for c in ("cat", "dog") for i in range(3)))
+    r = invoke("labels", "import", labels_csv, "--index", idx)
+    assert r.exit_code == 0 and "imported 6 labels of 2 classes" in r.stdout
+    r = invoke("labels", "--index", idx, "--json")
+    data = json.loads(r.stdout)
+    assert data["given"] == 6 and {c["label"]: c["given"] for c in data["classes"]} == {"cat": 3, "dog": 3}
+    r = invoke("classify", "--index", idx, "--k", "3", "--json")
+    out = json.loads(r.stdout)
+    assert out["images"] == 2 and {p["path"] for p in out["predictions"]} == {str(pets / "cat" / "cat3.jpg"), str(pets / "dog" / "dog3.jpg")}
+    r = invoke("classify", "--index", idx, "--k", "3", "--csv", "--write")
+    lines = r.stdout.splitlines()
+    assert lines[0] == "path,label,confidence,best,vote_share" and len(lines) == 3
+    assert "wrote" in r.stderr
+    assert json.loads(invoke("labels", "--index", idx, "--json").stdout)["predicted"] >= 0
+    r = invoke("classify", "--index", idx, "--k", "3", pets / "cat" / "cat3.jpg")  # an indexed IMAGE
+    assert r.exit_code == 0 and r.stdout.endswith(f"{pets / 'cat' / 'cat3.jpg'}\n")
+    outside = make_image(tmp_path / "new" / "red.jpg", color=(220, 40, 40), shape="ellipse", seed=77)
+    r = invoke("classify", "--index", idx, "--k", "3", "--device", "cpu", "--json", outside)  # embedded with the index's model
+    assert r.exit_code == 0, r.stderr
+    [p] = json.loads(r.stdout)["predictions"]
+    assert p["path"] == str(outside) and p["best"] in ("cat", "dog") and 0 <= p["confidence"] <= 1
+    r = invoke("classify", "--index", idx, "--eval", "--json")
+    assert set(json.loads(r.stdout)["accuracy_at_k"]) <= {"1", "5", "10", "20", "3", "4", "5"}
+    r = invoke("classify", "--index", idx, "--suspects", "--json")
+    assert r.exit_code == 0 and isinstance(json.loads(r.stdout), list)
+    r = invoke("classify", "--index", idx, "--method", "head")
+    assert r.exit_code == 1 and "simsearch train checkpoint" in r.stderr
+    assert invoke("classify", "--index", idx, "--eval", "--suspects").exit_code == 2
+    r = invoke("labels", "clear", "--index", idx, "--source", "all")
+    assert r.exit_code == 0 and json.loads(invoke("labels", "--index", idx, "--json").stdout)["given"] == 0
+
+
+def test_classify_of_stored_vectors_does_not_import_torch(tmp_path: Path) -> None:
+    x, y = clustered(100, 3, seed=13)
+    ids = vector_index(tmp_path / "idx", x)
+    give(tmp_path / "idx", ids[:50], y[:50])
+    code = (
+        "import sys\n"
+        "from simsearch.cli import cli\n"
+        f"for args in (['labels'], ['classify'], ['classify', '--eval'], ['classify', '--suspects']):\n"
+        f"    try:\n"
+        f"        cli(args + ['--index', {str(tmp_path / 'idx')!r}])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), e.code\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "False"
