@@ -133,11 +133,9 @@ def build_synthetic(path: Path, n: int, dim: int, classes: int, labelled: int, s
             y = rng.integers(0, classes, m)
             x = centres[y] + 1.5 * rng.standard_normal((m, dim)).astype(np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
-            with store.catalog.transaction():
-                ids = store.catalog.insert_rows([{"path": f"/s/{start + i}.jpg", "status": "ok"} for i in range(m)], list(x))
-            store.ann.add(np.asarray(ids), x)
+            ids = store.commit([{"path": f"/s/{start + i}.jpg", "status": "ok"} for i in range(m)], x, [None] * m)
             given.update({i: f"c{c}" for i, c in zip(ids, y) if i <= labelled})
-        store.save_ann()
+        store.save()
         store.import_labels(given)
 
 

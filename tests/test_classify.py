@@ -50,10 +50,8 @@ def vector_index(path: Path, vectors: np.ndarray) -> list[int]:
             {"model": "synthetic", "weights": "none", "dim": vectors.shape[1], "preprocessing": {"resize_size": 1, "crop_size": 1}}
         )
         records = [{"path": f"/synthetic/{i:06d}.jpg", "size": 1, "status": "ok"} for i in range(len(vectors))]
-        with store.catalog.transaction():
-            ids = store.catalog.insert_rows(records, list(vectors))
-        store.ann.add(np.asarray(ids), vectors)
-        store.save_ann()
+        ids = store.commit(records, vectors, [None] * len(records))
+        store.save()
     return ids
 
 
