@@ -30,7 +30,7 @@ def built(tmp_path_factory):
 
 def stored(index_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     with IndexStore.open(index_dir) as store:
-        ids, vectors = store.catalog.all_vectors()
+        ids, vectors = store.all_vectors()
         paths = {r.id: r.path for r in store.catalog.rows()}
     return ids, vectors, paths
 

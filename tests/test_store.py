@@ -120,13 +120,17 @@ def fill_store(index_dir: Path, n: int = 20, failed: int = 2) -> dict[int, np.nd
     out = {}
     with IndexStore.open(index_dir, create=True) as store:
         store.ensure_identity(DESCRIPTION)
-        with store.catalog.transaction():
-            for i in range(n):
-                record = {"path": f"/p/{i}.jpg", "size": 10, "mtime_ns": 1, "hash": f"h{i}", "width": 4, "height": 3, "status": "ok", "error": None}
-                out[store.catalog.insert_row(record, vectors[i])] = vectors[i]
-            for i in range(failed):
-                record = {"path": f"/p/bad{i}.jpg", "size": 0, "mtime_ns": 1, "hash": None, "width": None, "height": None, "status": "failed", "error": "empty"}
-                store.catalog.insert_row(record, None)
+        records = [
+            {"path": f"/p/{i}.jpg", "size": 10, "mtime_ns": 1, "hash": f"h{i}", "width": 4, "height": 3, "status": "ok", "error": None}
+            for i in range(n)
+        ] + [
+            {"path": f"/p/bad{i}.jpg", "size": 0, "mtime_ns": 1, "hash": None, "width": None, "height": None, "status": "failed", "error": "empty"}
+            for i in range(failed)
+        ]
+        # rows and vectors written durably, FAISS not touched (as a crash before its update leaves it)
+        ids, as_stored = store.store_rows(records, vectors, [None] * len(records))
+        out = dict(zip(ids[:n], as_stored))
+        np.testing.assert_allclose(as_stored, vectors, atol=1e-3)  # float16 storage
         assert not store.check().ok  # rows written, FAISS not yet
         store.save(resync=True)  # rows were written behind FAISS's back: sync them, then write it
         assert store.check().ok
@@ -144,7 +148,7 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
     catalog = Catalog.open(tmp_path, create=True)
     with pytest.raises(RuntimeError):
         with catalog.transaction():
-            catalog.insert_row({"path": "/a.jpg", "status": "ok"}, np.zeros(4, np.float32))
+            catalog.insert_row({"path": "/a.jpg", "status": "ok"}, (0, 1234))
             raise RuntimeError("boom")
     assert catalog.rows() == [] and catalog.pending_ids().tolist() == []
     catalog.close()
@@ -195,10 +199,10 @@ def test_repair_stale_vector_under_same_id(tmp_path: Path) -> None:
     """A row whose vector changed after the FAISS file was written: same id, different vector."""
     stored = fill_store(tmp_path)
     victim = sorted(stored)[4]
-    new_vector = unit_vectors(1, seed=13)[0]
     with IndexStore.open(tmp_path) as store:
-        with store.catalog.transaction():
-            store.catalog.update_row(victim, {"hash": "new"}, new_vector)
+        row = store.catalog.rows_by_ids([victim])[victim]
+        record = {"path": row.path, "size": 11, "mtime_ns": 2, "hash": "new", "width": 4, "height": 3, "status": "ok", "error": None}
+        _, (new_vector,) = store.store_rows([record], unit_vectors(1, seed=13), [row])
         # crash here: FAISS on disk still has the old vector for the same id
     with IndexStore.open(tmp_path) as store:
         found = store.check()
@@ -223,5 +227,9 @@ def test_repair_duplicate_faiss_ids(tmp_path: Path) -> None:
 def test_dim_disagreement_is_corrupt(tmp_path: Path) -> None:
     fill_store(tmp_path)
     faiss.write_index(faiss.index_factory(DIM + 1, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), str(tmp_path / FAISS_FILE))
-    with pytest.raises(IndexCorruptError, match="catalog says"):
-        IndexStore.open(tmp_path)
+    with IndexStore.open(tmp_path) as store:  # opening reads nothing; using the FAISS file finds it
+        with pytest.raises(IndexCorruptError, match="catalog says"):
+            store.ann
+        found = store.repair()  # a derived file: rebuilt from the stored vectors
+        assert found.faiss_damaged and len(store.ann) == 20
+    assert_consistent(tmp_path)

@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from ..errors import IndexCorruptError
+from .vector_file import file_crc
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ class VectorIndex:
         """(scores, ids), each (n_queries, k), best first; missing neighbours have id -1."""
         return self.index.search(_as_f32(queries), clamp_k(k, len(self)))
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        write_atomic(self.index, Path(path))
+    def save(self, path: str | os.PathLike[str]) -> tuple[int, int]:
+        """Write the index atomically; returns the file's (size, CRC-32) for the catalog to record."""
+        return write_atomic(self.index, Path(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], factory: str = DEFAULT_FACTORY) -> "VectorIndex":
@@ -113,20 +115,43 @@ def clamp_k(k: int, n: int) -> int:
     return max(1, min(k, n))
 
 
-def write_atomic(index: faiss.Index, path: Path) -> None:
+def write_atomic(index: faiss.Index, path: Path) -> tuple[int, int]:
+    """Write ``index`` to a temporary file, fsync it, rename it over ``path``; returns (size, CRC-32).
+
+    Any failure (a full disk, a read-only folder) removes the temporary file and leaves ``path``
+    as it was, and comes out as an :class:`OSError` (FAISS reports write errors as RuntimeError).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as exc:
+            raise OSError(f"cannot write {tmp}: {_faiss_reason(exc)}") from exc
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size, crc = tmp.stat().st_size, file_crc(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return size, crc
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """The useful end of a FAISS error message (it starts with a C++ source location)."""
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else "write failed"
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
