@@ -217,7 +217,10 @@ class Catalog:
             self.db.execute("COMMIT")
 
     def _bump_generation(self) -> None:
-        self.db.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'generation'")
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES ('generation', '1') "
+            "ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+        )
         row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         self.write_gen = int(row[0]) if row else None
 
@@ -482,7 +485,8 @@ class Catalog:
             self.db.execute("UPDATE images SET vector = NULL WHERE vector IS NOT NULL")
             self.db.execute("UPDATE images SET gen = ? WHERE gen IS NULL", [self.write_gen])
             self.db.execute("INSERT OR IGNORE INTO ann_pending (id) SELECT id FROM images WHERE status = 'ok'")
-            self._set_meta_raw({"schema_version": SCHEMA_VERSION})
+            # until the store has rebuilt FAISS from the vector file (then it deletes this)
+            self._set_meta_raw({"schema_version": SCHEMA_VERSION, "migration": "rebuild FAISS"})
         self.schema_version = SCHEMA_VERSION
         self.db.execute("VACUUM")  # give back the pages the blobs took (atomic, like any transaction)
 
@@ -537,7 +541,7 @@ class Catalog:
             self.db.execute("DELETE FROM free_slots")
             self.db.execute("DELETE FROM clusters")
             self.db.execute("DELETE FROM cluster_members")
-            self.db.execute("DELETE FROM meta WHERE key NOT IN ('schema_version', 'created_at')")
+            self.db.execute("DELETE FROM meta WHERE key NOT IN ('schema_version', 'created_at', 'generation')")
 
 
 def _blob(vector: np.ndarray | None) -> bytes | None:

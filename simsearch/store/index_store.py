@@ -136,6 +136,8 @@ class IndexStore:
                     )
                 store.lock_for_writing()
                 store._migrate_v1()
+            elif not readonly and catalog.meta_value("migration") is not None:
+                store._finish_migration()
             store.saved = catalog.meta_value("faiss_saved")
         except BaseException:
             store.close()
@@ -182,6 +184,8 @@ class IndexStore:
         (forked decode workers do not inherit it) and dies with it, so a killed run never leaves a
         stale lock behind. Readers (query, info) do not take it.
         """
+        if self._lock_fd is not None:
+            return
         try:
             import fcntl
         except ImportError:  # no POSIX locks (Windows): concurrent writers are the caller's business
@@ -500,6 +504,7 @@ class IndexStore:
         self._trim_vectors()
         found = self.check(verify_vectors=verify_vectors)
         if found.ok:
+            self._repaired()
             return found
         log.warning(
             "repairing %s: %d vectors missing from FAISS, %d ids in it with no row, %d possibly stale, "
@@ -521,7 +526,13 @@ class IndexStore:
             ann.remove(found.extra)
             self._resync(np.union1d(np.union1d(found.missing, found.stale), found.damaged))
         self.save()
+        self._repaired()
         return found
+
+    def _repaired(self) -> None:
+        if self.catalog.meta_value("migration") is not None:
+            with self.catalog.transaction():
+                self.catalog.db.execute("DELETE FROM meta WHERE key = 'migration'")
 
     def _trim_vectors(self) -> None:
         """Cut the vector file back to the slots rows reference (a crash can leave unused ones at its end)."""
@@ -591,6 +602,15 @@ class IndexStore:
                 vf.write(np.array(slots, dtype=np.int64), rows16)
                 self.catalog.migrate_v1_set_slots(ids, list(zip(slots, row_crcs(rows16))))
         self.catalog.migrate_v1_finish()
+        self.repair()
+
+    def _finish_migration(self) -> None:
+        """A migration killed after recording version 2 but before FAISS was rebuilt: rebuild it now
+        (unless a writer holds the index: its run starts with the same repair)."""
+        try:
+            self.lock_for_writing()
+        except IndexBusyError:
+            return
         self.repair()
 
     def require_vectors(self) -> VectorIndex:
