@@ -223,7 +223,7 @@ def _index_into(
                 try:
                     store.save(resync=True)
                 except Exception as exc:  # noqa: BLE001 - secondary to the error being raised
-                    log.warning("could not save the FAISS file after the failure: %s", exc)
+                    log.debug("could not save the FAISS file after the failure: %s", exc)
                 raise
             finally:
                 progress.close()

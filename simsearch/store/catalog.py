@@ -554,12 +554,19 @@ def _slot_arrays(rows: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarr
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection: ``mode=ro``, else ``immutable=1`` when the WAL's -shm cannot be opened."""
+    """A read-only connection that writes nothing, not even the WAL's -shm file.
+
+    With a write-ahead log beside the file (a writer is running, or was killed), ``mode=ro`` reads
+    it through its -shm; without one (no writer has it open) the file is complete and is opened
+    ``immutable``, which needs no -shm. ``immutable`` is also the fallback where ``mode=ro`` fails.
+    """
     from urllib.parse import quote
 
     uri = "file:" + quote(str(path.resolve()))
+    has_wal = all(path.with_name(path.name + ext).exists() for ext in ("-wal", "-shm"))
+    attempts = ("mode=ro", "mode=ro&immutable=1") if has_wal else ("mode=ro&immutable=1",)
     last: Exception | None = None
-    for flags in ("mode=ro", "mode=ro&immutable=1"):
+    for flags in attempts:
         try:
             conn = sqlite3.connect(f"{uri}?{flags}", uri=True, timeout=30, isolation_level=None)
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()

@@ -122,9 +122,7 @@ class IndexStore:
         """
         path = Path(path)
         if readonly is None:
-            readonly = (path / "catalog.db").exists() and not (
-                os.access(path, os.W_OK) and os.access(path / "catalog.db", os.W_OK)
-            )
+            readonly = (path / "catalog.db").exists() and not _writable(path)
         catalog = Catalog.open(path, create=create, readonly=readonly)
         store = cls(path, catalog, None)
         try:
@@ -624,6 +622,11 @@ class IndexStore:
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+
+def _writable(index_dir: Path) -> bool:
+    """Whether this user may write the index directory and its catalog."""
+    return os.access(index_dir, os.W_OK) and os.access(index_dir / "catalog.db", os.W_OK)
 
 
 @contextmanager

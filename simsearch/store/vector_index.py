@@ -11,8 +11,10 @@ never leaves a torn file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 from pathlib import Path
 
 import faiss
@@ -126,7 +128,9 @@ def write_atomic(index: faiss.Index, path: Path) -> tuple[int, int]:
         try:
             faiss.write_index(index, str(tmp))
         except RuntimeError as exc:
-            raise OSError(f"cannot write {tmp}: {_faiss_reason(exc)}") from exc
+            reason = _faiss_reason(exc)
+            code = errno.ENOSPC if "No space left" in reason else errno.EIO
+            raise OSError(code, reason, str(tmp)) from exc
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -149,9 +153,10 @@ def write_atomic(index: faiss.Index, path: Path) -> tuple[int, int]:
 
 
 def _faiss_reason(exc: RuntimeError) -> str:
-    """The useful end of a FAISS error message (it starts with a C++ source location)."""
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else "write failed"
+    """What went wrong, without FAISS's C++ source location: the OS reason it ends with, if any."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"\(([^()]+)\)\s*$", text)
+    return found.group(1) if found else text[-200:] or "write failed"
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
