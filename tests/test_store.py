@@ -233,3 +233,61 @@ def test_dim_disagreement_is_corrupt(tmp_path: Path) -> None:
         found = store.repair()  # a derived file: rebuilt from the stored vectors
         assert found.faiss_damaged and len(store.ann) == 20
     assert_consistent(tmp_path)
+
+
+# -- the vector file: reading, slot reuse, float16 ---------------------------------------------
+
+def test_iter_vectors_and_vectors_of_equal_what_was_committed(tmp_path: Path) -> None:
+    from simsearch.store.vector_file import to_stored
+
+    x = unit_vectors(300, seed=31)
+    with IndexStore.open(tmp_path, create=True) as store:
+        store.lock_for_writing()
+        store.ensure_identity(DESCRIPTION)
+        records = [{"path": f"/v/{i}.jpg", "size": i, "mtime_ns": 1, "hash": f"v{i}", "width": 1, "height": 1,
+                    "status": "ok", "error": None} for i in range(300)]
+        ids = np.array(store.commit(records, x, [None] * 300))
+        expected = to_stored(x).astype(np.float32)
+        chunks = list(store.iter_vectors(chunk=64))
+        assert [len(c[0]) for c in chunks] == [64, 64, 64, 64, 44]
+        got_ids = np.concatenate([c[0] for c in chunks])
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), expected)
+        pick = ids[[250, 3, 77]]
+        found, vecs = store.vectors_of(list(pick) + [99999])  # an unknown id is left out
+        assert found.tolist() == sorted(pick.tolist())
+        np.testing.assert_array_equal(vecs, expected[np.searchsorted(ids, found)])
+        # float16 costs almost nothing in cosine: each stored vector vs the original
+        cos = (expected * x).sum(1) / np.linalg.norm(expected, axis=1)
+        assert cos.min() > 0.9999
+
+
+def test_deleted_and_replaced_slots_are_reused(tmp_path: Path) -> None:
+    fill_store(tmp_path, n=20, failed=0)
+    with IndexStore.open(tmp_path) as store:
+        store.lock_for_writing()
+        rows = store.catalog.rows()
+        size = store.vectors.count
+        store.apply_changes(removals=rows[:5])
+        new = [{"path": f"/n/{i}.jpg", "size": 1, "mtime_ns": 1, "hash": f"n{i}", "width": 1, "height": 1,
+                "status": "ok", "error": None} for i in range(5)]
+        x = unit_vectors(5, seed=41)
+        new_ids = store.commit(new, x, [None] * 5)
+        assert store.vectors.count == size  # the five freed slots took the five new vectors
+        store.save()
+        _, got = store.vectors_of(new_ids)
+        np.testing.assert_allclose(got, x, atol=1e-3)
+        assert store.check(verify_vectors=True).ok
+    assert_consistent(tmp_path)
+
+
+def test_unreferenced_tail_slots_are_cut_back(tmp_path: Path) -> None:
+    """A crash between the vector file's fsync and the SQLite commit leaves unused slots at its end."""
+    fill_store(tmp_path, n=10, failed=0)
+    with IndexStore.open(tmp_path) as store:
+        store.lock_for_writing()
+        store.vectors.write(np.array([10, 11, 12]), unit_vectors(3, seed=5))  # no row refers to them
+        assert store.vectors.count == 13
+        store.repair()
+        assert store.vectors.count == 10
+    assert_consistent(tmp_path)
