@@ -134,7 +134,7 @@ def repair_index(index_dir: str | os.PathLike[str]) -> IndexSummary:
         counts = store.catalog.counts()
         return IndexSummary(
             index=str(index_dir),
-            repaired=found.count + (1 if found.faiss_damaged else 0),
+            repaired=found.count,
             total_indexed=counts["ok"],
             total_failed=counts["failed"],
             failures=[{"path": p, "error": "stored vector damaged: re-embed (run simsearch index on its folder)"}
