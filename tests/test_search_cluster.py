@@ -76,7 +76,7 @@ def test_threshold_filters_results(built) -> None:
     expected = brute(index_dir, outside)
     threshold = (expected[2][1] + expected[3][1]) / 2  # between the 3rd and 4th best
     [result] = query_images([outside], index_dir, k=10, threshold=threshold, device="cpu")
-    assert len(result.results) == 1
+    assert len(result.results) == 3
     assert all(h.score >= threshold for h in result.results)
     [none] = query_images([outside], index_dir, k=10, threshold=1.0, device="cpu")
     assert none.results == []

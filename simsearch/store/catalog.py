@@ -433,6 +433,17 @@ class Catalog:
         free = self.db.execute("SELECT count(*) FROM free_slots").fetchone()[0]
         return int(top) + 1, int(free)
 
+    def free_slots_from(self, count: int) -> bool:
+        """Whether any free slot is at or past ``count``."""
+        return self.db.execute("SELECT EXISTS (SELECT 1 FROM free_slots WHERE slot >= ?)", [int(count)]).fetchone()[0] == 1
+
+    def ids_with_slot_from(self, count: int) -> np.ndarray:
+        """Ok rows whose slot is at or past ``count`` (past the end of a vector file cut short)."""
+        return np.array(
+            [r[0] for r in self.db.execute("SELECT id FROM images WHERE status = 'ok' AND slot >= ? ORDER BY id", [int(count)])],
+            dtype=np.int64,
+        )
+
     def forget_slots_from(self, count: int) -> None:
         """Free slots at or past ``count`` no longer exist (the vector file was cut back)."""
         with self.transaction():

@@ -169,6 +169,7 @@ class IndexStore:
         return self._vectors
 
     def close(self) -> None:
+        self._vectors = None  # drops the memory map (and its open file)
         self.catalog.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
@@ -454,7 +455,8 @@ class IndexStore:
             ann_ids = ann.ids()
         unique, counts = np.unique(ann_ids, return_counts=True)
         stale = np.union1d(self.catalog.pending_ids(), unique[counts > 1])
-        damaged = self._damaged_vectors() if verify_vectors else np.zeros(0, np.int64)
+        # rows pointing past the vector file's end are found cheaply every time; CRCs on request
+        damaged = self._damaged_vectors() if verify_vectors else self._vectors_past_end()
         rows = self.catalog.rows_by_ids(damaged)
         return Consistency(
             missing=np.setdiff1d(ok_ids, unique, assume_unique=True),
@@ -476,6 +478,12 @@ class IndexStore:
         if file_crc(self.ann_path) != self.saved.get("crc32"):
             return f"{self.ann_path} does not match the checksum recorded when it was saved"
         return None
+
+    def _vectors_past_end(self) -> np.ndarray:
+        vf = self.vectors
+        if vf is None:
+            return np.zeros(0, np.int64)
+        return self.catalog.ids_with_slot_from(vf.count)
 
     def _damaged_vectors(self) -> np.ndarray:
         """Ok rows whose stored vector fails its CRC-32 or lies past the end of the vector file."""
@@ -517,6 +525,7 @@ class IndexStore:
         if len(found.damaged):
             with self.catalog.transaction():
                 self.catalog.mark_for_reembedding(found.damaged, DAMAGED_VECTOR)
+            self._trim_vectors()
         if found.faiss_damaged is not None:
             self._rebuild_ann()
         else:
@@ -538,9 +547,12 @@ class IndexStore:
         if vf is None or self.readonly:
             return
         top, _ = self.catalog.slot_bounds()
-        if vf.count > top:
+        count = vf.count
+        if count > top:
             vf.truncate(top)
-            self.catalog.forget_slots_from(top)
+            count = top
+        if self.catalog.free_slots_from(count):
+            self.catalog.forget_slots_from(count)  # freed slots past the file's end do not exist
 
     def _rebuild_ann(self) -> None:
         """A fresh FAISS index of the recorded layout from every stored vector (no re-embedding)."""
@@ -616,6 +628,10 @@ class IndexStore:
         if self.catalog.counts()["ok"] == 0:
             raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
         if self.ann is None or len(self.ann) == 0:
+            if not self.ann_path.exists() and not self.saved:  # the first run has not saved yet
+                raise EmptyIndexError(
+                    f"the index at {self.path} has no searchable images yet (its first index run has not saved any)"
+                )
             self.require_consistent()  # rows but an empty or deleted FAISS file: say how to repair it
         assert self.ann is not None
         return self.ann
