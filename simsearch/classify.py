@@ -227,7 +227,7 @@ def load_labelled(store: IndexStore) -> LabelledData:
         )
     position = {c: i for i, c in enumerate(classes)}
     id_parts, vec_parts = [], []
-    for ids, vectors in store.catalog.iter_vectors(np.fromiter(labels, dtype=np.int64)):
+    for ids, vectors in store.iter_vectors(np.fromiter(labels, dtype=np.int64)):
         id_parts.append(ids)
         vec_parts.append(vectors)
     ids = np.concatenate(id_parts)
@@ -455,7 +455,7 @@ def classify_index(
         else:
             labelled = data.ids
             parts: list[tuple[np.ndarray, ...]] = []
-            for chunk_ids, vectors in store.catalog.iter_vectors(chunk=SEARCH_CHUNK):
+            for chunk_ids, vectors in store.iter_vectors(chunk=SEARCH_CHUNK):
                 keep = ~np.isin(chunk_ids, labelled, assume_unique=True)
                 if keep.any():
                     parts.append((chunk_ids[keep],) + _classify_vectors(data, vectors[keep], k, info.calibration))
@@ -488,9 +488,9 @@ def _embed_images(store: IndexStore, paths: list[str], device: str) -> tuple[np.
     todo = []
     for n, p in enumerate(paths):
         row_id = known.get(os.path.abspath(p))
-        vec = store.catalog.vector(row_id) if row_id is not None else None
-        if vec is not None:
-            ids[n], vectors[n] = row_id, vec
+        found, vec = store.vectors_of([row_id]) if row_id is not None else ([], None)
+        if len(found):
+            ids[n], vectors[n] = row_id, vec[0]
         else:
             todo.append(n)
     if todo:

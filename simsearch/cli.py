@@ -209,9 +209,7 @@ def index(
             render(
                 repair_index(index_dir),
                 as_json,
-                lambda summary: click.echo(
-                    f"repaired {summary.repaired} ids; {summary.total_indexed} images indexed in {index_dir}"
-                ),
+                lambda summary: _print_repair(summary, index_dir),
             )
             return
         raise click.UsageError("give at least one FOLDER to index (or --repair / --show-failed)")
@@ -238,6 +236,18 @@ def _print_index_summary(summary: IndexSummary, index_dir: Path) -> None:
     )
     if summary.failed:
         click.echo("see the failures with: simsearch index --show-failed", err=True)
+
+
+def _print_repair(summary: IndexSummary, index_dir: Path) -> None:
+    click.echo(f"repaired {summary.repaired} ids; {summary.total_indexed} images indexed in {index_dir}")
+    if summary.failures:
+        click.echo(
+            f"{len(summary.failures)} stored vectors were damaged and cannot be recovered; the next "
+            "simsearch index run over their folders re-embeds these files:",
+            err=True,
+        )
+        for failure in summary.failures:
+            click.echo(f"  {failure['path']}", err=True)
 
 
 def _print_failed(rows: list[dict[str, Any]]) -> None:
@@ -350,9 +360,13 @@ def _print_clustering(result: ClusterResult) -> None:
 @cli.command()
 @index_option
 @click.option("--failed", is_flag=True, help="List the files that could not be indexed.")
+@click.option(
+    "--check", is_flag=True,
+    help="Verify everything: FAISS against the catalog, every stored checksum, SQLite's integrity (exit 1 if damaged).",
+)
 @json_option
 @handle_errors
-def info(index_dir: Path | None, failed: bool, as_json: bool) -> None:
+def info(index_dir: Path | None, failed: bool, check: bool, as_json: bool) -> None:
     """Where the index is, what model made it, what it holds."""
     from .indexer import failed_files
     from .store import index_info
@@ -361,7 +375,10 @@ def info(index_dir: Path | None, failed: bool, as_json: bool) -> None:
     if failed:
         render(failed_files(index_dir), as_json, _print_failed)
         return
-    render(index_info(index_dir), as_json, _print_info)
+    data = index_info(index_dir, check=check)
+    render(data, as_json, _print_info)
+    if check and not data["check"]["ok"]:
+        raise click.ClickException(f"the index at {index_dir} is damaged; run: simsearch index --repair --index {index_dir}")
 
 
 def _print_info(data: dict[str, Any]) -> None:
@@ -375,13 +392,36 @@ def _print_info(data: dict[str, Any]) -> None:
         ("computed in", ", ".join(data["precisions"]) or None),
         ("indexed", data["indexed"]),
         ("failed", data["failed"]),
+        ("searchable", data["searchable"]),
         ("consistent", "yes" if data["consistent"] else "NO - run: simsearch index --repair"),
         ("size on disk", _human_bytes(data["size_bytes"])),
         ("updated", data["updated_at"]),
         ("clustered", f"k={clustering['k']} at {clustering['created_at']}" if clustering else "never"),
     ]
+    if data.get("read_only"):
+        lines.append(("access", "read-only"))
+    found = data.get("check")
+    if found is not None:
+        lines.append(("check", "ok" if found["ok"] else _check_problems(found)))
     for key, value in lines:
         click.echo(f"{key:>13}: {value}")
+
+
+def _check_problems(found: dict[str, Any]) -> str:
+    problems = [
+        f"{found[key]} {label}"
+        for key, label in (
+            ("missing_from_faiss", "rows missing from FAISS"),
+            ("extra_in_faiss", "FAISS ids with no row"),
+            ("stale", "stale FAISS vectors"),
+            ("damaged_vectors", "damaged stored vectors (re-embed)"),
+        )
+        if found[key]
+    ]
+    if found["faiss_damaged"]:
+        problems.append(f"FAISS file damaged ({found['faiss_damaged']})")
+    problems += [f"catalog: {e}" for e in found["catalog_errors"][:3]]
+    return "DAMAGED - " + "; ".join(problems)
 
 
 @cli.command()

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from .errors import InputError
-from .store import Clustering, IndexStore, utc_now
+from .store import Clustering, IndexStore, storage_errors, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,9 @@ def cluster_index(
 ) -> ClusterResult:
     """Cluster every indexed image into ``k`` groups and store the result (replacing any earlier one)."""
     t0 = time.perf_counter()
-    with IndexStore.open(index_dir) as store:
+    with storage_errors(index_dir), IndexStore.open(index_dir) as store:
         store.require_vectors()
-        ids, vectors = store.catalog.all_vectors()
+        ids, vectors = store.all_vectors()
         centroids, assign, dist, objective = kmeans(vectors, k, niter=niter, seed=seed, device=device)
         sizes = np.bincount(assign, minlength=k)
         info = {"k": k, "n": int(len(ids)), "niter": niter, "seed": seed, "objective": objective, "created_at": utc_now()}

@@ -375,7 +375,7 @@ def find_duplicates(
             threshold = float(cal["threshold"])
         verifier, low = _verifier(verify, cal, threshold)
         n = len(ann)
-        graph = neighbour_graph(ann, store.catalog.iter_vectors(chunk=CHUNK), n, k=k, min_score=min(low, threshold))
+        graph = neighbour_graph(ann, store.iter_vectors(chunk=CHUNK), n, k=k, min_score=min(low, threshold))
         verified_pairs = [0]
 
         def check(a: Any, b: Any) -> bool:

@@ -35,5 +35,9 @@ class IndexCorruptError(SimsearchError):
     """The SQLite catalog and the FAISS file disagree or cannot be read."""
 
 
+class IndexWriteError(SimsearchError):
+    """The index could not be written (a full disk, a read-only folder, no permission); it is left as it was."""
+
+
 class IndexBusyError(SimsearchError):
     """Another process is writing to the same index."""

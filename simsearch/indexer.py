@@ -23,7 +23,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from .errors import ImageError, InputError
 from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, is_read_error, iter_image_files
-from .store import ImageRow, IndexStore, utc_now
+from .store import ImageRow, IndexStore, storage_errors, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +124,23 @@ def _weights_source(weights: str) -> str:
 
 
 def repair_index(index_dir: str | os.PathLike[str]) -> IndexSummary:
-    """Bring FAISS back in step with the catalog from stored vectors (no re-embedding)."""
-    with IndexStore.open(index_dir) as store:
+    """Bring FAISS back in step with the catalog from stored vectors (no re-embedding).
+
+    Checks every stored vector's CRC-32 and the FAISS file's; a damaged FAISS file is rebuilt
+    from the vector file. Files whose own stored vector is damaged cannot be recovered here: they
+    are listed in ``failures`` and re-embedded by the next index run over their folder.
+    """
+    with storage_errors(index_dir), IndexStore.open(index_dir) as store:
         store.lock_for_writing()
-        found = store.repair()
+        found = store.repair(verify_vectors=True)
         counts = store.catalog.counts()
         return IndexSummary(
             index=str(index_dir),
             repaired=found.count,
             total_indexed=counts["ok"],
             total_failed=counts["failed"],
+            failures=[{"path": p, "error": "stored vector damaged: re-embed (run simsearch index on its folder)"}
+                      for p in found.damaged_paths],
         )
 
 
@@ -147,7 +154,7 @@ def index_folders(
     save_interval: float = 30.0,
 ) -> IndexSummary:
     """Index (or bring up to date) every image under ``roots`` into the index at ``index_dir``."""
-    from .embed import Embedder, check_embed_options
+    from .embed import check_embed_options
     from .models import create_model
 
     options = options or EmbedOptions()
@@ -162,6 +169,16 @@ def index_folders(
     # leave an empty index behind (and the cheap check goes before loading any weights).
     check_embed_options(options.device, options.decode, options.precision)
     model = create_model(options.model, options.weights, seed=options.seed)
+    with storage_errors(index_dir):
+        return _index_into(model, root_list, index_dir, options, exclude, rebuild, progress, save_interval, t0)
+
+
+def _index_into(
+    model: Any, root_list: list[str], index_dir: str | os.PathLike[str], options: EmbedOptions,
+    exclude: Iterable[str], rebuild: bool, progress: Progress, save_interval: float, t0: float,
+) -> IndexSummary:
+    from .embed import Embedder
+
     store = IndexStore.open(index_dir, create=True)
     try:
         store.lock_for_writing()
@@ -193,7 +210,6 @@ def index_folders(
             progress.start(len(plan.to_embed))
             t_embed = time.perf_counter()
             last_save = time.monotonic()
-            completed = False
             try:
                 paths = [e.path for e in plan.to_embed]
                 by_path = {e.path: e for e in plan.to_embed}
@@ -202,12 +218,19 @@ def index_folders(
                     if time.monotonic() - last_save > save_interval:
                         store.save()
                         last_save = time.monotonic()
-                completed = True
+            except BaseException:
+                # interrupted (Ctrl-C) or failed: a batch may be committed but not yet mirrored into
+                # FAISS. Save what is committed; if that fails too (a full disk), the original error
+                # is the one to report, and the next run repairs FAISS from the stored vectors.
+                try:
+                    store.save(resync=True)
+                except Exception as exc:  # noqa: BLE001 - secondary to the error being raised
+                    log.debug("could not save the FAISS file after the failure: %s", exc)
+                raise
             finally:
                 progress.close()
                 summary.embed_seconds = time.perf_counter() - t_embed
-                # interrupted: a batch may be committed but not yet mirrored into FAISS
-                store.save(resync=not completed)
+            store.save()
         else:
             store.save()
         counts = store.catalog.counts()

@@ -103,10 +103,11 @@ class Searcher:
         """
         from .embed.device_search import open_search
 
+        # Readers use the last saved FAISS file as it is (no consistency scan: a writer may be
+        # running); hits on rows changed or deleted since that save are dropped (_neighbours).
         self.store = IndexStore.open(index_dir)
         try:
             self.ann = self.store.require_vectors()
-            self.store.require_consistent()
             self.max_pixels = max_pixels
             self.embedder = load_index_model(self.store, device=device, precision=precision, max_pixels=max_pixels)
             # the one decode path, drafting big JPEGs to the model's resize size
@@ -170,8 +171,8 @@ class Searcher:
         keep = [(float(s), int(i)) for s, i in zip(scores, ids) if i >= 0 and int(i) not in skip]
         if threshold is not None:
             keep = [(s, i) for s, i in keep if s >= threshold]
-        keep = keep[:k]
         rows = self.store.catalog.rows_by_ids(i for _, i in keep)
+        keep = [(s, i) for s, i in keep if self.store.searchable_row(rows.get(i))][:k]
         hits = [
             Hit(rank=r + 1, score=round(s, 6), path=rows[i].path, width=rows[i].width, height=rows[i].height, id=i)
             for r, (s, i) in enumerate(keep)

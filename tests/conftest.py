@@ -127,14 +127,24 @@ def run_index(roots, index_dir, **kwargs):
 
 
 def catalog_state(index_dir) -> dict[str, tuple[int, str, bytes | None]]:
-    """path -> (id, status, vector bytes) straight from SQLite, for before/after comparisons."""
+    """path -> (id, status, stored vector bytes) straight from SQLite and the vector file, for
+    before/after comparisons."""
     import sqlite3
+
+    from simsearch.store.vector_file import DTYPE, HEADER_SIZE
 
     conn = sqlite3.connect(str(Path(index_dir) / "catalog.db"))
     try:
-        return {p: (i, s, v) for i, p, s, v in conn.execute("SELECT id, path, status, vector FROM images")}
+        dim = conn.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
+        rows = conn.execute("SELECT id, path, status, slot FROM images").fetchall()
     finally:
         conn.close()
+    data = (Path(index_dir) / "vectors.f16").read_bytes() if (Path(index_dir) / "vectors.f16").exists() else b""
+    width = int(dim[0]) * DTYPE.itemsize if dim else 0
+    return {
+        p: (i, s, None if slot is None else data[HEADER_SIZE + slot * width : HEADER_SIZE + (slot + 1) * width])
+        for i, p, s, slot in rows
+    }
 
 
 def assert_consistent(index_dir) -> None:
@@ -154,7 +164,7 @@ def assert_consistent(index_dir) -> None:
         )
         assert ann_ids.tolist() == sorted(ok_ids.tolist())
         if len(ok_ids):
-            ids, vectors = store.catalog.all_vectors()
+            ids, vectors = store.all_vectors()
             got = np.stack([index.reconstruct(int(i)) for i in ids])
             np.testing.assert_allclose(got, vectors, rtol=0, atol=0)
         rows = store.catalog.rows()

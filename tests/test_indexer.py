@@ -54,8 +54,8 @@ def test_first_run_counts(indexed) -> None:
         rows = store.catalog.rows()
         assert {(r.width, r.height) for r in rows} == {(160, 120)}
         assert all(r.hash and r.size == os.path.getsize(r.path) for r in rows)
-        ids, vectors = store.catalog.all_vectors()
-        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        ids, vectors = store.all_vectors()
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)  # stored as float16
         assert store.meta["model"] == "resnet18" and store.meta["dim"] == 512
     assert_consistent(index_dir)
 

@@ -30,7 +30,7 @@ def built(tmp_path_factory):
 
 def stored(index_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     with IndexStore.open(index_dir) as store:
-        ids, vectors = store.catalog.all_vectors()
+        ids, vectors = store.all_vectors()
         paths = {r.id: r.path for r in store.catalog.rows()}
     return ids, vectors, paths
 
@@ -134,14 +134,25 @@ def test_query_empty_index(tmp_path: Path) -> None:
         query_images([probe], tmp_path / "idx", device="cpu")
 
 
-def test_query_refuses_inconsistent_index(tmp_path: Path) -> None:
+def test_query_of_an_out_of_step_index_answers_from_the_file_and_check_names_it(tmp_path: Path) -> None:
+    """Queries scan nothing on open (a writer may be running): they answer from the FAISS file as
+    it is; ``info --check`` finds the difference and ``--repair`` removes it."""
+    from simsearch.indexer import repair_index
+    from simsearch.store import index_info
+
     make_collection(tmp_path / "p", n=2)
     run_index(tmp_path / "p", tmp_path / "idx")
     with IndexStore.open(tmp_path / "idx") as store:
-        store.ann.remove(store.ann.ids()[:1])
-        store.ann.save(store.ann_path)
-    with pytest.raises(IndexCorruptError, match="--repair"):
-        query_images([tmp_path / "p" / "a" / "img000.jpg"], tmp_path / "idx", device="cpu")
+        lost = int(store.ann.ids()[0])
+        store.ann.remove([lost])
+        store.ann.save(store.ann_path)  # behind the store's back: not the file it recorded
+    (result,) = query_images([tmp_path / "p" / "a" / "img000.jpg"], tmp_path / "idx", k=10, include_self=True, device="cpu")
+    assert len(result.results) == 1
+    info = index_info(tmp_path / "idx", check=True)
+    assert info["consistent"] is False and info["check"]["missing_from_faiss"] == 1 and info["check"]["faiss_damaged"]
+    repair_index(tmp_path / "idx")
+    (result,) = query_images([tmp_path / "p" / "a" / "img000.jpg"], tmp_path / "idx", k=10, include_self=True, device="cpu")
+    assert len(result.results) == 2
 
 
 # -- clustering ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def _build(root: Path, index_dir: Path, n: int = 12, clusters: int | None = 3) -
 
 def _stored(index_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     with IndexStore.open(index_dir) as store:
-        ids, vectors = store.catalog.all_vectors()
+        ids, vectors = store.all_vectors()
         paths = {r.id: r.path for r in store.catalog.rows("status = 'ok'")}
     return ids, vectors, paths
 

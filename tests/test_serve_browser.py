@@ -43,7 +43,7 @@ def _free_port() -> int:
 def _nearest(index_dir: Path, query_id: int) -> list[int]:
     """Every other indexed image by cosine similarity to ``query_id``'s stored vector (numpy brute force)."""
     with IndexStore.open(index_dir) as store:
-        ids, vectors = store.catalog.all_vectors()
+        ids, vectors = store.all_vectors()
     row = list(ids).index(query_id)
     order = np.argsort(-(vectors @ vectors[row]), kind="stable")
     return [int(ids[i]) for i in order if int(ids[i]) != query_id]

@@ -120,13 +120,17 @@ def fill_store(index_dir: Path, n: int = 20, failed: int = 2) -> dict[int, np.nd
     out = {}
     with IndexStore.open(index_dir, create=True) as store:
         store.ensure_identity(DESCRIPTION)
-        with store.catalog.transaction():
-            for i in range(n):
-                record = {"path": f"/p/{i}.jpg", "size": 10, "mtime_ns": 1, "hash": f"h{i}", "width": 4, "height": 3, "status": "ok", "error": None}
-                out[store.catalog.insert_row(record, vectors[i])] = vectors[i]
-            for i in range(failed):
-                record = {"path": f"/p/bad{i}.jpg", "size": 0, "mtime_ns": 1, "hash": None, "width": None, "height": None, "status": "failed", "error": "empty"}
-                store.catalog.insert_row(record, None)
+        records = [
+            {"path": f"/p/{i}.jpg", "size": 10, "mtime_ns": 1, "hash": f"h{i}", "width": 4, "height": 3, "status": "ok", "error": None}
+            for i in range(n)
+        ] + [
+            {"path": f"/p/bad{i}.jpg", "size": 0, "mtime_ns": 1, "hash": None, "width": None, "height": None, "status": "failed", "error": "empty"}
+            for i in range(failed)
+        ]
+        # rows and vectors written durably, FAISS not touched (as a crash before its update leaves it)
+        ids, as_stored = store.store_rows(records, vectors, [None] * len(records))
+        out = dict(zip(ids[:n], as_stored))
+        np.testing.assert_allclose(as_stored, vectors, atol=1e-3)  # float16 storage
         assert not store.check().ok  # rows written, FAISS not yet
         store.save(resync=True)  # rows were written behind FAISS's back: sync them, then write it
         assert store.check().ok
@@ -144,7 +148,7 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
     catalog = Catalog.open(tmp_path, create=True)
     with pytest.raises(RuntimeError):
         with catalog.transaction():
-            catalog.insert_row({"path": "/a.jpg", "status": "ok"}, np.zeros(4, np.float32))
+            catalog.insert_row({"path": "/a.jpg", "status": "ok"}, (0, 1234))
             raise RuntimeError("boom")
     assert catalog.rows() == [] and catalog.pending_ids().tolist() == []
     catalog.close()
@@ -195,10 +199,10 @@ def test_repair_stale_vector_under_same_id(tmp_path: Path) -> None:
     """A row whose vector changed after the FAISS file was written: same id, different vector."""
     stored = fill_store(tmp_path)
     victim = sorted(stored)[4]
-    new_vector = unit_vectors(1, seed=13)[0]
     with IndexStore.open(tmp_path) as store:
-        with store.catalog.transaction():
-            store.catalog.update_row(victim, {"hash": "new"}, new_vector)
+        row = store.catalog.rows_by_ids([victim])[victim]
+        record = {"path": row.path, "size": 11, "mtime_ns": 2, "hash": "new", "width": 4, "height": 3, "status": "ok", "error": None}
+        _, (new_vector,) = store.store_rows([record], unit_vectors(1, seed=13), [row])
         # crash here: FAISS on disk still has the old vector for the same id
     with IndexStore.open(tmp_path) as store:
         found = store.check()
@@ -223,5 +227,67 @@ def test_repair_duplicate_faiss_ids(tmp_path: Path) -> None:
 def test_dim_disagreement_is_corrupt(tmp_path: Path) -> None:
     fill_store(tmp_path)
     faiss.write_index(faiss.index_factory(DIM + 1, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), str(tmp_path / FAISS_FILE))
-    with pytest.raises(IndexCorruptError, match="catalog says"):
-        IndexStore.open(tmp_path)
+    with IndexStore.open(tmp_path) as store:  # opening reads nothing; using the FAISS file finds it
+        with pytest.raises(IndexCorruptError, match="catalog says"):
+            store.ann
+        found = store.repair()  # a derived file: rebuilt from the stored vectors
+        assert found.faiss_damaged and len(store.ann) == 20
+    assert_consistent(tmp_path)
+
+
+# -- the vector file: reading, slot reuse, float16 ---------------------------------------------
+
+def test_iter_vectors_and_vectors_of_equal_what_was_committed(tmp_path: Path) -> None:
+    from simsearch.store.vector_file import to_stored
+
+    x = unit_vectors(300, seed=31)
+    with IndexStore.open(tmp_path, create=True) as store:
+        store.lock_for_writing()
+        store.ensure_identity(DESCRIPTION)
+        records = [{"path": f"/v/{i}.jpg", "size": i, "mtime_ns": 1, "hash": f"v{i}", "width": 1, "height": 1,
+                    "status": "ok", "error": None} for i in range(300)]
+        ids = np.array(store.commit(records, x, [None] * 300))
+        expected = to_stored(x).astype(np.float32)
+        chunks = list(store.iter_vectors(chunk=64))
+        assert [len(c[0]) for c in chunks] == [64, 64, 64, 64, 44]
+        got_ids = np.concatenate([c[0] for c in chunks])
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), expected)
+        pick = ids[[250, 3, 77]]
+        found, vecs = store.vectors_of(list(pick) + [99999])  # an unknown id is left out
+        assert found.tolist() == sorted(pick.tolist())
+        np.testing.assert_array_equal(vecs, expected[np.searchsorted(ids, found)])
+        # float16 costs almost nothing in cosine: each stored vector vs the original
+        cos = (expected * x).sum(1) / np.linalg.norm(expected, axis=1)
+        assert cos.min() > 0.9999
+
+
+def test_deleted_and_replaced_slots_are_reused(tmp_path: Path) -> None:
+    fill_store(tmp_path, n=20, failed=0)
+    with IndexStore.open(tmp_path) as store:
+        store.lock_for_writing()
+        rows = store.catalog.rows()
+        size = store.vectors.count
+        store.apply_changes(removals=rows[:5])
+        new = [{"path": f"/n/{i}.jpg", "size": 1, "mtime_ns": 1, "hash": f"n{i}", "width": 1, "height": 1,
+                "status": "ok", "error": None} for i in range(5)]
+        x = unit_vectors(5, seed=41)
+        new_ids = store.commit(new, x, [None] * 5)
+        assert store.vectors.count == size  # the five freed slots took the five new vectors
+        store.save()
+        _, got = store.vectors_of(new_ids)
+        np.testing.assert_allclose(got, x, atol=1e-3)
+        assert store.check(verify_vectors=True).ok
+    assert_consistent(tmp_path)
+
+
+def test_unreferenced_tail_slots_are_cut_back(tmp_path: Path) -> None:
+    """A crash between the vector file's fsync and the SQLite commit leaves unused slots at its end."""
+    fill_store(tmp_path, n=10, failed=0)
+    with IndexStore.open(tmp_path) as store:
+        store.lock_for_writing()
+        store.vectors.write(np.array([10, 11, 12]), unit_vectors(3, seed=5))  # no row refers to them
+        assert store.vectors.count == 13
+        store.repair()
+        assert store.vectors.count == 10
+    assert_consistent(tmp_path)

@@ -84,9 +84,8 @@ class ServeIndex:
         self.max_upload_bytes = max_upload_bytes
         with IndexStore.open(self.path) as store:  # no index at all: fail now, not on the first request
             self.ann_path = store.ann_path
-            self._catalog_type = type(store.catalog)
         self._local = threading.local()
-        self._catalogs: list[Any] = []
+        self._stores: list[IndexStore] = []
         self._swap_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -97,24 +96,29 @@ class ServeIndex:
         self._thumbs_lock = threading.Lock()
 
     def close(self) -> None:
-        for catalog in self._catalogs:
+        for store in self._stores:
             try:
-                catalog.close()
+                store.close()
             except Exception:  # a connection made in another thread; the process is ending anyway
                 pass
-        self._catalogs.clear()
+        self._stores.clear()
 
     # -- shared state ----------------------------------------------------------------------
     @property
+    def store(self) -> IndexStore:
+        """This thread's read-side handle on the index (catalog rows and stored vectors)."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = IndexStore.open(self.path)
+            self._local.store = store
+            with self._swap_lock:
+                self._stores.append(store)
+        return store
+
+    @property
     def catalog(self) -> Any:
         """This thread's read connection to the catalog."""
-        catalog = getattr(self._local, "catalog", None)
-        if catalog is None:
-            catalog = self._catalog_type.open(self.path)
-            self._local.catalog = catalog
-            with self._swap_lock:
-                self._catalogs.append(catalog)
-        return catalog
+        return self.store.catalog
 
     def _file_key(self) -> tuple[int, int, int] | None:
         try:
@@ -194,9 +198,10 @@ class ServeIndex:
         _check_k(k)
         snap = self.snapshot()
         row = self.row(image_id)
-        vector = self.catalog.vector(row.id)
-        if vector is None:
+        found, vectors = self.store.vectors_of([row.id])
+        if len(found) == 0:
             raise NotFound(f"image {image_id} has no stored vector")
+        vector = vectors[0]
         skip = set() if include_self else {row.id}
         return {"query": _row_dict(row), "results": self._search(snap, vector[None, :], k, threshold, skip)}
 

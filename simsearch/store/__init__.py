@@ -1,10 +1,12 @@
-"""Storage, layer 1: an index directory's SQLite catalog and FAISS vector index behind one door.
+"""Storage, layer 1: an index directory's SQLite catalog, vector file and FAISS index behind one door.
 
-:class:`IndexStore` is the only code that writes either file; everything above it (indexing,
+:class:`IndexStore` is the only code that writes any of them; everything above it (indexing,
 search, clustering, the command line) plans and reads, and asks the store to write. Modules:
-``catalog`` (SQLite rows, description, clusters), ``vector_index`` (the FAISS wrapper),
-``index_store`` (the two kept in agreement, crash repair, the write lock), ``location`` (the
-default index directory) and ``info`` (the summary ``simsearch info`` shows). Torch-free.
+``catalog`` (SQLite metadata rows, description, clusters), ``vector_file`` (the exact vectors,
+float16 by slot, memory-mapped), ``vector_index`` (the FAISS wrapper), ``index_store`` (the three
+kept in agreement, generations and checksums, crash repair, migration, the write lock),
+``location`` (the default index directory) and ``info`` (the summary ``simsearch info`` shows).
+Torch-free.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from .catalog import (
     storable_path,
     utc_now,
 )
-from .index_store import LOCK_FILE, Consistency, IndexStore, describe_identity
+from .index_store import LOCK_FILE, Consistency, IndexStore, describe_identity, storage_errors
 from .info import index_info
 from .location import DEFAULT_INDEX_DIR, INDEX_ENV_VAR, default_index_dir
+from .vector_file import VECTOR_FILE, VectorFile
 from .vector_index import DEFAULT_FACTORY, FAISS_FILE, VectorIndex, clamp_k, write_atomic
 
 __all__ = [
@@ -40,6 +43,8 @@ __all__ = [
     "Consistency",
     "ImageRow",
     "IndexStore",
+    "VECTOR_FILE",
+    "VectorFile",
     "VectorIndex",
     "clamp_k",
     "default_index_dir",
@@ -48,6 +53,7 @@ __all__ = [
     "storable_path",
     "real_path",
     "display_path",
+    "storage_errors",
     "utc_now",
     "write_atomic",
 ]

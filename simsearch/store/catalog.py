@@ -1,9 +1,15 @@
 """The SQLite catalog of an index (through sqlite-utils): schema, description, rows, clusters.
 
 Part of :mod:`simsearch.store`; only :class:`~simsearch.store.IndexStore` calls its write methods.
-SQLite is the source of truth. Each indexed image is one row whose integer primary key is also
-its FAISS id, and whose float32 vector is stored with it, so the FAISS file can always be
-rebuilt or repaired from here. Only this module writes SQL.
+SQLite is the source of truth for metadata. Each indexed image is one row whose integer primary
+key is also its FAISS id; its vector lives in the vector file (:mod:`.vector_file`) at the row's
+``slot``, with the slot bytes' CRC-32 in ``vcrc``, so the FAISS file can always be rebuilt or
+repaired from there. Every write transaction bumps the catalog's ``generation`` and stamps the
+rows it writes with it (``gen``); a FAISS save records the generation it holds, so readers can
+tell rows the saved FAISS file does not reflect yet. Only this module writes SQL.
+
+Schema version 2 (this one) keeps no vectors in SQLite; version 1 kept float32 blobs in
+``images.vector`` and is migrated in place by the store (:meth:`Catalog.migrate_v1_rows`).
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from ..errors import IndexCorruptError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CATALOG_FILE = "catalog.db"
+# Files that only an index holds: a catalog missing or empty beside them is damage, not a new index.
+_INDEX_DATA_FILES = ("vectors.faiss", "vectors.f16")
 
 # The fields of an index's description that must match for vectors to be comparable.
 IDENTITY_KEYS = ("model", "weights", "dim", "preprocessing")
@@ -82,6 +90,7 @@ class ImageRow:
     height: int | None
     status: str
     error: str | None
+    gen: int | None = None  # the generation of the write that last set this row's vector
     real_path: str = field(default="", repr=False, compare=False)
     """The name to open the file by; ``path`` is the same name as printable text (they differ only
     for a name that is not valid UTF-8, which the catalog hands over as its stored bytes)."""
@@ -109,34 +118,53 @@ class Clustering:
     info: dict[str, Any]
 
 
-_ROW_COLUMNS = "id, path, size, mtime_ns, hash, width, height, status, error"
+_ROW_COLUMNS = "id, path, size, mtime_ns, hash, width, height, status, error, gen"
 
 
 class Catalog:
     """One index's SQLite database."""
 
-    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+    def __init__(self, db: sqlite_utils.Database, path: Path, readonly: bool = False) -> None:
         self.db = db
         self.path = path
+        self.readonly = readonly
+        self.schema_version: int | None = None
+        self.write_gen: int | None = None  # the generation of the open write transaction
+        self._counting = False  # transactions bump the generation once the schema is there
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, index_dir: str | os.PathLike[str], create: bool = False) -> "Catalog":
+    def open(cls, index_dir: str | os.PathLike[str], create: bool = False, readonly: bool = False) -> "Catalog":
+        """Open (``create``: or start) the catalog of ``index_dir``.
+
+        ``readonly``: open with SQLite's ``mode=ro`` (falling back to ``immutable=1`` where even the
+        WAL's shared-memory file cannot be made), for an index the user may read but not write.
+        A catalog that is missing or empty next to vector files is refused, never started afresh.
+        """
         index_dir = Path(index_dir)
         path = index_dir / CATALOG_FILE
+        data_files = [name for name in _INDEX_DATA_FILES if (index_dir / name).exists()]
         if not path.exists():
+            if data_files:
+                raise IndexCorruptError(
+                    f"{path} is missing but {', '.join(data_files)} is there: refusing to start a new index over it "
+                    f"(restore {CATALOG_FILE}, or move the folder away to start over)"
+                )
             if not create:
                 raise IndexNotFoundError(
                     f"no index at {index_dir} (create one with: simsearch index FOLDER --index {index_dir})"
                 )
             index_dir.mkdir(parents=True, exist_ok=True)
         try:
-            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-            db = sqlite_utils.Database(conn)
-            db.enable_wal()
-            db.execute("PRAGMA synchronous=NORMAL")
-            catalog = cls(db, path)
-            catalog._ensure_schema()
+            if readonly:
+                db = sqlite_utils.Database(_connect_readonly(path))
+            else:
+                conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+                db = sqlite_utils.Database(conn)
+                db.enable_wal()
+                db.execute("PRAGMA synchronous=NORMAL")
+            catalog = cls(db, path, readonly=readonly)
+            catalog._ensure_schema(create=create and not data_files)
         except sqlite3.DatabaseError as exc:
             raise IndexCorruptError(f"cannot open {path}: {exc}") from exc
         return catalog
@@ -144,9 +172,15 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
-    def _ensure_schema(self) -> None:
+    def _ensure_schema(self, create: bool = True) -> None:
         db = self.db
         if "meta" not in db.table_names():
+            if not create or self.readonly:
+                raise IndexCorruptError(
+                    f"{self.path} is empty (no simsearch tables)"
+                    + (" but vector files are beside it: refusing to treat it as a new index (restore it from a "
+                       "backup, or move the folder away to start over)" if not self.readonly else "")
+                )
             with self.transaction():
                 db["meta"].create({"key": str, "value": str}, pk="key")
                 db["images"].create(
@@ -160,7 +194,9 @@ class Catalog:
                         "height": int,
                         "status": str,
                         "error": str,
-                        "vector": bytes,
+                        "slot": int,
+                        "vcrc": int,
+                        "gen": int,
                         "indexed_at": str,
                     },
                     pk="id",
@@ -173,16 +209,22 @@ class Catalog:
                 db["cluster_members"].create({"image_id": int, "cluster": int, "distance": float}, pk="image_id")
                 db["cluster_members"].create_index(["cluster", "distance"])
                 db["ann_pending"].create({"id": int}, pk="id")
-                self._set_meta_raw({"schema_version": SCHEMA_VERSION, "created_at": utc_now()})
+                db["free_slots"].create({"slot": int}, pk="slot")
+                self._set_meta_raw({"schema_version": SCHEMA_VERSION, "created_at": utc_now(), "generation": 0})
                 self._create_labels_table()
+            self.schema_version = SCHEMA_VERSION
+            self._counting = True
             return
         version = self.get_meta().get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in (1, SCHEMA_VERSION):
             raise IndexCorruptError(
-                f"{self.path} has schema version {version}, this simsearch reads version {SCHEMA_VERSION}; "
-                "rebuild the index with --rebuild"
+                f"{self.path} has schema version {version}, this simsearch reads versions 1 and {SCHEMA_VERSION}; "
+                "use a newer simsearch, or rebuild the index with --rebuild"
             )
-        if "labels" not in db.table_names():  # an index made before labels: gains the table, keeps its vectors
+        self.schema_version = int(version)
+        self._counting = True
+        if "labels" not in db.table_names() and not self.readonly:
+            # an index made before labels gains the table and keeps its vectors
             with self.transaction():
                 if "labels" not in db.table_names():
                     self._create_labels_table()
@@ -199,15 +241,27 @@ class Catalog:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One atomic unit of work: everything inside commits together or not at all."""
+        """One atomic unit of work: everything inside commits together or not at all.
+
+        Bumps the generation; rows written inside are stamped with it (:attr:`write_gen`)."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            if self._counting:
+                self._bump_generation()
             yield
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         else:
             self.db.execute("COMMIT")
+
+    def _bump_generation(self) -> None:
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES ('generation', '1') "
+            "ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+        )
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        self.write_gen = int(row[0]) if row else None
 
     # -- description -----------------------------------------------------------------------
     def get_meta(self) -> dict[str, Any]:
@@ -228,6 +282,28 @@ class Catalog:
         if "model" not in meta:
             return None
         return {k: meta.get(k) for k in IDENTITY_KEYS}
+
+    @property
+    def generation(self) -> int:
+        """How many write transactions the catalog has seen (bumped by every commit)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def meta_value(self, key: str) -> Any:
+        """One entry of the description (one indexed read, not the whole table)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def integrity_errors(self) -> list[str]:
+        """What SQLite's ``PRAGMA integrity_check`` finds wrong (empty when the file is sound)."""
+        try:
+            found = [r[0] for r in self.db.execute("PRAGMA integrity_check")]
+        except sqlite3.DatabaseError as exc:
+            return [str(exc)]
+        return [] if found == ["ok"] else found
+
+    def has_pending(self) -> bool:
+        return self.db.execute("SELECT EXISTS (SELECT 1 FROM ann_pending)").fetchone()[0] == 1
 
     # -- rows ------------------------------------------------------------------------------
     def rows(self, where: str | None = None, params: Iterable[Any] = ()) -> list[ImageRow]:
@@ -272,20 +348,23 @@ class Catalog:
             counts[status] = n
         return counts
 
-    def insert_row(self, record: dict[str, Any], vector: np.ndarray | None) -> int:
+    def insert_row(self, record: dict[str, Any], ref: tuple[int, int] | None) -> int:
         """Insert a new file's row (call inside a transaction); returns its id = FAISS id."""
-        return self.insert_rows([record], [vector])[0]
+        return self.insert_rows([record], [ref])[0]
 
     # Batched writes: one executemany per batch instead of a statement (and a Python-level
     # sqlite-utils round trip) per row; the indexer's commit stays well ahead of a GPU encoder.
     _WRITE_COLUMNS = ("path", "size", "mtime_ns", "hash", "width", "height", "status", "error")
 
-    def _values(self, record: dict[str, Any], vector: np.ndarray | None, now: str) -> tuple[Any, ...]:
+    def _values(self, record: dict[str, Any], ref: tuple[int, int] | None, now: str) -> tuple[Any, ...]:
         rec = _storable_record(record)
-        return tuple(rec.get(c) for c in self._WRITE_COLUMNS) + (_blob(vector), now)
+        slot, crc = ref if ref is not None else (None, None)
+        return tuple(rec.get(c) for c in self._WRITE_COLUMNS) + (slot, crc, self.write_gen, now)
 
-    def insert_rows(self, records: list[dict[str, Any]], vectors: list[np.ndarray | None]) -> list[int]:
+    def insert_rows(self, records: list[dict[str, Any]], refs: list[tuple[int, int] | None]) -> list[int]:
         """Insert new files' rows (call inside a transaction); returns their ids = FAISS ids.
+
+        ``refs``: per row, the (slot, CRC-32) of its vector in the vector file, or None (failed).
 
         Ids are assigned here, after the current maximum, which the surrounding write
         transaction (BEGIN IMMEDIATE) keeps stable.
@@ -295,41 +374,54 @@ class Catalog:
         start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]) + 1
         ids = list(range(start, start + len(records)))
         now = utc_now()
-        cols = ", ".join(("id",) + self._WRITE_COLUMNS + ("vector", "indexed_at"))
-        marks = ", ".join("?" * (len(self._WRITE_COLUMNS) + 3))
+        cols = ", ".join(("id",) + self._WRITE_COLUMNS + ("slot", "vcrc", "gen", "indexed_at"))
+        marks = ", ".join("?" * (len(self._WRITE_COLUMNS) + 5))
         self.db.conn.executemany(
             f"INSERT INTO images ({cols}) VALUES ({marks})",
-            [(i,) + self._values(r, v, now) for i, r, v in zip(ids, records, vectors)],
+            [(i,) + self._values(r, v, now) for i, r, v in zip(ids, records, refs)],
         )
+        self._use_slots(refs)
         self._mark_pending(ids)
         return ids
 
-    def update_rows(self, ids: list[int], records: list[dict[str, Any]], vectors: list[np.ndarray | None]) -> None:
-        """Replace existing rows' metadata and vectors (call inside a transaction)."""
+    def update_rows(self, ids: list[int], records: list[dict[str, Any]], refs: list[tuple[int, int] | None]) -> None:
+        """Replace existing rows' metadata and vectors (call inside a transaction); their old slots are freed."""
         if not ids:
             return
         now = utc_now()
-        sets = ", ".join(f"{c} = ?" for c in self._WRITE_COLUMNS + ("vector", "indexed_at"))
+        self._free_slots_of([int(i) for i in ids])
+        sets = ", ".join(f"{c} = ?" for c in self._WRITE_COLUMNS + ("slot", "vcrc", "gen", "indexed_at"))
         self.db.conn.executemany(
             f"UPDATE images SET {sets} WHERE id = ?",
-            [self._values(r, v, now) + (int(i),) for i, r, v in zip(ids, records, vectors)],
+            [self._values(r, v, now) + (int(i),) for i, r, v in zip(ids, records, refs)],
         )
+        self._use_slots(refs)
         self._mark_pending([int(i) for i in ids])
         # a changed file keeps its given label; a prediction made from its old vector is stale
         self.db.conn.executemany(
             "DELETE FROM labels WHERE image_id = ? AND source = 'predicted'", [(int(i),) for i in ids]
         )
 
-    def update_row(self, row_id: int, record: dict[str, Any], vector: np.ndarray | None = None, *, keep_vector: bool = False) -> None:
+    def update_row(self, row_id: int, record: dict[str, Any]) -> None:
+        """Change a row's metadata only (a move or a touch); its vector stays (call inside a transaction)."""
         values = dict(_storable_record(record), indexed_at=utc_now())
-        if not keep_vector:
-            values["vector"] = _blob(vector)
-            self._mark_pending([row_id])
         self.db["images"].update(row_id, values)
+
+    def mark_for_reembedding(self, ids: Iterable[int], error: str) -> None:
+        """Rows whose stored vector is lost: failed, with no size, so the next index run re-embeds them."""
+        ids = [int(i) for i in ids]
+        self._free_slots_of(ids)
+        self.db.conn.executemany(
+            "UPDATE images SET status = 'failed', error = ?, size = NULL, slot = NULL, vcrc = NULL, gen = ? "
+            "WHERE id = ?",
+            [(error, self.write_gen, i) for i in ids],
+        )
+        self._mark_pending(ids)
 
     def delete_rows(self, ids: Iterable[int]) -> None:
         ids = [int(i) for i in ids]
         self._mark_pending(ids)
+        self._free_slots_of(ids)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
@@ -356,36 +448,110 @@ class Catalog:
             else:
                 self.db.conn.executemany("DELETE FROM ann_pending WHERE id = ?", [(int(i),) for i in ids])
 
-    def vector(self, row_id: int) -> np.ndarray | None:
-        r = self.db.execute("SELECT vector FROM images WHERE id = ?", [row_id]).fetchone()
-        return None if r is None or r[0] is None else np.frombuffer(r[0], dtype=np.float32).copy()
-
-    def iter_vectors(self, ids: Iterable[int] | None = None, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stored vectors of ok rows as (ids, matrix) chunks; memory stays bounded by ``chunk``."""
+    # -- vector slots (the vectors themselves are in the vector file) ------------------------
+    def iter_slots(
+        self, ids: Iterable[int] | None = None, chunk: int = 4096
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, slots, CRC-32s) of ok rows with a stored vector, in id order, ``chunk`` rows at a time."""
         if ids is None:
-            cursor = self.db.execute("SELECT id, vector FROM images WHERE status = 'ok' ORDER BY id")
+            cursor = self.db.execute(
+                "SELECT id, slot, vcrc FROM images WHERE status = 'ok' AND slot IS NOT NULL ORDER BY id"
+            )
             while True:
                 rows = cursor.fetchmany(chunk)
                 if not rows:
                     return
-                yield _unpack(rows)
+                yield _slot_arrays(rows)
         else:
-            id_list = [int(i) for i in ids]
+            id_list = sorted({int(i) for i in ids})
             for start in range(0, len(id_list), 500):
                 part = id_list[start : start + 500]
                 marks = ",".join("?" * len(part))
                 rows = self.db.execute(
-                    f"SELECT id, vector FROM images WHERE status = 'ok' AND id IN ({marks}) ORDER BY id", part
+                    f"SELECT id, slot, vcrc FROM images WHERE status = 'ok' AND slot IS NOT NULL AND id IN ({marks}) "
+                    "ORDER BY id",
+                    part,
                 ).fetchall()
                 if rows:
-                    yield _unpack(rows)
+                    yield _slot_arrays(rows)
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = list(self.iter_vectors())
-        if not parts:
-            dim = int(self.get_meta().get("dim") or 0)
-            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def free_slots(self, n: int) -> list[int]:
+        """Up to ``n`` slots freed by deleted or replaced rows, lowest first, for reuse."""
+        return [r[0] for r in self.db.execute("SELECT slot FROM free_slots ORDER BY slot LIMIT ?", [int(n)])]
+
+    def slot_bounds(self) -> tuple[int, int]:
+        """(1 + the highest slot a row references, the number of free slots)."""
+        top = self.db.execute("SELECT COALESCE(MAX(slot), -1) FROM images").fetchone()[0]
+        free = self.db.execute("SELECT count(*) FROM free_slots").fetchone()[0]
+        return int(top) + 1, int(free)
+
+    def free_slots_from(self, count: int) -> bool:
+        """Whether any free slot is at or past ``count``."""
+        return self.db.execute("SELECT EXISTS (SELECT 1 FROM free_slots WHERE slot >= ?)", [int(count)]).fetchone()[0] == 1
+
+    def ids_with_slot_from(self, count: int) -> np.ndarray:
+        """Ok rows whose slot is at or past ``count`` (past the end of a vector file cut short)."""
+        return np.array(
+            [r[0] for r in self.db.execute("SELECT id FROM images WHERE status = 'ok' AND slot >= ? ORDER BY id", [int(count)])],
+            dtype=np.int64,
+        )
+
+    def forget_slots_from(self, count: int) -> None:
+        """Free slots at or past ``count`` no longer exist (the vector file was cut back)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM free_slots WHERE slot >= ?", [int(count)])
+
+    def _use_slots(self, refs: list[tuple[int, int] | None]) -> None:
+        used = [(int(ref[0]),) for ref in refs if ref is not None]
+        if used:
+            self.db.conn.executemany("DELETE FROM free_slots WHERE slot = ?", used)
+
+    def _free_slots_of(self, ids: list[int]) -> None:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(
+                f"INSERT OR IGNORE INTO free_slots (slot) SELECT slot FROM images WHERE id IN ({marks}) "
+                "AND slot IS NOT NULL",
+                chunk,
+            )
+
+    # -- migration from schema version 1 (float32 blobs in images.vector) -------------------
+    def migrate_v1_prepare(self) -> None:
+        """Add version 2's columns and tables to a version-1 catalog (idempotent)."""
+        columns = {c.name for c in self.db["images"].columns}
+        with self.transaction():
+            for name in ("slot", "vcrc", "gen"):
+                if name not in columns:
+                    self.db.execute(f"ALTER TABLE images ADD COLUMN {name} INTEGER")
+            self.db.execute("CREATE TABLE IF NOT EXISTS free_slots (slot INTEGER PRIMARY KEY)")
+            if self.meta_value("generation") is None:
+                self._set_meta_raw({"generation": 0})
+
+    def migrate_v1_rows(self, limit: int) -> list[tuple[int, bytes]]:
+        """(id, float32 blob) of up to ``limit`` version-1 rows whose vector is not in the vector file yet."""
+        return self.db.execute(
+            "SELECT id, vector FROM images WHERE vector IS NOT NULL AND slot IS NULL ORDER BY id LIMIT ?", [int(limit)]
+        ).fetchall()
+
+    def migrate_v1_set_slots(self, ids: list[int], refs: list[tuple[int, int]]) -> None:
+        """Point rows at their vectors' new slots and drop their blobs, in one transaction."""
+        with self.transaction():
+            self.db.conn.executemany(
+                "UPDATE images SET slot = ?, vcrc = ?, gen = ?, vector = NULL WHERE id = ?",
+                [(s, c, self.write_gen, int(i)) for i, (s, c) in zip(ids, refs)],
+            )
+
+    def migrate_v1_finish(self) -> None:
+        """Record schema version 2; every ok row is pending, so FAISS is resynced from the vector file."""
+        with self.transaction():
+            self.db.execute("UPDATE images SET vector = NULL WHERE vector IS NOT NULL")
+            self.db.execute("UPDATE images SET gen = ? WHERE gen IS NULL", [self.write_gen])
+            self.db.execute("INSERT OR IGNORE INTO ann_pending (id) SELECT id FROM images WHERE status = 'ok'")
+            # until the store has rebuilt FAISS from the vector file (then it deletes this)
+            self._set_meta_raw({"schema_version": SCHEMA_VERSION, "migration": "rebuild FAISS"})
+        self.schema_version = SCHEMA_VERSION
+        self.db.execute("VACUUM")  # give back the pages the blobs took (atomic, like any transaction)
 
     # -- labels ----------------------------------------------------------------------------
     def set_labels(self, labels: dict[int, str], source: str, confidences: dict[int, float] | None = None) -> None:
@@ -485,16 +651,40 @@ class Catalog:
             self.db.execute("DELETE FROM images")
             self.db.execute("DELETE FROM labels")
             self.db.execute("DELETE FROM ann_pending")
+            self.db.execute("DELETE FROM free_slots")
             self.db.execute("DELETE FROM clusters")
             self.db.execute("DELETE FROM cluster_members")
-            self.db.execute("DELETE FROM meta WHERE key NOT IN ('schema_version', 'created_at')")
+            self.db.execute("DELETE FROM meta WHERE key NOT IN ('schema_version', 'created_at', 'generation')")
 
 
 def _blob(vector: np.ndarray | None) -> bytes | None:
     return None if vector is None else np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
 
-def _unpack(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
-    return ids, mat.copy()
+def _slot_arrays(rows: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    arr = np.array(rows, dtype=np.int64).reshape(len(rows), 3)
+    return arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy()
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection that writes nothing, not even the WAL's -shm file.
+
+    With a write-ahead log beside the file (a writer is running, or was killed), ``mode=ro`` reads
+    it through its -shm; without one (no writer has it open) the file is complete and is opened
+    ``immutable``, which needs no -shm. ``immutable`` is also the fallback where ``mode=ro`` fails.
+    """
+    from urllib.parse import quote
+
+    uri = "file:" + quote(str(path.resolve()))
+    has_wal = all(path.with_name(path.name + ext).exists() for ext in ("-wal", "-shm"))
+    attempts = ("mode=ro", "mode=ro&immutable=1") if has_wal else ("mode=ro&immutable=1",)
+    last: Exception | None = None
+    for flags in attempts:
+        try:
+            conn = sqlite3.connect(f"{uri}?{flags}", uri=True, timeout=30, isolation_level=None)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as exc:
+            last = exc
+    assert last is not None
+    raise last

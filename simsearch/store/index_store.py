@@ -1,32 +1,48 @@
-"""An index directory behind one door: the SQLite catalog and the FAISS file, kept in agreement.
+"""An index directory behind one door: the SQLite catalog, the vector file and the FAISS file.
 
-:class:`IndexStore` is the only code that writes either. Jobs (indexing, clustering, repair) say
-what changed through its intent-level methods (:meth:`~IndexStore.apply_changes`,
-:meth:`~IndexStore.commit`, :meth:`~IndexStore.replace_clustering`, :meth:`~IndexStore.save`, ...),
-and it writes SQLite first, then mirrors the change into FAISS. Readers may read
-``store.catalog`` and ``store.ann`` directly.
+:class:`IndexStore` is the only code that writes any of them. Jobs (indexing, clustering, repair)
+say what changed through its intent-level methods (:meth:`~IndexStore.apply_changes`,
+:meth:`~IndexStore.commit`, :meth:`~IndexStore.replace_clustering`, :meth:`~IndexStore.save`, ...).
+A commit writes the vectors into the vector file and fsyncs it, then the rows that reference
+them in one SQLite transaction, then mirrors the change into FAISS. Readers read vectors through
+:meth:`~IndexStore.iter_vectors` / :meth:`~IndexStore.vectors_of`, and may read ``store.catalog``
+and ``store.ann`` directly.
 
-The catalog is the source of truth; the FAISS file is derived from its stored vectors. After a
-crash the FAISS file may lag the catalog by the last batches: :meth:`IndexStore.check` reports
-that, and :meth:`IndexStore.repair` fixes it from the stored vectors without re-embedding.
+The catalog and the vector file are the source of truth; the FAISS file is derived from them.
+Opening is O(1): nothing is scanned. Each FAISS save records in the catalog the generation it
+holds and the file's size and CRC-32 (``faiss_saved``), so readers use the last saved state while
+a writer runs (:meth:`IndexStore.searchable_row`), and :meth:`IndexStore.check` (``simsearch
+info --check``, ``index --repair`` and the start of every index run) finds what a crash or damage
+left: FAISS behind the catalog, a FAISS file that is unreadable or not the one saved, stored
+vectors whose CRC fails. :meth:`IndexStore.repair` fixes what the stored vectors allow, and marks
+rows whose own vector is damaged for re-embedding. A version-1 index (vectors as SQLite blobs) is
+migrated on open, crash-safe, without re-embedding.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import EmptyIndexError, IndexBusyError, IndexCorruptError, IndexMismatchError
+from ..errors import EmptyIndexError, IndexBusyError, IndexCorruptError, IndexMismatchError, IndexWriteError
 from .catalog import IDENTITY_KEYS, Catalog, Clustering, ImageRow
+from .vector_file import VECTOR_FILE, VectorFile, file_crc, row_crcs, to_stored
 from .vector_index import DEFAULT_FACTORY, FAISS_FILE, VectorIndex
 
 if TYPE_CHECKING:
     from .thumbnails import ThumbnailCache
+
+# rows moved out of SQLite blobs per step of a version-1 migration (one fsync + one commit each)
+MIGRATE_CHUNK = 4096
+DAMAGED_VECTOR = "stored vector damaged; re-embedding on the next index run"
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +69,39 @@ class Consistency:
     extra: np.ndarray  # FAISS ids with no ok row
     stale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # ids whose vector changed since FAISS was saved (or held twice): same id, maybe another vector
+    faiss_damaged: str | None = None  # why the FAISS file cannot be trusted (unreadable, not the file saved)
+    damaged: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # ok rows whose stored vector fails its CRC (or lies past the vector file's end): not recoverable
+    damaged_paths: list[str] = field(default_factory=list)
+    catalog_errors: list[str] = field(default_factory=list)  # PRAGMA integrity_check findings
 
     @property
     def ok(self) -> bool:
-        return len(self.missing) == 0 and len(self.extra) == 0 and len(self.stale) == 0
+        return (
+            len(self.missing) == 0
+            and len(self.extra) == 0
+            and len(self.stale) == 0
+            and self.faiss_damaged is None
+            and len(self.damaged) == 0
+            and not self.catalog_errors
+        )
 
     @property
     def count(self) -> int:
         """How many ids were out of step, each once (a missing row is usually pending too)."""
-        return len(np.union1d(np.union1d(self.missing, self.extra), self.stale))
+        return len(np.union1d(np.union1d(np.union1d(self.missing, self.extra), self.stale), self.damaged))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "missing_from_faiss": len(self.missing),
+            "extra_in_faiss": len(self.extra),
+            "stale": len(self.stale),
+            "faiss_damaged": self.faiss_damaged,
+            "damaged_vectors": len(self.damaged),
+            "damaged_paths": list(self.damaged_paths),
+            "catalog_errors": list(self.catalog_errors),
+        }
 
 
 class IndexStore:
@@ -70,18 +110,70 @@ class IndexStore:
     def __init__(self, path: Path, catalog: Catalog, ann: VectorIndex | None) -> None:
         self.path = path
         self.catalog = catalog
-        self.ann = ann
+        self._ann = ann
+        self._ann_loaded = ann is not None
+        self._vectors: VectorFile | None = None
         self._lock_fd: int | None = None
+        self.saved: dict[str, Any] | None = None  # faiss_saved as of opening / the last save
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], create: bool = False) -> "IndexStore":
+    def open(cls, path: str | os.PathLike[str], create: bool = False, readonly: bool | None = None) -> "IndexStore":
+        """Open an index directory: O(1), nothing is read but the description.
+
+        ``readonly``: None opens read-only when the directory or its catalog is not writable by
+        this user (``info`` and ``query`` still work); True always. A version-1 index is migrated
+        here when it can be written.
+        """
         path = Path(path)
-        catalog = Catalog.open(path, create=create)
+        if readonly is None:
+            readonly = (path / "catalog.db").exists() and not _writable(path)
+        catalog = Catalog.open(path, create=create, readonly=readonly)
         store = cls(path, catalog, None)
-        store._load_ann()
+        try:
+            if catalog.schema_version == 1:
+                if readonly:
+                    raise IndexCorruptError(
+                        f"the index at {path} was written by an older simsearch (schema version 1); open it once "
+                        f"with write access to migrate it (simsearch index --repair --index {path})"
+                    )
+                store.lock_for_writing()
+                store._migrate_v1()
+            elif not readonly and catalog.meta_value("migration") is not None:
+                store._finish_migration()
+            store.saved = catalog.meta_value("faiss_saved")
+        except BaseException:
+            store.close()
+            raise
         return store
 
+    @property
+    def readonly(self) -> bool:
+        return self.catalog.readonly
+
+    @property
+    def ann(self) -> VectorIndex | None:
+        """The FAISS index, read from disk on first use (opening the store does not read it)."""
+        if not self._ann_loaded:
+            self._ann_loaded = True
+            self._load_ann()
+        return self._ann
+
+    @ann.setter
+    def ann(self, value: VectorIndex | None) -> None:
+        self._ann, self._ann_loaded = value, True
+
+    @property
+    def vectors(self) -> VectorFile | None:
+        """The vector file (None while the index has no recorded dim)."""
+        if self._vectors is None:
+            dim = self.catalog.meta_value("dim")
+            if dim is None:
+                return None
+            self._vectors = VectorFile.open(self.path / VECTOR_FILE, int(dim), writable=not self.readonly)
+        return self._vectors
+
     def close(self) -> None:
+        self._vectors = None  # drops the memory map (and its open file)
         self.catalog.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
@@ -95,6 +187,8 @@ class IndexStore:
         (forked decode workers do not inherit it) and dies with it, so a killed run never leaves a
         stale lock behind. Readers (query, info) do not take it.
         """
+        if self._lock_fd is not None:
+            return
         try:
             import fcntl
         except ImportError:  # no POSIX locks (Windows): concurrent writers are the caller's business
@@ -130,18 +224,64 @@ class IndexStore:
         return str(self.meta.get("faiss_factory", DEFAULT_FACTORY))
 
     def _load_ann(self) -> None:
-        dim = self.meta.get("dim")
+        dim = self.catalog.meta_value("dim")
         if self.ann_path.exists():
-            self.ann = VectorIndex.load(self.ann_path, self.factory)
-            if dim is not None and self.ann.dim != dim:
-                raise IndexCorruptError(f"{self.ann_path} holds {self.ann.dim}-d vectors, the catalog says {dim}")
+            ann = VectorIndex.load(self.ann_path, self.factory)
+            if dim is not None and ann.dim != dim:
+                raise IndexCorruptError(f"{self.ann_path} holds {ann.dim}-d vectors, the catalog says {dim}")
+            self._ann = ann
         elif dim is not None:
-            self.ann = VectorIndex(int(dim), self.factory)
+            self._ann = VectorIndex(int(dim), self.factory)
 
     def _require_ann(self) -> VectorIndex:
         if self.ann is None:
             raise IndexCorruptError(f"{self.path} has rows but no recorded dim; rebuild it with --rebuild")
         return self.ann
+
+    def _require_vectors_file(self) -> VectorFile:
+        vf = self.vectors
+        if vf is None:
+            raise IndexCorruptError(f"{self.path} has rows but no recorded dim; rebuild it with --rebuild")
+        return vf
+
+    # -- reading vectors (the one public way) ------------------------------------------------
+    def iter_vectors(self, ids: Iterable[int] | None = None, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stored vectors of ok rows as (ids, float32 matrix) chunks in id order; memory bounded by ``chunk``.
+
+        ``ids``: only these (ids with no ok row are left out). Vectors come back as stored: float16
+        widened to float32 (see :mod:`simsearch.store.vector_file`), exactly what FAISS holds.
+        """
+        vf = self.vectors
+        if vf is None:
+            return
+        for row_ids, slots, _ in self.catalog.iter_slots(ids, chunk=chunk):
+            yield row_ids, vf.read(slots)
+
+    def vectors_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found, their vectors) for ``ids``, in id order; ids with no ok row are left out."""
+        parts = list(self.iter_vectors(ids))
+        return _concat(parts, self._dim())
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every ok row's (ids, vectors), in id order (for jobs that need them all at once)."""
+        return _concat(list(self.iter_vectors()), self._dim())
+
+    def _dim(self) -> int:
+        return int(self.catalog.meta_value("dim") or 0)
+
+    # -- what readers may use ----------------------------------------------------------------
+    @property
+    def saved_generation(self) -> int | None:
+        """The catalog generation the FAISS file on disk was saved at (None: not recorded)."""
+        return None if not self.saved else int(self.saved["generation"])
+
+    def searchable_row(self, row: ImageRow | None) -> bool:
+        """Whether a FAISS hit on this row may be shown: the row exists, is ok, and its vector is
+        no newer than the saved FAISS file (a row changed since then has another vector there)."""
+        if row is None or not row.ok:
+            return False
+        saved = self.saved_generation
+        return saved is None or row.gen is None or row.gen <= saved
 
     # -- model identity --------------------------------------------------------------------
     def check_model(self, description: dict[str, Any], *, reloading: bool = False) -> None:
@@ -174,9 +314,12 @@ class IndexStore:
             log.warning("rebuilding %s: dropping every vector made with %s", self.path, describe_identity(current))
         factory = self.factory
         self.catalog.clear_all()
-        if self.ann_path.exists():
-            self.ann_path.unlink()
+        for name in (FAISS_FILE, VECTOR_FILE):
+            (self.path / name).unlink(missing_ok=True)
+        self._vectors = None
         self.catalog.set_meta(dict(description, faiss_factory=factory))
+        self.catalog.db.execute("DELETE FROM meta WHERE key = 'faiss_saved'")
+        self.saved = None
         self.ann = VectorIndex(int(description["dim"]), factory)
 
     # -- writes ----------------------------------------------------------------------------
@@ -199,9 +342,9 @@ class IndexStore:
         ann = self._require_ann()
         with self.catalog.transaction():
             for row_id, location in moves:
-                self.catalog.update_row(row_id, location, keep_vector=True)
+                self.catalog.update_row(row_id, location)
             for row_id, mtime_ns in touches:
-                self.catalog.update_row(row_id, {"mtime_ns": mtime_ns}, keep_vector=True)
+                self.catalog.update_row(row_id, {"mtime_ns": mtime_ns})
             self.catalog.delete_rows(row.id for row in removals)
         ann.remove([row.id for row in removals if row.ok])
 
@@ -216,95 +359,226 @@ class IndexStore:
         FAISS update or the next :meth:`save` is repaired from the stored vectors.
         """
         ann = self._require_ann()
-        new_records: list[dict[str, Any]] = []
-        new_vectors: list[np.ndarray | None] = []
-        upd_ids: list[int] = []
-        upd_records: list[dict[str, Any]] = []
-        upd_vectors: list[np.ndarray | None] = []
-        drop_ids: list[int] = []
-        slots: list[tuple[bool, int]] = []  # per record: (is new, index into new_records | existing row id)
-        vec_iter = iter(vectors)
-        for record, row in zip(records, replacing):
-            vector = next(vec_iter) if record["status"] == "ok" else None
-            if row is None:
-                slots.append((True, len(new_records)))
-                new_records.append(record)
-                new_vectors.append(vector)
-            else:
-                slots.append((False, row.id))
-                upd_ids.append(row.id)
-                upd_records.append(record)
-                upd_vectors.append(vector)
-                if row.ok:
-                    drop_ids.append(row.id)
-        with self.catalog.transaction():
-            new_ids = self.catalog.insert_rows(new_records, new_vectors)
-            self.catalog.update_rows(upd_ids, upd_records, upd_vectors)
-        ids = [new_ids[k] if is_new else k for is_new, k in slots]
+        ids, stored = self.store_rows(records, vectors, replacing)
+        drop_ids = [row.id for row in replacing if row is not None and row.ok]
         # FAISS ids in the order of vectors (the ok records, in input order)
         add_ids = [i for i, record in zip(ids, records) if record["status"] == "ok"]
         ann.remove(drop_ids)
-        ann.add(np.array(add_ids, dtype=np.int64), vectors)
+        ann.add(np.array(add_ids, dtype=np.int64), stored)
         return ids
+
+    def store_rows(
+        self, records: Sequence[dict[str, Any]], vectors: np.ndarray, replacing: Sequence[ImageRow | None]
+    ) -> tuple[list[int], np.ndarray]:
+        """The durable half of :meth:`commit`: vectors into the vector file (fsynced), then the rows
+        in one transaction; FAISS is not touched. Returns (ids, the vectors as stored, float32).
+
+        On a failure (a full disk) nothing is referenced and new slots at the file's end are cut
+        back, so the index is as it was."""
+        vf = self._require_vectors_file()
+        n_ok = sum(1 for r in records if r["status"] == "ok")
+        rows16 = to_stored(np.asarray(vectors).reshape(n_ok, vf.dim) if n_ok else np.zeros((0, vf.dim)))
+        crcs = row_crcs(rows16)
+        reuse = self.catalog.free_slots(n_ok)
+        old_count = vf.count
+        slots = reuse + list(range(old_count, old_count + n_ok - len(reuse)))
+        vf.write(np.array(slots, dtype=np.int64), rows16)
+        refs = iter(list(zip(slots, crcs)))
+        new_records: list[dict[str, Any]] = []
+        new_vectors: list[tuple[int, int] | None] = []
+        upd_ids: list[int] = []
+        upd_records: list[dict[str, Any]] = []
+        upd_vectors: list[tuple[int, int] | None] = []
+        places: list[tuple[bool, int]] = []  # per record: (is new, index into new_records | existing row id)
+        for record, row in zip(records, replacing):
+            vector = next(refs) if record["status"] == "ok" else None
+            if row is None:
+                places.append((True, len(new_records)))
+                new_records.append(record)
+                new_vectors.append(vector)
+            else:
+                places.append((False, row.id))
+                upd_ids.append(row.id)
+                upd_records.append(record)
+                upd_vectors.append(vector)
+        try:
+            with self.catalog.transaction():
+                new_ids = self.catalog.insert_rows(new_records, new_vectors)
+                self.catalog.update_rows(upd_ids, upd_records, upd_vectors)
+        except BaseException:
+            vf.truncate(old_count)  # the new tail slots are referenced by nothing
+            raise
+        ids = [new_ids[k] if is_new else k for is_new, k in places]
+        return ids, rows16.astype(np.float32)
 
     def replace_clustering(self, clustering: Clustering) -> None:
         """Swap in a new clustering atomically (readers see the old one or the new one)."""
         self.catalog.replace_clusters(clustering)
 
     def save(self, resync: bool = False) -> None:
-        """Write FAISS atomically, then forget the ids changed since the last save (a crash in
-        between leaves them pending, and the next :meth:`repair` redoes them).
+        """Write FAISS atomically and record what it holds, then forget the ids changed since the
+        last save (a crash in between leaves them pending, and the next :meth:`repair` redoes them).
 
-        ``resync``: first replace those ids' vectors from the catalog. Needed only when the
-        in-memory index may lag the catalog (a run interrupted between a commit and its FAISS
-        update); normally every committed change has been mirrored already.
+        The catalog records (``faiss_saved``) the generation the file holds and its size and
+        CRC-32, which readers and :meth:`check` go by. ``resync``: first replace the pending ids'
+        vectors from the vector file. Needed only when the in-memory index may lag the catalog (a
+        run interrupted between a commit and its FAISS update); normally every committed change
+        has been mirrored already.
         """
-        if self.ann is None:
-            return
+        if self._ann is None:  # never loaded (nothing written through this store) or no dim yet
+            if self._ann_loaded or not self.catalog.has_pending():
+                return
+        ann = self._require_ann()
         pending = self.catalog.pending_ids()
         if resync:
             self._resync(pending)
-        self.ann.save(self.ann_path)
-        if len(pending):
-            self.catalog.clear_pending(pending)
+        generation = self.catalog.generation
+        size, crc = ann.save(self.ann_path)
+        saved = {"generation": generation, "size": size, "crc32": crc, "ntotal": len(ann)}
+        with self.catalog.transaction():
+            self.catalog._set_meta_raw({"faiss_saved": saved})
+            if len(pending):
+                self.catalog.db.conn.executemany(
+                    "DELETE FROM ann_pending WHERE id = ?", [(int(i),) for i in pending]
+                )
+        self.saved = saved
 
     # -- consistency -----------------------------------------------------------------------
-    def check(self) -> Consistency:
+    def check(self, verify_vectors: bool = False, verify_catalog: bool = False) -> Consistency:
+        """Compare FAISS with the catalog's ok rows (a full scan), and the FAISS file with its
+        recorded size and CRC-32. ``verify_vectors``: also check every stored vector's CRC-32;
+        ``verify_catalog``: also run SQLite's ``PRAGMA integrity_check``."""
+        catalog_errors = self.catalog.integrity_errors() if verify_catalog else []
+        faiss_damaged = self._faiss_file_problem()
         ok_ids = self.catalog.ok_ids()
-        ann_ids = self.ann.ids() if self.ann is not None else np.zeros(0, np.int64)
+        ann_ids = np.zeros(0, np.int64)
+        try:
+            ann = self.ann
+        except IndexCorruptError as exc:
+            faiss_damaged, ann = str(exc), None
+        if ann is not None:
+            ann_ids = ann.ids()
         unique, counts = np.unique(ann_ids, return_counts=True)
         stale = np.union1d(self.catalog.pending_ids(), unique[counts > 1])
+        # rows pointing past the vector file's end are found cheaply every time; CRCs on request
+        damaged = self._damaged_vectors() if verify_vectors else self._vectors_past_end()
+        rows = self.catalog.rows_by_ids(damaged)
         return Consistency(
             missing=np.setdiff1d(ok_ids, unique, assume_unique=True),
             extra=np.setdiff1d(unique, ok_ids, assume_unique=True),
             stale=stale,
+            faiss_damaged=faiss_damaged,
+            damaged=damaged,
+            damaged_paths=[rows[int(i)].path for i in damaged if int(i) in rows],
+            catalog_errors=catalog_errors,
         )
 
-    def repair(self) -> Consistency:
-        """Make FAISS match the catalog from the stored vectors; returns what was fixed."""
-        found = self.check()
+    def _faiss_file_problem(self) -> str | None:
+        """Why the FAISS file on disk is not the one last saved, or None (a missing file is not damage)."""
+        if not self.ann_path.exists() or not self.saved:
+            return None
+        size = self.ann_path.stat().st_size
+        if size != self.saved.get("size"):
+            return f"{self.ann_path} is {size} bytes, {self.saved.get('size')} were saved"
+        if file_crc(self.ann_path) != self.saved.get("crc32"):
+            return f"{self.ann_path} does not match the checksum recorded when it was saved"
+        return None
+
+    def _vectors_past_end(self) -> np.ndarray:
+        vf = self.vectors
+        if vf is None:
+            return np.zeros(0, np.int64)
+        return self.catalog.ids_with_slot_from(vf.count)
+
+    def _damaged_vectors(self) -> np.ndarray:
+        """Ok rows whose stored vector fails its CRC-32 or lies past the end of the vector file."""
+        vf = self.vectors
+        if vf is None:
+            return np.zeros(0, np.int64)
+        count = vf.count
+        bad: list[np.ndarray] = []
+        for ids, slots, crcs in self.catalog.iter_slots():
+            inside = slots < count
+            bad.append(ids[~inside])
+            if inside.any():
+                got = np.array(row_crcs(vf.read16(slots[inside])), dtype=np.int64)
+                bad.append(ids[inside][got != crcs[inside]])
+        return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+    def repair(self, verify_vectors: bool = False) -> Consistency:
+        """Make FAISS match the catalog from the stored vectors; returns what was found.
+
+        A FAISS file that is unreadable or not the one saved is rebuilt from the vector file.
+        Rows whose stored vector is damaged (``verify_vectors``) cannot be recovered here: they
+        are marked failed, with the size cleared, so the next index run re-embeds their files.
+        """
+        self._trim_vectors()
+        found = self.check(verify_vectors=verify_vectors)
         if found.ok:
+            self._repaired()
             return found
-        ann = self._require_ann()
         log.warning(
-            "repairing %s: %d vectors missing from FAISS, %d ids in it with no row, %d possibly stale",
+            "repairing %s: %d vectors missing from FAISS, %d ids in it with no row, %d possibly stale, "
+            "%d stored vectors damaged%s",
             self.path,
             len(found.missing),
             len(found.extra),
             len(found.stale),
+            len(found.damaged),
+            f"; FAISS file: {found.faiss_damaged}" if found.faiss_damaged else "",
         )
-        ann.remove(found.extra)
-        self._resync(np.union1d(found.missing, found.stale))
+        if len(found.damaged):
+            with self.catalog.transaction():
+                self.catalog.mark_for_reembedding(found.damaged, DAMAGED_VECTOR)
+            self._trim_vectors()
+        if found.faiss_damaged is not None:
+            self._rebuild_ann()
+        else:
+            ann = self._require_ann()
+            ann.remove(found.extra)
+            self._resync(np.union1d(np.union1d(found.missing, found.stale), found.damaged))
         self.save()
+        self._repaired()
         return found
 
+    def _repaired(self) -> None:
+        if self.catalog.meta_value("migration") is not None:
+            with self.catalog.transaction():
+                self.catalog.db.execute("DELETE FROM meta WHERE key = 'migration'")
+
+    def _trim_vectors(self) -> None:
+        """Cut the vector file back to the slots rows reference (a crash can leave unused ones at its end)."""
+        vf = self.vectors
+        if vf is None or self.readonly:
+            return
+        top, _ = self.catalog.slot_bounds()
+        count = vf.count
+        if count > top:
+            vf.truncate(top)
+            count = top
+        if self.catalog.free_slots_from(count):
+            self.catalog.forget_slots_from(count)  # freed slots past the file's end do not exist
+
+    def _rebuild_ann(self) -> None:
+        """A fresh FAISS index of the recorded layout from every stored vector (no re-embedding)."""
+        dim = self._dim()
+        if not dim:
+            return
+        ann = VectorIndex(dim, self.factory)
+        if not ann.is_trained:
+            _, sample = self.all_vectors()
+            ann.train(sample)
+        for ids, vectors in self.iter_vectors():
+            ann.add(ids, vectors)
+        self.ann = ann
+
     def _resync(self, ids: np.ndarray) -> None:
-        """Replace whatever FAISS holds for ``ids`` with the catalog's stored vectors (ok rows only)."""
+        """Replace whatever FAISS holds for ``ids`` with the stored vectors (ok rows only)."""
         ann = self._require_ann()
         if len(ids) == 0:
             return
         ann.remove(ids)
-        for chunk_ids, vectors in self.catalog.iter_vectors(ids):
+        for chunk_ids, vectors in self.iter_vectors(ids):
             ann.add(chunk_ids, vectors)
 
     def require_consistent(self) -> None:
@@ -316,11 +590,53 @@ class IndexStore:
                 f"Run: simsearch index --repair --index {self.path}"
             )
 
+    # -- migration ---------------------------------------------------------------------------
+    def _migrate_v1(self) -> None:
+        """Move a version-1 catalog's vector blobs into the vector file, chunk by chunk.
+
+        Each chunk: write its vectors at the file's end and fsync, then point the rows at them and
+        drop their blobs in one transaction. A kill at any point leaves rows either with their blob
+        or with a slot; the next open cuts the file back to the slots referenced and carries on.
+        The last step records version 2 and marks every row pending, so FAISS is rebuilt from the
+        vector file (the next :meth:`repair`, here at once).
+        """
+        log.warning("migrating %s to schema version 2 (vectors out of SQLite into %s)", self.path, VECTOR_FILE)
+        self.catalog.migrate_v1_prepare()
+        vf = self.vectors
+        if vf is not None:
+            top, _ = self.catalog.slot_bounds()
+            vf.truncate(top)  # slots written by an interrupted step that no row references
+            while True:
+                rows = self.catalog.migrate_v1_rows(MIGRATE_CHUNK)
+                if not rows:
+                    break
+                ids = [int(r[0]) for r in rows]
+                rows16 = to_stored(np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1))
+                start = vf.count
+                slots = list(range(start, start + len(rows)))
+                vf.write(np.array(slots, dtype=np.int64), rows16)
+                self.catalog.migrate_v1_set_slots(ids, list(zip(slots, row_crcs(rows16))))
+        self.catalog.migrate_v1_finish()
+        self.repair()
+
+    def _finish_migration(self) -> None:
+        """A migration killed after recording version 2 but before FAISS was rebuilt: rebuild it now
+        (unless a writer holds the index: its run starts with the same repair)."""
+        try:
+            self.lock_for_writing()
+        except IndexBusyError:
+            return
+        self.repair()
+
     def require_vectors(self) -> VectorIndex:
         """The vector index; an error for an index with no images, or with images its FAISS file lost."""
         if self.catalog.counts()["ok"] == 0:
             raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
         if self.ann is None or len(self.ann) == 0:
+            if not self.ann_path.exists() and not self.saved:  # the first run has not saved yet
+                raise EmptyIndexError(
+                    f"the index at {self.path} has no searchable images yet (its first index run has not saved any)"
+                )
             self.require_consistent()  # rows but an empty or deleted FAISS file: say how to repair it
         assert self.ann is not None
         return self.ann
@@ -372,6 +688,43 @@ class IndexStore:
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+
+def _writable(index_dir: Path) -> bool:
+    """Whether this user may write the index directory and its catalog."""
+    return os.access(index_dir, os.W_OK) and os.access(index_dir / "catalog.db", os.W_OK)
+
+
+@contextmanager
+def storage_errors(index_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a failure to write the index (a full disk, a read-only folder, a permission) into one
+    :class:`~simsearch.errors.IndexWriteError` that says so in a line; other errors pass through."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if any(s in text for s in ("disk is full", "readonly", "read-only", "unable to open", "disk I/O")):
+            raise IndexWriteError(_write_failure(index_dir, text)) from None
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) or (
+            exc.errno is None and "No space left" in str(exc)
+        ):
+            raise IndexWriteError(_write_failure(index_dir, exc.strerror or str(exc))) from None
+        raise
+
+
+def _write_failure(index_dir: str | os.PathLike[str], reason: str) -> str:
+    return (
+        f"cannot write the index at {index_dir}: {reason}. Nothing committed before was lost; "
+        "fix the cause (make room, or use a folder you can write) and run again"
+    )
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def describe_identity(identity: dict[str, Any]) -> str:

@@ -11,14 +11,17 @@ never leaves a torn file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from ..errors import IndexCorruptError
+from .vector_file import file_crc
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +99,9 @@ class VectorIndex:
         """(scores, ids), each (n_queries, k), best first; missing neighbours have id -1."""
         return self.index.search(_as_f32(queries), clamp_k(k, len(self)))
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        write_atomic(self.index, Path(path))
+    def save(self, path: str | os.PathLike[str]) -> tuple[int, int]:
+        """Write the index atomically; returns the file's (size, CRC-32) for the catalog to record."""
+        return write_atomic(self.index, Path(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], factory: str = DEFAULT_FACTORY) -> "VectorIndex":
@@ -113,20 +117,46 @@ def clamp_k(k: int, n: int) -> int:
     return max(1, min(k, n))
 
 
-def write_atomic(index: faiss.Index, path: Path) -> None:
+def write_atomic(index: faiss.Index, path: Path) -> tuple[int, int]:
+    """Write ``index`` to a temporary file, fsync it, rename it over ``path``; returns (size, CRC-32).
+
+    Any failure (a full disk, a read-only folder) removes the temporary file and leaves ``path``
+    as it was, and comes out as an :class:`OSError` (FAISS reports write errors as RuntimeError).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as exc:
+            reason = _faiss_reason(exc)
+            code = errno.ENOSPC if "No space left" in reason else errno.EIO
+            raise OSError(code, reason, str(tmp)) from exc
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size, crc = tmp.stat().st_size, file_crc(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return size, crc
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """What went wrong, without FAISS's C++ source location: the OS reason it ends with, if any."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"\(([^()]+)\)\s*$", text)
+    return found.group(1) if found else text[-200:] or "write failed"
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:

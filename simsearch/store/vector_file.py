@@ -1,0 +1,184 @@
+"""The exact vectors of an index: one memory-mapped file of float16 rows by slot (``vectors.f16``).
+
+Part of :mod:`simsearch.store`; only :class:`~simsearch.store.IndexStore` writes it. The catalog
+row of an image records its ``slot`` here and a CRC-32 of the slot's bytes (``vcrc``), so a damaged
+row is found row by row. The file is the source from which any FAISS layout is (re)built, without
+re-embedding; it holds no ids, only slots, so it is never out of step with the catalog by itself.
+
+Layout: a 64-byte header (magic, format version, dim, dtype) then ``count`` rows of ``dim``
+little-endian float16 values; ``count`` follows from the file size. Writes go to the end of the
+file or into slots the catalog has freed, and are fsynced before the SQLite commit that references
+them, so a crash leaves at worst an unused slot. float16 keeps 11 significant bits: a unit vector
+comes back with a cosine of better than 0.99999 to the original (``benchmarks/bench_store.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import IndexCorruptError
+
+VECTOR_FILE = "vectors.f16"
+MAGIC = b"SIMVEC16"
+FORMAT_VERSION = 1
+HEADER_SIZE = 64
+DTYPE = np.dtype("<f2")
+_HEADER = struct.Struct("<8sII8s")  # magic, format version, dim, dtype string
+
+
+def to_stored(vectors: np.ndarray) -> np.ndarray:
+    """Vectors as stored (float16, C order): what every reader gets back, widened to float32."""
+    return np.ascontiguousarray(vectors, dtype=DTYPE)
+
+
+def row_crcs(rows16: np.ndarray) -> list[int]:
+    """CRC-32 of each stored row's bytes (the catalog's ``vcrc``)."""
+    rows16 = np.ascontiguousarray(rows16, dtype=DTYPE)
+    return [zlib.crc32(r.tobytes()) for r in rows16]
+
+
+def file_crc(path: Path, block: int = 1 << 22) -> int:
+    """CRC-32 of a whole file, read in blocks (memory stays bounded)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            if not data:
+                return crc
+            crc = zlib.crc32(data, crc)
+
+
+class VectorFile:
+    """float16 rows of one dim by slot, read through a memory map."""
+
+    def __init__(self, path: Path, dim: int, writable: bool) -> None:
+        self.path = path
+        self.dim = dim
+        self.writable = writable
+        self.row_bytes = dim * DTYPE.itemsize
+        self._map: np.memmap | None = None
+        self._map_count = -1
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], dim: int, *, writable: bool) -> "VectorFile":
+        """Open the file (a writer creates it when missing); refuse one of another dim or format."""
+        path = Path(path)
+        vf = cls(path, int(dim), writable)
+        if not path.exists():
+            if writable:
+                vf._create()
+            return vf
+        with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+        if len(head) < HEADER_SIZE:
+            raise IndexCorruptError(f"{path} is truncated (no header)")
+        magic, version, file_dim, dtype = _HEADER.unpack_from(head)
+        if magic != MAGIC or version != FORMAT_VERSION or dtype.rstrip(b"\0") != DTYPE.str.encode():
+            raise IndexCorruptError(f"{path} is not a simsearch vector file (bad header)")
+        if file_dim != vf.dim:
+            raise IndexCorruptError(f"{path} holds {file_dim}-d vectors, the catalog says {vf.dim}")
+        return vf
+
+    def _create(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, self.dim, DTYPE.str.encode()).ljust(HEADER_SIZE, b"\0")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path.parent)
+
+    @property
+    def count(self) -> int:
+        """Slots in the file (used or not)."""
+        if not self.path.exists():
+            return 0
+        return max(0, (self.path.stat().st_size - HEADER_SIZE) // self.row_bytes)
+
+    def _rows(self) -> np.ndarray:
+        count = self.count
+        if self._map is None or self._map_count != count:
+            self._map = (
+                np.memmap(self.path, dtype=DTYPE, mode="r", offset=HEADER_SIZE, shape=(count, self.dim))
+                if count
+                else np.zeros((0, self.dim), DTYPE)
+            )
+            self._map_count = count
+        return self._map
+
+    def read16(self, slots: np.ndarray) -> np.ndarray:
+        """The stored float16 rows of ``slots`` (a copy)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        rows = self._rows()
+        if len(slots) and (slots.min() < 0 or slots.max() >= len(rows)):
+            raise IndexCorruptError(f"{self.path} is shorter than the catalog says (slot {int(slots.max())})")
+        return np.array(rows[slots])
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        """The vectors of ``slots`` as float32."""
+        return self.read16(slots).astype(np.float32)
+
+    def write(self, slots: np.ndarray, rows16: np.ndarray) -> None:
+        """Write rows into these slots (reused ones, or new ones at the end) and fsync.
+
+        On failure (a full disk) the file is cut back to its old length, so nothing half-written
+        stays at the end; a reused slot is not referenced by any row until the commit that follows.
+        """
+        if not self.writable:
+            raise IndexCorruptError(f"{self.path} is open read-only")
+        slots = np.asarray(slots, dtype=np.int64)
+        if len(slots) == 0:
+            return
+        rows16 = np.ascontiguousarray(rows16, dtype=DTYPE).reshape(len(slots), self.dim)
+        old_count = self.count
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            # contiguous runs in one write each (a batch of new slots is one run)
+            order = np.argsort(slots, kind="stable")
+            start = 0
+            while start < len(order):
+                end = start + 1
+                while end < len(order) and slots[order[end]] == slots[order[end - 1]] + 1:
+                    end += 1
+                data = rows16[order[start:end]].tobytes()
+                offset = HEADER_SIZE + int(slots[order[start]]) * self.row_bytes
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], offset + written)
+                start = end
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, HEADER_SIZE + old_count * self.row_bytes)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+
+    def truncate(self, count: int) -> None:
+        """Drop slots from ``count`` on (unreferenced tails left by a crash)."""
+        if self.writable and self.count > count:
+            self._map = None
+            os.truncate(self.path, HEADER_SIZE + count * self.row_bytes)
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
