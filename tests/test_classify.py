@@ -196,6 +196,8 @@ def test_eval_matches_numpy_leave_one_out(tmp_path: Path) -> None:
     ids = vector_index(tmp_path / "idx", x)
     give(tmp_path / "idx", ids, y)
     report = evaluate_labels(tmp_path / "idx", k=10)
+    with IndexStore.open(tmp_path / "idx") as store:
+        _, x = store.all_vectors()  # what the index holds (float16 on disk), in id order = x's order
     full = x @ x.T
     np.fill_diagonal(full, -np.inf)
     for k in (1, 5, 10, 20):

@@ -238,7 +238,7 @@ def test_dim_disagreement_is_corrupt(tmp_path: Path) -> None:
 # -- the vector file: reading, slot reuse, float16 ---------------------------------------------
 
 def test_iter_vectors_and_vectors_of_equal_what_was_committed(tmp_path: Path) -> None:
-    from simsearch.store.vector_file import to_stored
+    from simsearch.store.vector_file import from_stored, to_stored
 
     x = unit_vectors(300, seed=31)
     with IndexStore.open(tmp_path, create=True) as store:
@@ -247,7 +247,7 @@ def test_iter_vectors_and_vectors_of_equal_what_was_committed(tmp_path: Path) ->
         records = [{"path": f"/v/{i}.jpg", "size": i, "mtime_ns": 1, "hash": f"v{i}", "width": 1, "height": 1,
                     "status": "ok", "error": None} for i in range(300)]
         ids = np.array(store.commit(records, x, [None] * 300))
-        expected = to_stored(x).astype(np.float32)
+        expected = from_stored(to_stored(x))
         chunks = list(store.iter_vectors(chunk=64))
         assert [len(c[0]) for c in chunks] == [64, 64, 64, 64, 44]
         got_ids = np.concatenate([c[0] for c in chunks])

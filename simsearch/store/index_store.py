@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import EmptyIndexError, IndexBusyError, IndexCorruptError, IndexMismatchError, IndexWriteError
 from .catalog import IDENTITY_KEYS, Catalog, Clustering, ImageRow
-from .vector_file import VECTOR_FILE, VectorFile, file_crc, row_crcs, to_stored
+from .vector_file import VECTOR_FILE, VectorFile, file_crc, from_stored, row_crcs, to_stored
 from .vector_index import DEFAULT_FACTORY, FAISS_FILE, VectorIndex
 
 if TYPE_CHECKING:
@@ -409,7 +409,7 @@ class IndexStore:
             vf.truncate(old_count)  # the new tail slots are referenced by nothing
             raise
         ids = [new_ids[k] if is_new else k for is_new, k in places]
-        return ids, rows16.astype(np.float32)
+        return ids, from_stored(rows16)
 
     def replace_clustering(self, clustering: Clustering) -> None:
         """Swap in a new clustering atomically (readers see the old one or the new one)."""

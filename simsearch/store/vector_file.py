@@ -32,8 +32,16 @@ _HEADER = struct.Struct("<8sII8s")  # magic, format version, dim, dtype string
 
 
 def to_stored(vectors: np.ndarray) -> np.ndarray:
-    """Vectors as stored (float16, C order): what every reader gets back, widened to float32."""
+    """Vectors as stored (float16, C order); readers get them back through :func:`from_stored`."""
     return np.ascontiguousarray(vectors, dtype=DTYPE)
+
+
+def from_stored(rows16: np.ndarray) -> np.ndarray:
+    """Stored rows as float32 unit vectors: widened, then renormalised, so that an image's score
+    against itself is 1 and cosines stay cosines (rounding to float16 moves a norm by up to ~1e-4)."""
+    rows = np.asarray(rows16, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1)
 
 
 def row_crcs(rows16: np.ndarray) -> list[int]:
@@ -126,7 +134,7 @@ class VectorFile:
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         """The vectors of ``slots`` as float32."""
-        return self.read16(slots).astype(np.float32)
+        return from_stored(self.read16(slots))
 
     def write(self, slots: np.ndarray, rows16: np.ndarray) -> None:
         """Write rows into these slots (reused ones, or new ones at the end) and fsync.
