@@ -114,7 +114,8 @@ class IndexStore:
 
     @property
     def ann_path(self) -> Path:
-        return self.path / FAISS_FILE
+        # a layout rebuild writes a new file and switches ``ann_file`` in one commit (see layouts)
+        return self.path / str(self.meta.get("ann_file") or FAISS_FILE)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -241,6 +242,17 @@ class IndexStore:
         ann.remove(drop_ids)
         ann.add(np.array(add_ids, dtype=np.int64), vectors)
         return ids
+
+    def import_vectors(
+        self, records: Sequence[dict[str, Any]], vectors: np.ndarray, identity: dict[str, Any]
+    ) -> list[int]:
+        """Add vectors computed elsewhere: ``records[i]`` (``path``, ``size``, ``mtime_ns``, optional
+        ``hash``/``width``/``height``) with ``vectors[i]``, made by the model ``identity`` describes
+        (it must be the index's, or becomes a fresh index's). A known path is replaced. Returns the
+        ids; call :meth:`save` after. See :mod:`simsearch.store.importing`."""
+        from .importing import import_into
+
+        return import_into(self, records, vectors, identity)
 
     def replace_clustering(self, clustering: Clustering) -> None:
         """Swap in a new clustering atomically (readers see the old one or the new one)."""

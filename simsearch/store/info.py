@@ -33,4 +33,5 @@ def index_info(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "updated_at": meta.get("updated_at"),
             "roots": meta.get("roots", []),
             "last_clustering": clustering,
+            "ann_layout": meta.get("ann_layout"),  # layout, factory, tuned parameters, measured recall@10
         }
