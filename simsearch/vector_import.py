@@ -1,8 +1,8 @@
 """The ``import-vectors`` job: add vectors computed elsewhere (files on disk) to an index.
 
-Reads an ``.npz`` (arrays ``vectors`` and ``paths``, optional ``sizes``, ``mtimes_ns``, ``hashes``
-and ``identity``, a JSON string of the model description) or an ``.npy`` of vectors with a CSV of
-``path,size,mtime_ns`` (one line per vector, in order), works out the vectors' model identity, and
+Reads an ``.npz`` (arrays ``vectors`` and ``paths``, optional ``sizes``, ``mtimes_ns``, ``hashes``,
+``widths``, ``heights`` and ``identity``, a JSON string of the model description) or an ``.npy`` of vectors with a CSV of
+``path,size,mtime_ns`` (optional ``hash,width,height`` columns) (one line per vector, in order), works out the vectors' model identity, and
 hands everything to :meth:`simsearch.store.IndexStore.import_vectors`; then saves and lets the
 index's layout follow the new size (:func:`simsearch.store.layouts.maintain_layout`). Torch is
 imported only when the identity has to be read from a model named on the command line.
@@ -52,8 +52,11 @@ def read_vector_file(vectors_file: str | os.PathLike[str], paths_csv: str | os.P
                 n = len(vectors)
                 column = lambda key: data[key].tolist() if key in data else [None] * n  # noqa: E731
                 records = [
-                    {"path": str(p), "size": s, "mtime_ns": m, "hash": h}
-                    for p, s, m, h in zip(data["paths"].tolist(), column("sizes"), column("mtimes_ns"), column("hashes"))
+                    {"path": str(p), "size": s, "mtime_ns": m, "hash": h, "width": w, "height": hh}
+                    for p, s, m, h, w, hh in zip(
+                        data["paths"].tolist(), column("sizes"), column("mtimes_ns"), column("hashes"),
+                        column("widths"), column("heights"),
+                    )
                 ]
                 if "identity" in data:
                     identity = json.loads(str(data["identity"]))
@@ -63,11 +66,11 @@ def read_vector_file(vectors_file: str | os.PathLike[str], paths_csv: str | os.P
                 raise InputError("an .npy of vectors needs --paths CSV (path,size,mtime_ns per vector)")
             with open(paths_csv, newline="") as f:
                 records = [
-                    {
-                        "path": row["path"],
-                        "size": int(row["size"]) if row.get("size") else None,
-                        "mtime_ns": int(row["mtime_ns"]) if row.get("mtime_ns") else None,
-                    }
+                    dict(
+                        {k: int(row[k]) if row.get(k) else None for k in ("size", "mtime_ns", "width", "height")},
+                        path=row["path"],
+                        hash=row.get("hash") or None,
+                    )
                     for row in csv.DictReader(f)
                 ]
     except (ValueError, KeyError, OSError) as exc:
