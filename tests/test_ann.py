@@ -250,3 +250,26 @@ def test_import_checks_identity_dim_and_replaces_by_path(tmp_path):
         assert store.check().ok
     finally:
         store.close()
+
+
+def test_kmeans_on_a_sample_assigns_every_vector_to_its_nearest_centroid(tmp_path, monkeypatch):
+    import simsearch.cluster as cluster
+
+    store, x = make_store(tmp_path / "idx", 3000)
+    store.close()
+    monkeypatch.setattr(cluster, "POINTS_PER_CENTROID", 40)  # 40 * 20 = 800 of 3000 points train
+    monkeypatch.setattr(cluster, "ASSIGN_CHUNK", 500)
+    trained_on = []
+    real = cluster.kmeans
+    monkeypatch.setattr(cluster, "kmeans", lambda v, *a, **kw: trained_on.append(len(v)) or real(v, *a, **kw))
+    result = cluster.cluster_index(tmp_path / "idx", k=20, device="cpu")
+    assert trained_on == [800] and result.n == 3000
+    with IndexStore.open(tmp_path / "idx") as store:
+        centroids = np.stack(
+            [np.frombuffer(r[0], np.float32) for r in store.catalog.db.execute("SELECT centroid FROM clusters ORDER BY cluster")]
+        )
+        members = dict(store.catalog.db.execute("SELECT image_id, cluster FROM cluster_members").fetchall())
+    # brute force: every vector's nearest centroid
+    nearest = np.argmin(((x[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert [members[i + 1] for i in range(3000)] == nearest.tolist()
+    assert sum(c.size for c in result.clusters) == 3000
