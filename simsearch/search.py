@@ -61,6 +61,11 @@ def load_index_model(
     return Embedder(model, device=device, batch_size=batch_size, workers=0, precision=precision)
 
 
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise InputError("--top-k must be at least 1")
+
+
 def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:
     for q in queries:
         path = Path(q)
@@ -145,8 +150,7 @@ class Searcher:
         include_self: bool = False,
     ) -> list[QueryResult]:
         """Nearest indexed neighbours (cosine similarity) of each query image."""
-        if k < 1:
-            raise InputError("--top-k must be at least 1")
+        _check_k(k)
         _check_query_paths(queries)
         results: list[QueryResult] = []
         for start in range(0, len(queries), QUERY_CHUNK):  # bounded memory for a long list of queries
@@ -173,16 +177,13 @@ class Searcher:
         return results
 
     def query_stored(
-        self,
-        ids: Sequence[int] = (),
-        paths: Sequence[str] = (),
-        k: int = 10,
-        threshold: float | None = None,
-        include_self: bool = False,
+        self, ids: Sequence[int] = (), paths: Sequence[str] = (), *, k: int = 10, **options: Any
     ) -> list[QueryResult]:
-        """Neighbours of indexed rows named by id or by path, from their stored vectors (no model)."""
-        if k < 1:
-            raise InputError("--top-k must be at least 1")
+        """Neighbours of indexed rows named by id or by path, from their stored vectors (no model).
+
+        ``options``: ``threshold`` and ``include_self``, as for :meth:`query`."""
+        threshold, include_self = options.get("threshold"), bool(options.get("include_self", False))
+        _check_k(k)
         rows: list[tuple[str, ImageRow]] = []
         for row_id in ids:
             row = self.store.catalog.rows_by_ids([int(row_id)]).get(int(row_id))
