@@ -4,7 +4,9 @@
 search, clustering, the command line) plans and reads, and asks the store to write. Modules:
 ``catalog`` (SQLite rows, description, clusters), ``vector_index`` (the FAISS wrapper),
 ``index_store`` (the two kept in agreement, crash repair, the write lock), ``location`` (the
-default index directory) and ``info`` (the summary ``simsearch info`` shows). Torch-free.
+default index directory) and ``info`` (the summary ``simsearch info`` shows); ``layouts`` (the FAISS
+layout: chosen, built from the stored vectors, tuned, switched), ``tombstones`` (deletes for HNSW),
+``exact`` (chunked brute force) and ``importing`` (vectors computed elsewhere). Torch-free.
 """
 
 from __future__ import annotations
