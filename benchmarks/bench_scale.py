@@ -39,9 +39,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simsearch.store import IndexStore  # noqa: E402
-from simsearch.store.exact import exact_search_chunks  # noqa: E402
-from simsearch.store.layouts import AnnRequest, maintain_layout, open_layout_search, recall_at  # noqa: E402
+from simsearch.store import IndexStore
+from simsearch.store.exact import exact_search_chunks
+from simsearch.store.layouts import (
+    AnnRequest,
+    maintain_layout,
+    open_layout_search,
+    recall_at,
+)
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 2000, chunk: int = 100_000):
@@ -56,52 +61,29 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 2000, chunk: int = 10
         yield x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def timed_cli(args: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MiB, stdout) of one ``simsearch`` command in a fresh interpreter."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simsearch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
-    )
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    # the child's own peak RSS (ru_maxrss of RUSAGE_CHILDREN is the max over children so far)
-    rss = _peak_rss_of_last_child()
-    if proc.returncode:
-        raise RuntimeError(f"simsearch {' '.join(args)} failed: {err[-2000:]}")
-    return wall, rss, out
-
-
-_children_max = [0.0]
-
-
-def _peak_rss_of_last_child() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
-def isolated(fn, *args):
-    """Run ``fn`` and report the peak RSS of the subprocess it starts, measured alone (via a fork)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            result = fn(*args)
-            os.write(w, json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.waitpid(pid, 0)
-    return json.loads(data)
+# A small launcher runs each command and reports its child's peak RSS: measured from the benchmark
+# process itself, the child's ru_maxrss would include the pages it shared with this (large) process
+# before exec.
+_LAUNCHER = """
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+wall = time.perf_counter() - t0
+if proc.returncode:
+    sys.exit(proc.stderr[-2000:])
+print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
 
 
 def cli_measure(args: list[str]) -> dict:
-    wall, rss, _ = timed_cli(args)
+    """Wall seconds and peak RSS (MiB) of one ``simsearch`` command in a fresh interpreter."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "simsearch", *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode:
+        raise RuntimeError(f"simsearch {' '.join(args)} failed: {proc.stderr}")
+    wall, rss = map(float, proc.stdout.split())
     return {"seconds": round(wall, 2), "peak_rss_mb": round(rss)}
 
 
@@ -197,16 +179,16 @@ def main() -> None:
             for img in images[:2]:
                 shutil.copy(img, new_dir / img.name)
             common = ["--index", str(idx)]
-            row["incremental_2_files"] = isolated(cli_measure, ["index", str(new_dir), *common, "--workers", "0", "--device", "cpu", "-q"])
-            row["query_indexed"] = isolated(cli_measure, ["query", str(new_dir / images[0].name), "-k", "5", *common])
-            row["query_new"] = isolated(cli_measure, ["query", str(images[2]), "-k", "5", "--device", "cpu", *common])
-        row["info"] = isolated(cli_measure, ["info", "--index", str(idx)])
+            row["incremental_2_files"] = cli_measure(["index", str(new_dir), *common, "--workers", "0", "--device", "cpu", "-q"])
+            row["query_indexed"] = cli_measure(["query", str(new_dir / images[0].name), "-k", "5", *common])
+            row["query_new"] = cli_measure(["query", str(images[2]), "-k", "5", "--device", "cpu", *common])
+        row["info"] = cli_measure(["info", "--index", str(idx)])
         res["layouts"][layout] = row
         print(json.dumps({layout: row}), flush=True)
         if layout != a.layouts.split(",")[-1]:
             shutil.rmtree(idx, ignore_errors=True)
     if a.kmeans:
-        res["kmeans"] = isolated(cli_measure, ["cluster", "-k", str(a.kmeans), "-r", "0", "--device", "cpu", "--index", str(base)])
+        res["kmeans"] = cli_measure(["cluster", "-k", str(a.kmeans), "-r", "0", "--device", "cpu", "--index", str(base)])
         print(json.dumps({"kmeans": res["kmeans"]}), flush=True)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2))
