@@ -64,12 +64,21 @@ class ExactSearch:
         return exact_search_chunks(self._chunks(), queries, max(1, min(k, max(1, len(self)))))
 
 
-def rerank(catalog: object, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score each query's candidate ``ids`` (-1 = none) with the stored vectors; the best ``k``."""
-    wanted = np.unique(ids[ids >= 0])
+def stored_vectors(catalog: object, ids: np.ndarray) -> dict[int, np.ndarray]:
+    """id -> stored vector for the (ok) rows among ``ids`` (-1 entries ignored)."""
     vectors: dict[int, np.ndarray] = {}
-    for chunk_ids, chunk in catalog.iter_vectors(wanted):  # type: ignore[attr-defined]
+    for chunk_ids, chunk in catalog.iter_vectors(np.unique(ids[ids >= 0])):  # type: ignore[attr-defined]
         vectors.update(zip(chunk_ids.tolist(), chunk))
+    return vectors
+
+
+def rerank(
+    catalog: object, queries: np.ndarray, ids: np.ndarray, k: int, vectors: dict[int, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's candidate ``ids`` (-1 = none) with the stored vectors; the best ``k``.
+    ``vectors``: those already read (:func:`stored_vectors`), else they are read here."""
+    if vectors is None:
+        vectors = stored_vectors(catalog, ids)
     n = len(queries)
     out_scores = np.full((n, k), -np.finfo(np.float32).max, np.float32)
     out_ids = np.full((n, k), -1, np.int64)

@@ -41,7 +41,7 @@ import faiss
 import numpy as np
 
 from ..errors import InputError
-from .exact import exact_search_chunks, rerank
+from .exact import exact_search_chunks, rerank, stored_vectors
 from .tombstones import TOMBSTONE, tombstone_count
 from .vector_index import DEFAULT_FACTORY, VectorIndex, clamp_k, write_atomic
 
@@ -293,20 +293,25 @@ def tune(ann: VectorIndex, catalog: Any, target: float, seed: int = 0) -> tuple[
         values = list(_EF_SEARCH)
     else:
         values = [None]
-    reranks = _RERANK if lossy else (0,)
     best: tuple[dict[str, Any], float] = ({}, -1.0)
     for value in values:
-        for depth in reranks:
-            params: dict[str, Any] = {} if knob is None else {knob: value}
-            if lossy:
-                params["rerank"] = depth
-            searcher = LayoutSearch(ann, catalog, params)
-            _, found = searcher.search(queries, k + 1)
+        params: dict[str, Any] = {} if knob is None else {knob: value}
+        if not lossy:
+            _, found = LayoutSearch(ann, catalog, params).search(queries, k + 1)
+            trials = [(params, found)]
+        else:  # one search at the deepest re-ranking depth; shallower depths re-rank a prefix of it
+            _, deep = LayoutSearch(ann, catalog, params).search(queries, (k + 1) * _RERANK[-1])
+            vectors = stored_vectors(catalog, deep)
+            trials = [
+                (dict(params, rerank=depth), rerank(catalog, queries, deep[:, : (k + 1) * depth], k + 1, vectors)[1])
+                for depth in _RERANK
+            ]
+        for trial, found in trials:
             r = recall_at(_drop_self(found, q_ids, k), truth)
             if r > best[1]:
-                best = (params, r)
+                best = (trial, r)
             if r >= target:
-                return params, r
+                return trial, r
     log.warning("no search setting reached recall@10 %.2f; keeping %s (recall %.3f)", target, best[0], best[1])
     return best
 
