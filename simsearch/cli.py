@@ -87,16 +87,40 @@ precision_option = auto_choice(
 )
 
 
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random.")(fn)
+def _model_options(fn: Callable[..., Any], keep_index: bool) -> Callable[..., Any]:
+    # keep_index: unset options mean the existing index's own model (defaults only for a new index)
+    new = " [default: the index's own; for a new index {}]" if keep_index else ""
+    fn = click.option("--seed", type=int, default=None if keep_index else 0, show_default=not keep_index, help="Seed for --weights random." + new.format(0))(fn)
     fn = click.option(
         "--weights",
-        default="imagenet",
-        show_default=True,
-        help="imagenet (torchvision's cache), random (seeded), or a path to a state dict / simsearch checkpoint.",
+        default=None if keep_index else "imagenet",
+        show_default=not keep_index,
+        help="imagenet (torchvision's cache), random (seeded), or a path to a state dict / simsearch checkpoint." + new.format("imagenet"),
     )(fn)
-    fn = click.option("--model", default="resnet50", show_default=True, help="Backbone (see: simsearch models).")(fn)
+    fn = click.option("--model", default=None if keep_index else "resnet50", show_default=not keep_index, help="Backbone (see: simsearch models)." + new.format("resnet50"))(fn)
     return fn
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return _model_options(fn, keep_index=False)
+
+
+def index_model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return _model_options(fn, keep_index=True)
+
+
+def ann_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--ann / --ann-memory / --recall: the FAISS layout (see simsearch.store.layouts); unset = as recorded."""
+    fn = click.option("--recall", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Recall@10 target the search parameters are tuned to [default: 0.95, or as recorded].")(fn)
+    fn = click.option("--ann-memory", default=None, metavar="SIZE", help="Memory budget of an automatic layout, e.g. 512M, 4G [default: 1G, or as recorded].")(fn)
+    fn = click.option("--ann", default=None, metavar="LAYOUT", help="FAISS layout: auto, flat, hnsw, ivf, ivfpq, or a FAISS factory string [default: auto, or as recorded].")(fn)
+    return fn
+
+
+def ann_request(ann: str | None, ann_memory: str | None, recall: float | None) -> Any:
+    from .store.layouts import AnnRequest, parse_memory
+
+    return AnnRequest(ann, parse_memory(ann_memory) if ann_memory is not None else None, recall)  # type: ignore[arg-type]
 
 
 R = TypeVar("R")
@@ -162,7 +186,8 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("folders", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @index_option
-@model_options
+@index_model_options
+@ann_options
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching this glob (repeatable).")
 @click.option("--rebuild", is_flag=True, help="Drop the index and start over (needed to change model).")
 @click.option("--repair", is_flag=True, help="Bring FAISS back in step with the catalog from stored vectors.")
@@ -180,9 +205,12 @@ def cli(verbose: int) -> None:
 def index(
     folders: tuple[Path, ...],
     index_dir: Path | None,
-    model: str,
-    weights: str,
-    seed: int,
+    model: str | None,
+    weights: str | None,
+    seed: int | None,
+    ann: str | None,
+    ann_memory: str | None,
+    recall: float | None,
     exclude: tuple[str, ...],
     rebuild: bool,
     repair: bool,
@@ -218,7 +246,8 @@ def index(
         decode=decode, compile=compile_model, precision=precision
     )
     summary = index_folders(
-        folders, index_dir, options, exclude=exclude, rebuild=rebuild, progress=TqdmProgress("indexing", quiet)
+        folders, index_dir, options, exclude=exclude, rebuild=rebuild, progress=TqdmProgress("indexing", quiet),
+        ann=ann_request(ann, ann_memory, recall),
     )
     render(summary, as_json, lambda summary: _print_index_summary(summary, index_dir))
 
@@ -236,6 +265,13 @@ def _print_index_summary(summary: IndexSummary, index_dir: Path) -> None:
     )
     if summary.failed:
         click.echo("see the failures with: simsearch index --show-failed", err=True)
+    if summary.layout:
+        click.echo(f"layout: {_describe_layout(summary.layout)}", err=True)
+
+
+def _describe_layout(layout: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in (layout.get("params") or {}).items())
+    return f"{layout.get('layout', '?')} ({layout['factory']}{'; ' + params if params else ''}), recall@10 {layout['recall_at_10']:.3f}"
 
 
 def _print_repair(summary: IndexSummary, index_dir: Path) -> None:
@@ -256,12 +292,15 @@ def _print_failed(rows: list[dict[str, Any]]) -> None:
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @index_option
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=None, help="Only results with cosine similarity at least this.")
 @click.option("--include-self", is_flag=True, help="Keep an indexed query image in its own results.")
 @click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the results as a self-contained HTML page with thumbnails.")
+@click.option("--id", "ids", type=int, multiple=True, metavar="N", help="Also query the indexed image with this id (its stored vector; repeatable).")
+@click.option("--path", "paths", multiple=True, metavar="P", help="Also query the indexed image at this path (its stored vector; repeatable).")
+@click.option("--exact", is_flag=True, help="Exact search (brute force over the stored vectors), whatever the layout.")
 @device_option
 @precision_option
 @json_option
@@ -272,17 +311,22 @@ def query(
     top_k: int,
     threshold: float | None,
     include_self: bool,
+    ids: tuple[int, ...],
+    paths: tuple[str, ...],
+    exact: bool,
     device: str,
     precision: str,
     as_json: bool,
     html: Path | None = None,
 ) -> None:
-    """Find the indexed images most similar to each example IMAGE."""
+    """Find the indexed images most similar to each example IMAGE (or indexed --id / --path)."""
     from .search import query_images
 
+    if not images and not ids and not paths:
+        raise click.UsageError("give at least one IMAGE, --id or --path")
     results = query_images(
         images, index_dir or default_index_dir(), k=top_k, threshold=threshold, include_self=include_self, device=device,
-        precision=precision,
+        precision=precision, exact=exact, ids=ids, paths=paths,
     )
     if html is not None:
         from .report import write_query_html
@@ -397,6 +441,7 @@ def _print_info(data: dict[str, Any]) -> None:
         ("size on disk", _human_bytes(data["size_bytes"])),
         ("updated", data["updated_at"]),
         ("clustered", f"k={clustering['k']} at {clustering['created_at']}" if clustering else "never"),
+        ("layout", _describe_layout(data["ann_layout"]) if data.get("ann_layout") else f"flat ({data['faiss_factory'] or 'IDMap2,Flat'}), exact"),
     ]
     if data.get("read_only"):
         lines.append(("access", "read-only"))
@@ -422,6 +467,35 @@ def _check_problems(found: dict[str, Any]) -> str:
         problems.append(f"FAISS file damaged ({found['faiss_damaged']})")
     problems += [f"catalog: {e}" for e in found["catalog_errors"][:3]]
     return "DAMAGED - " + "; ".join(problems)
+
+@cli.command("import-vectors")
+@click.argument("vectors", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@index_option
+@click.option("--paths", "paths_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV of path,size,mtime_ns, one line per vector (for an .npy).")
+@click.option("--model", default=None, help="The model that made the vectors [default: the .npz's identity, or the index's model].")
+@click.option("--weights", default="imagenet", show_default=True, help="Its weights (with --model).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random (with --model).")
+@ann_options
+@json_option
+@handle_errors
+def import_vectors(
+    vectors: Path, index_dir: Path | None, paths_csv: Path | None, model: str | None, weights: str, seed: int,
+    ann: str | None, ann_memory: str | None, recall: float | None, as_json: bool,
+) -> None:
+    """Add vectors computed elsewhere (an .npz, or an .npy with --paths CSV) to the index."""
+    from .vector_import import import_vector_file
+
+    index_dir = index_dir or default_index_dir()
+    summary = import_vector_file(
+        index_dir, vectors, paths_csv, model=model, weights=weights, seed=seed, ann=ann_request(ann, ann_memory, recall)
+    )
+
+    def text(s: Any) -> None:
+        click.echo(f"imported {s.imported} vectors; {s.total_indexed} images indexed in {index_dir} [{s.seconds:.1f}s]")
+        if s.layout:
+            click.echo(f"layout: {_describe_layout(s.layout)}", err=True)
+
+    render(summary, as_json, text)
 
 
 @cli.command()

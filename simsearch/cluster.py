@@ -94,6 +94,40 @@ def kmeans(
     return centroids, assign[:, 0].astype(np.int64), distances.astype(np.float32), objective
 
 
+# k-means trains on at most this many points per centroid (FAISS's own default), a random sample of
+# the collection; every vector is then assigned to its nearest centroid chunk by chunk.
+POINTS_PER_CENTROID = 256
+ASSIGN_CHUNK = 65536
+
+
+def kmeans_sampled(
+    store: IndexStore, k: int, niter: int = 25, seed: int = 1234, device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """k-means of a large collection in bounded memory: (ids, centroids, assignments, distances, objective).
+
+    Trains on a random sample of ``POINTS_PER_CENTROID * k`` stored vectors, then assigns every
+    stored vector in chunks of :data:`ASSIGN_CHUNK`; the objective is the sum of squared distances
+    over the whole collection.
+    """
+    all_ids = store.catalog.ok_ids()
+    rng = np.random.default_rng(seed)
+    sample_ids = np.sort(rng.choice(all_ids, size=min(len(all_ids), POINTS_PER_CENTROID * k), replace=False))
+    sample = np.concatenate([v for _, v in store.iter_vectors(sample_ids, chunk=ASSIGN_CHUNK)])
+    centroids = kmeans(sample, k, niter=niter, seed=seed, device=device)[0]
+    del sample
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    ids, assign, dist = [], [], []
+    objective = 0.0
+    for chunk_ids, chunk in store.iter_vectors(chunk=ASSIGN_CHUNK):
+        sq, nearest = index.search(np.ascontiguousarray(chunk, dtype=np.float32), 1)
+        ids.append(chunk_ids)
+        assign.append(nearest[:, 0].astype(np.int64))
+        dist.append(np.sqrt(np.maximum(sq[:, 0], 0.0)).astype(np.float32))
+        objective += float(sq.sum())
+    return np.concatenate(ids), centroids, np.concatenate(assign), np.concatenate(dist), objective
+
+
 def _kmeans_backend(device: str) -> str:
     """faiss (CPU), faiss-gpu, or torch (CUDA without a GPU build of FAISS).
 
@@ -126,8 +160,11 @@ def cluster_index(
     t0 = time.perf_counter()
     with storage_errors(index_dir), IndexStore.open(index_dir) as store:
         store.require_vectors()
-        ids, vectors = store.all_vectors()
-        centroids, assign, dist, objective = kmeans(vectors, k, niter=niter, seed=seed, device=device)
+        if store.catalog.counts()["ok"] > POINTS_PER_CENTROID * k:
+            ids, centroids, assign, dist, objective = kmeans_sampled(store, k, niter=niter, seed=seed, device=device)
+        else:
+            ids, vectors = store.all_vectors()
+            centroids, assign, dist, objective = kmeans(vectors, k, niter=niter, seed=seed, device=device)
         sizes = np.bincount(assign, minlength=k)
         info = {"k": k, "n": int(len(ids)), "niter": niter, "seed": seed, "objective": objective, "created_at": utc_now()}
         store.replace_clustering(Clustering(centroids, sizes, ids, assign, dist, info))

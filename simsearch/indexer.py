@@ -23,7 +23,8 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from .errors import ImageError, InputError
 from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, is_read_error, iter_image_files
-from .store import ImageRow, IndexStore, storage_errors, utc_now
+from .store import CATALOG_FILE, ImageRow, IndexStore, storage_errors, utc_now
+from .store.layouts import AnnRequest, maintain_layout, prepare_layout
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class IndexSummary:
     embed_seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # FIFOs, sockets, devices: never opened
+    layout: dict[str, Any] | None = None  # the ANN layout this run (re)built, if any
 
     @property
     def images_per_second(self) -> float:
@@ -83,9 +85,9 @@ class IndexSummary:
 class EmbedOptions:
     """How to embed: which model and how to run it (shared by index and query)."""
 
-    model: str = "resnet50"
-    weights: str = "imagenet"
-    seed: int = 0
+    model: str | None = "resnet50"  # None (or weights None): an existing index's own, else resnet50
+    weights: str | None = "imagenet"  # None: an existing index's own, else imagenet
+    seed: int | None = 0  # None: an existing index's own, else 0
     device: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
@@ -152,12 +154,19 @@ def index_folders(
     rebuild: bool = False,
     progress: Progress | None = None,
     save_interval: float = 30.0,
+    ann: AnnRequest | None = None,
 ) -> IndexSummary:
-    """Index (or bring up to date) every image under ``roots`` into the index at ``index_dir``."""
+    """Index (or bring up to date) every image under ``roots`` into the index at ``index_dir``.
+
+    ``options.model``/``weights``/``seed`` left None mean the existing index's own (so re-running on
+    an index needs no ``--model``). ``ann``: the FAISS layout to keep (default: the one recorded,
+    else automatic); after the run the layout is rebuilt from the stored vectors if the collection
+    has grown past it (see :mod:`simsearch.store.layouts`).
+    """
     from .embed import check_embed_options
     from .models import create_model
 
-    options = options or EmbedOptions()
+    options = resolve_model_options(options or EmbedOptions(), index_dir, rebuild=rebuild)
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     root_list = [os.path.abspath(os.fspath(r)) for r in roots]
@@ -170,12 +179,13 @@ def index_folders(
     check_embed_options(options.device, options.decode, options.precision)
     model = create_model(options.model, options.weights, seed=options.seed)
     with storage_errors(index_dir):
-        return _index_into(model, root_list, index_dir, options, exclude, rebuild, progress, save_interval, t0)
+        return _index_into(model, root_list, index_dir, options, exclude, rebuild, progress, save_interval, t0, ann)
 
 
 def _index_into(
     model: Any, root_list: list[str], index_dir: str | os.PathLike[str], options: EmbedOptions,
     exclude: Iterable[str], rebuild: bool, progress: Progress, save_interval: float, t0: float,
+    ann: AnnRequest | None,
 ) -> IndexSummary:
     from .embed import Embedder
 
@@ -184,6 +194,7 @@ def _index_into(
         store.lock_for_writing()
         description = dict(model.describe(), weights_source=_weights_source(options.weights), seed=options.seed)
         store.ensure_identity(description, rebuild=rebuild)
+        prepare_layout(store)
         store.set_meta({"weights_source": description["weights_source"], "seed": options.seed})
         summary = IndexSummary(index=str(index_dir))
         found = store.repair()
@@ -233,6 +244,7 @@ def _index_into(
             store.save()
         else:
             store.save()
+        summary.layout = maintain_layout(store, ann)
         counts = store.catalog.counts()
         summary.total_indexed, summary.total_failed = counts["ok"], counts["failed"]
         summary.seconds = time.perf_counter() - t0
@@ -247,6 +259,35 @@ def _index_into(
         return summary
     finally:
         store.close()
+
+
+def resolve_model_options(options: EmbedOptions, index_dir: str | os.PathLike[str], rebuild: bool = False) -> EmbedOptions:
+    """Fill the model, weights and seed left None from the index's record (or the defaults for a new index).
+
+    An existing index keeps the model it was built with: ``simsearch index FOLDER`` needs ``--model``
+    only to create one. With ``rebuild``, an unnamed model is the default one, as for a new index.
+    """
+    from dataclasses import replace
+
+    if options.model is not None and options.weights is not None and options.seed is not None:
+        return options
+    meta: dict[str, Any] = {}
+    if not rebuild and (Path(index_dir) / CATALOG_FILE).exists():
+        with IndexStore.open(index_dir) as store:
+            meta = store.meta
+    if "model" in meta and options.model in (None, meta["model"]):
+        return replace(
+            options,
+            model=meta["model"],
+            weights=options.weights if options.weights is not None else meta.get("weights_source", "imagenet"),
+            seed=options.seed if options.seed is not None else int(meta.get("seed", 0)),
+        )
+    return replace(
+        options,
+        model=options.model or "resnet50",
+        weights=options.weights if options.weights is not None else "imagenet",
+        seed=options.seed if options.seed is not None else 0,
+    )
 
 
 @dataclass

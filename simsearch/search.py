@@ -12,7 +12,9 @@ import numpy as np
 
 from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, content_hash, not_regular_reason, read_bytes
-from .store import IndexStore
+from .store import ImageRow, IndexStore
+from .store.exact import ExactSearch
+from .store.layouts import open_layout_search
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,11 @@ def load_index_model(
     )
 
 
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise InputError("--top-k must be at least 1")
+
+
 def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:
     for q in queries:
         path = Path(q)
@@ -81,10 +88,12 @@ def _check_query_paths(queries: Sequence[str | os.PathLike[str]]) -> None:
 
 
 class Searcher:
-    """An open index and its model, ready for many queries (the model is built once).
+    """An open index, ready for many queries; its model is built once, on the first query that needs it.
 
     ``query_images`` makes one per call; a long-lived caller (a service, a notebook, a benchmark)
-    keeps one and pays the model's start-up once.
+    keeps one and pays the model's start-up once. A query that is an indexed, unchanged file (same
+    size and mtime), or a stored row named by id or path, is answered from its stored vector: no
+    model is built and torch is not imported.
     """
 
     def __init__(
@@ -94,28 +103,49 @@ class Searcher:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         search: str = "auto",
         precision: str = "auto",
+        exact: bool = False,
     ) -> None:
         """``device``, ``precision``: where and how the model runs (see :class:`simsearch.embed.Embedder`).
 
         ``search``: ``auto`` searches a flat index exactly on the model's GPU when there is one,
         ``faiss`` always uses FAISS on the CPU, ``torch`` searches on the model's device (see
-        :func:`simsearch.embed.device_search.open_search`).
+        :func:`simsearch.embed.device_search.open_search`). ``exact``: brute force over the stored
+        vectors whatever the index's layout (:mod:`simsearch.store.exact`).
         """
-        from .embed.device_search import open_search
-
+        self.store = IndexStore.open(index_dir)
         # Readers use the last saved FAISS file as it is (no consistency scan: a writer may be
         # running); hits on rows changed or deleted since that save are dropped (_neighbours).
-        self.store = IndexStore.open(index_dir)
         try:
             self.ann = self.store.require_vectors()
             self.max_pixels = max_pixels
-            self.embedder = load_index_model(self.store, device=device, precision=precision, max_pixels=max_pixels)
-            # the one decode path, drafting big JPEGs to the model's resize size
-            self.decoder = self.embedder.crop_decoder
-            self.vector_search = open_search(self.ann, self.embedder.device, search)
+            self.exact = exact
+            self._device, self._precision, self._search = device, precision, search
+            self._embedder: Any = None
+            self._decoder: Any = None
+            self.vector_search: Any = ExactSearch(self.store) if exact else open_layout_search(self.store)
         except BaseException:
             self.store.close()
             raise
+
+    @property
+    def embedder(self) -> Any:
+        """The index's own model (built, and torch imported, on first use)."""
+        if self._embedder is None:
+            from .embed.device_search import open_search
+
+            self._embedder = load_index_model(
+                self.store, device=self._device, precision=self._precision, max_pixels=self.max_pixels
+            )
+            # the one decode path, drafting big JPEGs to the model's resize size
+            self._decoder = self._embedder.crop_decoder
+            if not self.exact and self.vector_search is self.ann:  # a flat layout: maybe on the model's GPU
+                self.vector_search = open_search(self.ann, self._embedder.device, self._search)
+        return self._embedder
+
+    @property
+    def decoder(self) -> Any:
+        self.embedder  # noqa: B018 (builds the decoder with the model)
+        return self._decoder
 
     def close(self) -> None:
         self.store.close()
@@ -134,24 +164,82 @@ class Searcher:
         include_self: bool = False,
     ) -> list[QueryResult]:
         """Nearest indexed neighbours (cosine similarity) of each query image."""
-        if k < 1:
-            raise InputError("--top-k must be at least 1")
+        _check_k(k)
         _check_query_paths(queries)
         results: list[QueryResult] = []
         for start in range(0, len(queries), QUERY_CHUNK):  # bounded memory for a long list of queries
             chunk = [str(q) for q in queries[start : start + QUERY_CHUNK]]
-            crops, skips = [], []
-            for name in chunk:
+            vectors: list[np.ndarray | None] = []
+            skips: list[set[int]] = []
+            to_embed: list[int] = []
+            crops = []
+            for n, name in enumerate(chunk):
+                row, vector = self._stored(name)
+                if vector is not None:
+                    vectors.append(vector)
+                    skips.append(set() if include_self else {row.id})
+                    continue
                 data = read_bytes(name)
                 crops.append(self.decoder.decode(data, name)[0])
+                to_embed.append(n)
+                vectors.append(None)
                 skips.append(set() if include_self else self._self_ids(name, content_hash(data)))
-            vectors = self.embedder.embed_crops(crops)
-            # one search for the whole chunk, deep enough to drop each query's own rows
-            scores, ids = self.vector_search.search(vectors, k + max(len(s) for s in skips))
-            results.extend(
-                self._neighbours(name, s, i, skip, k, threshold) for name, s, i, skip in zip(chunk, scores, ids, skips)
-            )
+            if crops:
+                for n, vector in zip(to_embed, self.embedder.embed_crops(crops)):
+                    vectors[n] = vector
+            results.extend(self._search_vectors(chunk, np.stack(vectors), skips, k, threshold))
         return results
+
+    def query_stored(
+        self, ids: Sequence[int] = (), paths: Sequence[str] = (), *, k: int = 10, **options: Any
+    ) -> list[QueryResult]:
+        """Neighbours of indexed rows named by id or by path, from their stored vectors (no model).
+
+        ``options``: ``threshold`` and ``include_self``, as for :meth:`query`."""
+        threshold, include_self = options.get("threshold"), bool(options.get("include_self", False))
+        _check_k(k)
+        rows: list[tuple[str, ImageRow]] = []
+        for row_id in ids:
+            row = self.store.catalog.rows_by_ids([int(row_id)]).get(int(row_id))
+            if row is None or not row.ok:
+                raise InputError(f"no indexed image with id {row_id} in {self.store.path}")
+            rows.append((str(row_id), row))
+        for path in paths:
+            row = self.store.catalog.row_by_path(str(path)) or self.store.catalog.row_by_path(os.path.abspath(path))
+            if row is None or not row.ok:
+                raise InputError(f"{path} is not an indexed image of {self.store.path}")
+            rows.append((str(path), row))
+        results: list[QueryResult] = []
+        for start in range(0, len(rows), QUERY_CHUNK):
+            chunk = rows[start : start + QUERY_CHUNK]
+            stored = self._vectors([row.id for _, row in chunk])
+            skips = [set() if include_self else {row.id} for _, row in chunk]
+            vectors = np.stack([stored[row.id] for _, row in chunk])
+            results.extend(self._search_vectors([name for name, _ in chunk], vectors, skips, k, threshold))
+        return results
+
+    def _vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for chunk_ids, chunk in self.store.iter_vectors(ids):
+            out.update(zip(chunk_ids.tolist(), chunk))
+        return out
+
+    def _stored(self, name: str) -> tuple[ImageRow | None, np.ndarray | None]:
+        """The row and stored vector of an indexed file that has not changed since (same size, mtime)."""
+        row = self.store.catalog.row_by_path(os.path.abspath(name))
+        if row is None or not row.ok:
+            return row, None
+        st = os.stat(name)
+        if row.size != st.st_size or row.mtime_ns != st.st_mtime_ns:
+            return row, None
+        return row, self._vectors([row.id]).get(row.id)
+
+    def _search_vectors(
+        self, names: list[str], vectors: np.ndarray, skips: list[set[int]], k: int, threshold: float | None
+    ) -> list[QueryResult]:
+        # one search for the whole chunk, deep enough to drop each query's own rows
+        scores, ids = self.vector_search.search(vectors.astype(np.float32), k + max(len(s) for s in skips))
+        return [self._neighbours(name, s, i, skip, k, threshold) for name, s, i, skip in zip(names, scores, ids, skips)]
 
     def _self_ids(self, name: str, digest: str) -> set[int]:
         """The rows that are the query itself.
@@ -190,10 +278,19 @@ def query_images(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     search: str = "auto",
     precision: str = "auto",
+    exact: bool = False,
+    ids: Sequence[int] = (),
+    paths: Sequence[str] = (),
 ) -> list[QueryResult]:
-    """Nearest indexed neighbours (cosine similarity) of each query image (one-shot)."""
+    """Nearest indexed neighbours (cosine similarity) of each query image (one-shot), then of each
+    indexed row named by ``ids`` or ``paths``. ``exact``: brute force whatever the layout."""
     if k < 1:
         raise InputError("--top-k must be at least 1")
+    if not queries and not ids and not paths:
+        raise InputError("give a query image, --id or --path")
     _check_query_paths(queries)  # fail fast, before the model is built
-    with Searcher(index_dir, device=device, max_pixels=max_pixels, search=search, precision=precision) as searcher:
-        return searcher.query(queries, k=k, threshold=threshold, include_self=include_self)
+    with Searcher(index_dir, device=device, max_pixels=max_pixels, search=search, precision=precision, exact=exact) as searcher:
+        results = searcher.query(queries, k=k, threshold=threshold, include_self=include_self) if queries else []
+        if ids or paths:
+            results += searcher.query_stored(ids, paths, k=k, threshold=threshold, include_self=include_self)
+        return results

@@ -527,6 +527,7 @@ def test_cuda_query_searches_on_the_gpu(tmp_path: Path) -> None:
     paths = make_collection(tmp_path / "photos", n=8)
     run_index(tmp_path / "photos", tmp_path / "idx")
     with Searcher(tmp_path / "idx", device="cuda") as gpu, Searcher(tmp_path / "idx", device="cuda", search="faiss") as cpu:
+        gpu.embedder  # noqa: B018 (the model, and with it the GPU search, is built on first use)
         assert isinstance(gpu.vector_search, DeviceExactIndex) and gpu.vector_search.device.type == "cuda"
         a, b = gpu.query(paths[:3], k=4), cpu.query(paths[:3], k=4)
     for ra, rb in zip(a, b):

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, int]] = [
     ("simsearch.search", 4),
     ("simsearch.cluster", 4),
     ("simsearch.evaluate", 4),
+    ("simsearch.vector_import", 4),
     ("simsearch.train", 4),
     ("simsearch.duplicates", 4),
     ("simsearch.calibrate", 4),

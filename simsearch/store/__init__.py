@@ -5,8 +5,10 @@ search, clustering, the command line) plans and reads, and asks the store to wri
 ``catalog`` (SQLite metadata rows, description, clusters), ``vector_file`` (the exact vectors,
 float16 by slot, memory-mapped), ``vector_index`` (the FAISS wrapper), ``index_store`` (the three
 kept in agreement, generations and checksums, crash repair, migration, the write lock),
-``location`` (the default index directory) and ``info`` (the summary ``simsearch info`` shows).
-Torch-free.
+``location`` (the default index directory) and ``info`` (the summary ``simsearch info`` shows);
+``layouts`` (the FAISS layout: chosen, built from the stored vectors, tuned, switched),
+``tombstones`` (deletes for HNSW), ``exact`` (chunked brute force), ``importing`` (vectors computed
+elsewhere) and ``thumbnails`` (the HTML pages' cached pictures). Torch-free.
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ class IndexStore:
 
     @property
     def ann_path(self) -> Path:
-        return self.path / FAISS_FILE
+        # a layout rebuild writes a new file and switches ``ann_file`` in one commit (see layouts)
+        return self.path / str(self.meta.get("ann_file") or FAISS_FILE)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -410,6 +411,16 @@ class IndexStore:
             raise
         ids = [new_ids[k] if is_new else k for is_new, k in places]
         return ids, from_stored(rows16)
+    def import_vectors(
+        self, records: Sequence[dict[str, Any]], vectors: np.ndarray, identity: dict[str, Any]
+    ) -> list[int]:
+        """Add vectors computed elsewhere: ``records[i]`` (``path``, ``size``, ``mtime_ns``, optional
+        ``hash``/``width``/``height``) with ``vectors[i]``, made by the model ``identity`` describes
+        (it must be the index's, or becomes a fresh index's). A known path is replaced. Returns the
+        ids; call :meth:`save` after. See :mod:`simsearch.store.importing`."""
+        from .importing import import_into
+
+        return import_into(self, records, vectors, identity)
 
     def replace_clustering(self, clustering: Clustering) -> None:
         """Swap in a new clustering atomically (readers see the old one or the new one)."""
@@ -442,6 +453,19 @@ class IndexStore:
                     "DELETE FROM ann_pending WHERE id = ?", [(int(i),) for i in pending]
                 )
         self.saved = saved
+
+    def switch_layout(self, ann: VectorIndex, name: str, factory: str, layout: dict[str, Any]) -> None:
+        """Put a layout rebuilt from the stored vectors in place: written to a new file ``name``
+        (fsynced, renamed), then one commit switches ``ann_file``, ``faiss_factory``, ``ann_layout``
+        and what the saved file holds (``faiss_saved``) to it. A crash before the commit leaves the
+        old layout in use and an orphan file the next run removes (:mod:`simsearch.store.layouts`)."""
+        generation = self.catalog.generation
+        size, crc = ann.save(self.path / name)
+        saved = {"generation": generation, "size": size, "crc32": crc, "ntotal": len(ann)}
+        with self.catalog.transaction():
+            self.catalog._set_meta_raw({"ann_file": name, "faiss_factory": factory, "ann_layout": layout, "faiss_saved": saved})
+        self.saved = saved
+        self.ann = ann
 
     # -- consistency -----------------------------------------------------------------------
     def check(self, verify_vectors: bool = False, verify_catalog: bool = False) -> Consistency:

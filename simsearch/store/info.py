@@ -55,6 +55,7 @@ def index_info(index_dir: str | os.PathLike[str], check: bool = False) -> dict[s
             "updated_at": meta.get("updated_at"),
             "roots": meta.get("roots", []),
             "last_clustering": clustering,
+            "ann_layout": meta.get("ann_layout"),  # layout, factory, tuned parameters, measured recall@10
         }
         if check:
             found = store.check(verify_vectors=True, verify_catalog=True)

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 
 from ..errors import IndexCorruptError
+from .tombstones import TOMBSTONE, can_remove, tombstone
 from .vector_file import file_crc
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,16 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return 0
+        if not can_remove(self.index):  # HNSW: dead slots stay in the graph, marked (see tombstones)
+            return tombstone(self.index, ids)
         return int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
 
     def ids(self) -> np.ndarray:
         """Every id held: in storage order for an ID map, list by list for an IVF layout, else 0..n-1."""
         outer = faiss.downcast_index(self.index)
         if hasattr(outer, "id_map"):
-            return faiss.vector_to_array(outer.id_map).astype(np.int64)
+            held = faiss.vector_to_array(outer.id_map).astype(np.int64)
+            return held[held != TOMBSTONE]
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:  # an IVF layout keeps the ids it was given in its inverted lists
             lists = ivf.invlists

@@ -1,0 +1,199 @@
+"""Scale: approximate layouts at 100k-1M+ vectors, and what each command costs on an index that size.
+
+    python benchmarks/bench_scale.py --n 100000 --dim 512 --layouts flat,hnsw,ivf,ivfpq \
+        --images /path/to/caltech101 --kmeans 1000
+
+Builds one index of ``n`` synthetic vectors through the public import API
+(:meth:`simsearch.store.IndexStore.import_vectors`): not uniform noise (the worst case for any ANN)
+but Gaussian clusters of very different (Pareto) sizes, like real embeddings; their model identity
+is a random-weight ResNet-18's (512-d), so real images can be added and queried with that model.
+Then, per layout (the index copied, its layout rebuilt from the stored vectors by
+:func:`simsearch.store.layouts.maintain_layout`), it prints side by side:
+
+- build: seconds to build and tune the layout (after the import), and disk per image;
+- recall@10 of the tuned layout against exact search, on queries near (not at) stored vectors;
+- warm search: p50 / p99 of one query, and queries/s for a batch of 1000;
+- cold ``simsearch query`` subprocesses: an indexed, unchanged image (stored vector, no model) and a
+  new image (model built), each with wall time and peak RSS;
+- an incremental ``simsearch index`` run adding 2 files (no ``--model``: the index keeps its own),
+  wall time and peak RSS; ``simsearch info`` wall time;
+- once per run, ``simsearch cluster -k K`` (``--kmeans K``) wall time.
+
+Images for the incremental run and the queries come from ``--images`` (any folder of photos, e.g.
+Caltech-101); without it three are drawn. Everything runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simsearch.store import IndexStore
+from simsearch.store.exact import exact_search_chunks
+from simsearch.store.layouts import (
+    AnnRequest,
+    maintain_layout,
+    open_layout_search,
+    recall_at,
+)
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 2000, chunk: int = 100_000):
+    """Chunks of unit vectors in Gaussian clusters of Pareto-distributed sizes."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    weights = rng.pareto(1.1, clusters) + 0.05
+    p = weights / weights.sum()
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        x = centers[rng.choice(clusters, size=m, p=p)] + 0.8 * rng.standard_normal((m, dim)).astype(np.float32)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# A small launcher runs each command and reports its child's peak RSS: measured from the benchmark
+# process itself, the child's ru_maxrss would include the pages it shared with this (large) process
+# before exec.
+_LAUNCHER = """
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+wall = time.perf_counter() - t0
+if proc.returncode:
+    sys.exit(proc.stderr[-2000:])
+print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
+
+
+def cli_measure(args: list[str]) -> dict:
+    """Wall seconds and peak RSS (MiB) of one ``simsearch`` command in a fresh interpreter."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "simsearch", *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode:
+        raise RuntimeError(f"simsearch {' '.join(args)} failed: {proc.stderr}")
+    wall, rss = map(float, proc.stdout.split())
+    return {"seconds": round(wall, 2), "peak_rss_mb": round(rss)}
+
+
+def pick_images(folder: str | None, tmp: Path) -> list[Path]:
+    out = tmp / "images"
+    out.mkdir()
+    if folder:
+        found = sorted(p for p in Path(folder).rglob("*.jpg"))[:3]
+        for i, p in enumerate(found):
+            shutil.copy(p, out / f"img{i}.jpg")
+    else:
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(out / f"img{i}.jpg")
+    return sorted(out.glob("*.jpg"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--layouts", default="flat,hnsw,ivf,ivfpq", help="comma list: auto, flat, hnsw, ivf, ivfpq or factory strings")
+    p.add_argument("--images", default=None, help="a folder of photos for the incremental run and the queries")
+    p.add_argument("--kmeans", type=int, default=1000, help="k of the k-means timing (0: skip)")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--workdir", default=None, help="where the indexes go (default: a temporary folder)")
+    p.add_argument("--json-out", default=None)
+    a = p.parse_args()
+    if a.dim != 512:
+        print("note: real-image steps use a 512-d ResNet-18; other dims skip them", file=sys.stderr)
+
+    from simsearch.vector_import import model_identity
+
+    tmp = Path(a.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    images = pick_images(a.images, tmp)
+    identity = model_identity("resnet18", "random", 0) if a.dim == 512 else {
+        "model": "synthetic", "weights": "synthetic", "dim": a.dim, "preprocessing": {}
+    }
+    res: dict = {"n": a.n, "dim": a.dim, "cpus": os.cpu_count(), "layouts": {}}
+
+    base = tmp / "base"
+    t0 = time.perf_counter()
+    with IndexStore.open(base, create=True) as store:
+        store.lock_for_writing()
+        start = 0
+        queries = []
+        for x in clustered(a.n, a.dim, seed=0):
+            recs = [{"path": f"/synthetic/{i // 1000:05d}/{i:08d}.jpg", "size": 1000, "mtime_ns": i} for i in range(start, start + len(x))]
+            store.import_vectors(recs, x, identity)
+            queries.append(x[: max(1, a.queries * len(x) // a.n)])
+            start += len(x)
+        store.save()
+    res["import_seconds"] = round(time.perf_counter() - t0, 1)
+    q = np.concatenate(queries)[: a.queries]
+    q = q + 0.3 * np.random.default_rng(1).standard_normal(q.shape).astype(np.float32) / np.sqrt(a.dim)
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    with IndexStore.open(base) as store:
+        truth = exact_search_chunks(store.iter_vectors(chunk=65536), q, 10)[1]
+    print(f"imported {a.n} x {a.dim} in {res['import_seconds']} s", flush=True)
+
+    for layout in a.layouts.split(","):
+        idx = tmp / f"idx-{layout.replace(',', '_')}"
+        shutil.rmtree(idx, ignore_errors=True)
+        shutil.copytree(base, idx)
+        row: dict = {}
+        with IndexStore.open(idx) as store:
+            store.lock_for_writing()
+            t0 = time.perf_counter()
+            info = maintain_layout(store, AnnRequest(layout), force=True)
+            row["build_seconds"] = round(time.perf_counter() - t0, 1)
+            row["factory"], row["params"], row["tuned_recall"] = info["factory"], info["params"], info["recall_at_10"]
+            search = open_layout_search(store)
+            _, found = search.search(q, 10)
+            row["recall_at_10"] = round(recall_at(found, truth), 4)
+            lat = []
+            for v in q:
+                t = time.perf_counter()
+                search.search(v[None], 10)
+                lat.append(time.perf_counter() - t)
+            row["p50_ms"], row["p99_ms"] = round(float(np.percentile(lat, 50)) * 1e3, 2), round(float(np.percentile(lat, 99)) * 1e3, 2)
+            batch = np.repeat(q, max(1, 1000 // len(q)), axis=0)[:1000]
+            t = time.perf_counter()
+            search.search(batch, 10)
+            row["batch_qps"] = round(len(batch) / (time.perf_counter() - t))
+            row["disk_bytes_per_image"] = round(store.size_on_disk() / a.n)
+            row["ann_file_bytes_per_image"] = round(store.ann_path.stat().st_size / a.n)
+        if a.dim == 512:
+            new_dir = tmp / f"new-{layout}"
+            new_dir.mkdir(exist_ok=True)
+            for img in images[:2]:
+                shutil.copy(img, new_dir / img.name)
+            common = ["--index", str(idx)]
+            row["incremental_2_files"] = cli_measure(["index", str(new_dir), *common, "--workers", "0", "--device", "cpu", "-q"])
+            row["query_indexed"] = cli_measure(["query", str(new_dir / images[0].name), "-k", "5", *common])
+            row["query_new"] = cli_measure(["query", str(images[2]), "-k", "5", "--device", "cpu", *common])
+        row["info"] = cli_measure(["info", "--index", str(idx)])
+        res["layouts"][layout] = row
+        print(json.dumps({layout: row}), flush=True)
+        if layout != a.layouts.split(",")[-1]:
+            shutil.rmtree(idx, ignore_errors=True)
+    if a.kmeans:
+        res["kmeans"] = cli_measure(["cluster", "-k", str(a.kmeans), "-r", "0", "--device", "cpu", "--index", str(base)])
+        print(json.dumps({"kmeans": res["kmeans"]}), flush=True)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Exact nearest neighbours over the stored vectors, whatever the FAISS layout: brute force in chunks.
+
+Part of :mod:`simsearch.store`. The store's stored vectors are the ground truth from which every
+approximate layout is built; this module searches them exactly, chunk by chunk
+(:meth:`~simsearch.store.IndexStore.iter_vectors`), keeping a running top-k, so memory stays bounded
+by one chunk whatever the collection's size. It answers ``simsearch query --exact``, gives the
+layouts' recall tuning its exact top-10 (:mod:`simsearch.store.layouts`), and re-scores the
+candidates of a lossy layout (PQ) exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+def merge_topk(
+    best_scores: np.ndarray, best_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a chunk's (n_queries, m) scores/ids into a running top-k; best first, ties by smaller id."""
+    all_scores = np.concatenate([best_scores, scores], axis=1)
+    all_ids = np.concatenate([best_ids, ids], axis=1)
+    if all_scores.shape[1] > k:
+        part = np.argpartition(-all_scores, k - 1, axis=1)[:, :k]
+        all_scores = np.take_along_axis(all_scores, part, axis=1)
+        all_ids = np.take_along_axis(all_ids, part, axis=1)
+    order = np.lexsort((all_ids, -all_scores), axis=-1) if all_scores.size else np.zeros(all_scores.shape, np.int64)
+    return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_ids, order, axis=1)
+
+
+def exact_search_chunks(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (n_queries, k), best first, over every (ids, vectors) chunk; -1 pads."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(q)
+    best_scores = np.full((n, 0), -np.inf, np.float32)
+    best_ids = np.zeros((n, 0), np.int64)
+    for ids, vectors in chunks:
+        scores = q @ np.asarray(vectors, dtype=np.float32).T
+        best_scores, best_ids = merge_topk(best_scores, best_ids, scores, np.broadcast_to(ids, scores.shape), k)
+    if best_scores.shape[1] < k:  # fewer vectors than k: pad as FAISS does
+        pad = k - best_scores.shape[1]
+        best_scores = np.concatenate([best_scores, np.full((n, pad), -np.finfo(np.float32).max, np.float32)], axis=1)
+        best_ids = np.concatenate([best_ids, np.full((n, pad), -1, np.int64)], axis=1)
+    return best_scores.astype(np.float32), best_ids.astype(np.int64)
+
+
+class ExactSearch:
+    """Brute-force search over a store's stored vectors, with the search interface of a vector index."""
+
+    def __init__(self, store: object, chunk: int = 16384) -> None:
+        self.store = store
+        self.chunk = chunk
+
+    def __len__(self) -> int:
+        return int(self.store.catalog.counts()["ok"])  # type: ignore[attr-defined]
+
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.store.iter_vectors(chunk=self.chunk)  # type: ignore[attr-defined,no-any-return]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return exact_search_chunks(self._chunks(), queries, max(1, min(k, max(1, len(self)))))
+
+
+def stored_vectors(store: object, ids: np.ndarray) -> dict[int, np.ndarray]:
+    """id -> stored vector for the (ok) rows among ``ids`` (-1 entries ignored)."""
+    vectors: dict[int, np.ndarray] = {}
+    for chunk_ids, chunk in store.iter_vectors(np.unique(ids[ids >= 0])):  # type: ignore[attr-defined]
+        vectors.update(zip(chunk_ids.tolist(), chunk))
+    return vectors
+
+
+def rerank(
+    store: object, queries: np.ndarray, ids: np.ndarray, k: int, vectors: dict[int, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's candidate ``ids`` (-1 = none) with the stored vectors; the best ``k``.
+    ``vectors``: those already read (:func:`stored_vectors`), else they are read here."""
+    if vectors is None:
+        vectors = stored_vectors(store, ids)
+    n = len(queries)
+    out_scores = np.full((n, k), -np.finfo(np.float32).max, np.float32)
+    out_ids = np.full((n, k), -1, np.int64)
+    for row in range(n):
+        cand = [int(i) for i in ids[row] if i >= 0 and int(i) in vectors]
+        if not cand:
+            continue
+        mat = np.stack([vectors[i] for i in cand]).astype(np.float32)
+        scores = mat @ np.asarray(queries[row], dtype=np.float32)
+        order = np.lexsort((np.array(cand), -scores))[:k]
+        out_scores[row, : len(order)] = scores[order]
+        out_ids[row, : len(order)] = np.array(cand)[order]
+    return out_scores, out_ids

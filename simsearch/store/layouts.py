@@ -1,0 +1,412 @@
+"""The FAISS layout of an index, chosen automatically, built from the stored vectors, tuned to a recall.
+
+Part of :mod:`simsearch.store`. This module owns which FAISS index an index directory uses and how it
+is searched; the store (:class:`~simsearch.store.IndexStore`) calls :func:`maintain_layout` after a
+run has saved, and the query layer searches through :func:`open_layout_search`.
+
+**Choice** (:func:`choose_layout`), after the FAISS wiki's "Guidelines to choose an index" and
+autofaiss: exact ``Flat`` below :data:`FLAT_MAX` vectors; above it HNSW (``HNSW32,Flat``) if its graph
+and vectors fit in the memory budget, else IVF-Flat (``IVF{nlist},Flat``, nlist the power of two
+nearest sqrt(n)), else IVF-PQ (``IVF{nlist},PQ{dim/8}``) whose candidates are re-ranked with the
+exact stored vectors. ``flat``, ``hnsw``, ``ivf``, ``ivfpq`` or any FAISS factory string override it.
+
+**Build and tuning** (:func:`build_layout`): trainable layouts train on a random sample of the
+stored vectors; then every stored vector is added, chunk by chunk (no re-embedding). The search
+parameter (``nprobe`` for IVF, ``efSearch`` for HNSW, and the re-ranking depth of a PQ layout) is
+tuned on the index's own vectors: a sample of stored vectors is searched as queries (each query's
+own row left out), the exact top-10 comes from brute force (:mod:`simsearch.store.exact`), and the
+smallest setting whose recall@10 reaches the target is kept. Layout, factory string, parameters and
+the measured recall are recorded in the meta (``ann_layout``), and ``simsearch info`` shows them.
+
+**Rebuilds** happen when the collection has grown (or shrunk) to where another layout is chosen,
+when the request changes, or when dead slots of a layout that cannot delete (HNSW, see
+:mod:`simsearch.store.tombstones`) pass :data:`TOMBSTONE_REBUILD_FRACTION`. Crash-safe: the new
+layout is written under a new file name (fsynced, renamed into place), and one SQLite transaction
+switches the meta (``ann_file``, ``faiss_factory``, ``ann_layout``) to it; a crash before that
+commit leaves the old layout in use and an orphan file, which the next rebuild deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from ..errors import InputError
+from .exact import exact_search_chunks, rerank, stored_vectors
+from .tombstones import TOMBSTONE, tombstone_count
+from .vector_index import DEFAULT_FACTORY, VectorIndex, clamp_k
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+FLAT_MAX = 50_000  # below this many vectors exact search is fast enough (a few ms per query)
+DEFAULT_MEMORY = 1 << 30  # --ann-memory: 1 GiB
+DEFAULT_RECALL = 0.95
+TOMBSTONE_REBUILD_FRACTION = 0.2
+HNSW_M = 32
+TUNE_QUERIES = 200
+TUNE_K = 10
+_EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+_RERANK = (1, 2, 4, 8, 16, 32, 64)
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+@dataclass
+class AnnRequest:
+    """What the user asked for: a layout (``auto`` or explicit), a memory budget, a recall target."""
+
+    ann: str = "auto"
+    memory: int = DEFAULT_MEMORY
+    recall: float = DEFAULT_RECALL
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "AnnRequest":
+        return cls(**meta["ann_request"]) if meta.get("ann_request") else cls()
+
+    def to_meta(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def over(self, base: "AnnRequest") -> "AnnRequest":
+        """This request's fields that are set (not None), the rest from ``base`` (the recorded one)."""
+        return AnnRequest(**{k: v if v is not None else getattr(base, k) for k, v in asdict(self).items()})
+
+
+def parse_memory(text: str | int) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5g"``, ``"1000000"`` -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([bkmgt]?)(?:i?b)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise InputError(f"cannot read memory size {text!r}; use e.g. 512M or 2G")
+    return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2)])
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists: the power of two nearest sqrt(n), with at least ~39 training points per list."""
+    nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
+    while nlist > 1 and n < 39 * nlist:
+        nlist //= 2
+    return max(1, min(nlist, 65536))
+
+
+def pq_shape(dim: int, n_train: int) -> tuple[int, int]:
+    """(sub-quantizers, bits each) of a PQ code: dim/8 bytes-ish, fewer bits when training data is short."""
+    m = max(1, dim // 8, min(dim // 2, 16))  # 8 dims per byte-code; finer for small dims
+    while dim % m:
+        m -= 1
+    nbits = int(max(1, min(8, math.floor(math.log2(max(2, n_train // 39))))))
+    return m, nbits
+
+
+def train_size(factory: str, n: int) -> int:
+    """Vectors to train a layout on: 64 per IVF list (and enough for PQ's 256 centroids)."""
+    nlist = int(re.search(r"IVF(\d+)", factory).group(1)) if re.search(r"IVF(\d+)", factory) else 1
+    return min(n, max(64 * nlist, 256 * 40 if "PQ" in factory else 0, 1000))
+
+
+def factory_for(layout: str, n: int, dim: int) -> str:
+    """The FAISS factory string of a named layout for ``n`` vectors, or a custom factory string checked and normalised."""
+    if layout == "flat":
+        return DEFAULT_FACTORY
+    if layout == "hnsw":
+        return f"IDMap2,HNSW{HNSW_M},Flat"
+    if layout == "ivf":
+        return f"IVF{nlist_for(n)},Flat"
+    if layout == "ivfpq":
+        nlist = nlist_for(n)
+        m, nbits = pq_shape(dim, train_size(f"IVF{nlist},PQ", n))
+        return f"IVF{nlist},PQ{m}x{nbits}"
+    factory = layout.strip()
+    # ids must be the store's: IVF layouts keep ids themselves; anything else goes under an ID map
+    if "IVF" not in factory and not factory.startswith("IDMap"):
+        factory = "IDMap2," + factory
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "invalid"
+        raise InputError(f"--ann {layout!r} is not a FAISS factory string this FAISS accepts ({first})") from None
+    return factory
+
+
+def estimated_bytes(layout: str, n: int, dim: int) -> int:
+    """Rough memory (= file size) of a layout holding ``n`` vectors of ``dim``."""
+    vectors = n * dim * 4
+    if layout == "flat":
+        return vectors + n * 16
+    if layout == "hnsw":
+        return vectors + n * (HNSW_M * 2 * 4 + 16 + 24)  # level-0 links (2M), upper levels, id maps
+    nlist = nlist_for(n)
+    if layout == "ivf":
+        return vectors + n * 8 + nlist * dim * 4
+    m, nbits = pq_shape(dim, train_size("IVF,PQ", n))
+    return n * (math.ceil(m * nbits / 8) + 8) + nlist * dim * 4
+
+
+def choose_layout(n: int, dim: int, request: AnnRequest) -> tuple[str, str, str]:
+    """(layout name, FAISS factory string, why) for ``n`` vectors of ``dim`` under ``request``."""
+    if request.ann != "auto":
+        name = request.ann if request.ann in LAYOUTS else "custom"
+        return name, factory_for(request.ann, n, dim), "asked for"
+    budget = request.memory
+    if n < FLAT_MAX and estimated_bytes("flat", n, dim) <= budget:
+        return "flat", DEFAULT_FACTORY, f"{n} vectors < {FLAT_MAX}: exact search"
+    for name in ("hnsw", "ivf"):
+        need = estimated_bytes(name, n, dim)
+        if need <= budget:
+            return name, factory_for(name, n, dim), f"{n} vectors; {name} needs ~{need >> 20} MiB <= budget {budget >> 20} MiB"
+    return "ivfpq", factory_for("ivfpq", n, dim), f"{n} vectors; hnsw and ivf exceed the {budget >> 20} MiB budget"
+
+
+def is_lossy(factory: str) -> bool:
+    """Whether a layout stores compressed codes (PQ, SQ, ...), so that its candidates are re-ranked exactly."""
+    return bool(re.search(r"PQ|SQ|LSH|RQ|LSQ", factory.split(",", 1)[-1] if "OPQ" in factory else factory))
+
+
+def search_parameter(index: faiss.Index) -> str | None:
+    """The knob trading speed for recall: ``nprobe`` (IVF), ``efSearch`` (HNSW), or None (exact)."""
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "nprobe"
+    inner = faiss.downcast_index(index)
+    while hasattr(inner, "id_map") or isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return "efSearch" if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def apply_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    for key in ("nprobe", "efSearch"):
+        if key in params:
+            faiss.ParameterSpace().set_index_parameter(index, key, int(params[key]))
+
+
+class LayoutSearch:
+    """Search through any layout: skips dead slots (fetching deeper so k live results come back) and
+    re-ranks a lossy layout's candidates with the exact stored vectors."""
+
+    def __init__(self, ann: VectorIndex, store: Any, params: dict[str, Any] | None = None) -> None:
+        self.ann = ann
+        self.store = store
+        self.params = dict(params or {})
+        apply_params(ann.index, self.params)
+        self.rerank = int(self.params.get("rerank", 0))
+        self.dead = tombstone_count(ann.index)
+
+    def __len__(self) -> int:
+        return len(self.ann) - self.dead
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = clamp_k(k, len(self))
+        total = len(self.ann)
+        depth = k * self.rerank if self.rerank > 1 else k
+        fetch = min(total, math.ceil(depth * (1 + self.dead / max(1, total - self.dead))) + (8 if self.dead else 0))
+        while True:
+            scores, ids = self.ann.index.search(np.ascontiguousarray(queries, dtype=np.float32), max(1, fetch))
+            live = ids != TOMBSTONE
+            if fetch >= total or not self.dead or int(live.sum(axis=1).min()) >= min(depth, len(self)):
+                break
+            fetch = min(total, fetch * 2)
+        scores, ids = _compact(scores, ids, depth)
+        if self.rerank:
+            return rerank(self.store, queries, ids, k)
+        return scores[:, :k], ids[:, :k]
+
+
+def _compact(scores: np.ndarray, ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's live results first (in order), padded with -1 to ``width``."""
+    out_s = np.full((len(ids), width), -np.finfo(np.float32).max, np.float32)
+    out_i = np.full((len(ids), width), -1, np.int64)
+    for row in range(len(ids)):
+        keep = ids[row] >= 0
+        s, i = scores[row][keep][:width], ids[row][keep][:width]
+        out_s[row, : len(s)] = s
+        out_i[row, : len(i)] = i
+    return out_s, out_i
+
+
+def open_layout_search(store: Any) -> Any:
+    """What to search a store's vectors with: its FAISS index as is for a flat layout, else a :class:`LayoutSearch`."""
+    ann = store.require_vectors()
+    info = store.meta.get("ann_layout") or {}
+    if ann.is_exact and not tombstone_count(ann.index):
+        return ann
+    return LayoutSearch(ann, store, info.get("params"))
+
+
+# -- tuning ------------------------------------------------------------------------------------
+def _sample_ids(store: Any, size: int, seed: int) -> np.ndarray:
+    ids = store.catalog.ok_ids()
+    if len(ids) <= size:
+        return ids
+    return np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
+
+
+def _read(store: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(store.iter_vectors(ids))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.float32)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row of ``truth`` (ids, -1 = none) found in the same row of ``found``."""
+    hits = total = 0
+    for f, t in zip(found, truth):
+        t = set(int(i) for i in t if i >= 0)
+        hits += len(t & set(int(i) for i in f))
+        total += len(t)
+    return hits / total if total else 1.0
+
+
+def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    out = np.full((len(ids), k), -1, np.int64)
+    for row, (found, me) in enumerate(zip(ids, self_ids)):
+        rest = [int(i) for i in found if i != me and i >= 0][:k]
+        out[row, : len(rest)] = rest
+    return out
+
+
+def tune(ann: VectorIndex, store: Any, target: float, seed: int = 0) -> tuple[dict[str, Any], float]:
+    """(the cheapest search parameters reaching recall@10 >= ``target``, the recall measured with them).
+
+    Queries: up to :data:`TUNE_QUERIES` stored vectors; each one's own row is left out of both its
+    exact and its approximate neighbours, so the queries behave like new images near the collection.
+    If no setting reaches the target, the best one tried is kept (and its recall recorded).
+    """
+    knob = search_parameter(ann.index)
+    lossy = is_lossy(ann.factory)
+    if knob is None and not lossy:
+        return {}, 1.0
+    q_ids, queries = _read(store, _sample_ids(store, TUNE_QUERIES, seed))
+    k = min(TUNE_K, max(1, len(ann) - 1))
+    _, truth = exact_search_chunks(store.iter_vectors(), queries, k + 1)
+    truth = _drop_self(truth, q_ids, k)
+    if knob == "nprobe":
+        nlist = faiss.extract_index_ivf(ann.index).nlist
+        values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v < nlist] + [nlist]
+    elif knob == "efSearch":
+        values = list(_EF_SEARCH)
+    else:
+        values = [None]
+    best: tuple[dict[str, Any], float] = ({}, -1.0)
+    for value in values:
+        params: dict[str, Any] = {} if knob is None else {knob: value}
+        if not lossy:
+            _, found = LayoutSearch(ann, store, params).search(queries, k + 1)
+            trials = [(params, found)]
+        else:  # one search at the deepest re-ranking depth; shallower depths re-rank a prefix of it
+            _, deep = LayoutSearch(ann, store, params).search(queries, (k + 1) * _RERANK[-1])
+            vectors = stored_vectors(store, deep)
+            trials = [
+                (dict(params, rerank=depth), rerank(store, queries, deep[:, : (k + 1) * depth], k + 1, vectors)[1])
+                for depth in _RERANK
+            ]
+        for trial, found in trials:
+            r = recall_at(_drop_self(found, q_ids, k), truth)
+            if r > best[1]:
+                best = (trial, r)
+            if r >= target:
+                return trial, r
+    log.warning("no search setting reached recall@10 %.2f; keeping %s (recall %.3f)", target, best[0], best[1])
+    return best
+
+
+# -- building and switching --------------------------------------------------------------------
+def build_layout(store: Any, dim: int, factory: str, target: float, seed: int = 0) -> tuple[VectorIndex, dict[str, Any]]:
+    """A new index of ``factory`` holding every stored vector (trained on a sample), tuned to ``target``."""
+    t0 = time.perf_counter()
+    ann = VectorIndex(dim, factory)
+    n = int(store.catalog.counts()["ok"])
+    if not ann.is_trained:
+        if n == 0:
+            raise InputError(f"cannot train a {factory!r} layout on an empty index")
+        _, sample = _read(store, _sample_ids(store, train_size(factory, n), seed))
+        ivf = faiss.try_extract_index_ivf(ann.index)
+        if ivf is not None:
+            ivf.cp.seed = seed
+            ivf.cp.min_points_per_centroid = 1  # small collections are legitimate: no FAISS warnings
+        ann.train(sample)
+        del sample
+    for ids, vectors in store.iter_vectors():
+        ann.add(ids, vectors)
+    built = time.perf_counter() - t0
+    params, recall = tune(ann, store, target, seed=seed)
+    apply_params(ann.index, params)
+    return ann, {
+        "factory": factory,
+        "params": params,
+        "recall_at_10": round(float(recall), 4),
+        "recall_target": target,
+        "vectors": n,
+        "build_seconds": round(built, 2),
+        "tune_seconds": round(time.perf_counter() - t0 - built, 2),
+    }
+
+
+def needs_rebuild(store: Any, request: AnnRequest) -> tuple[bool, str, str, str]:
+    """(whether the layout must be rebuilt, layout, factory, why) for the store as it is now."""
+    meta = store.meta
+    n = int(store.catalog.counts()["ok"])
+    dim = int(meta["dim"])
+    layout, factory, why = choose_layout(n, dim, request)
+    current = str(meta.get("faiss_factory", DEFAULT_FACTORY))
+    info = meta.get("ann_layout") or {}
+    if factory != current:
+        return True, layout, factory, why
+    if info and info.get("recall_target") != request.recall and (search_parameter(store.ann.index) or is_lossy(factory)):
+        return True, layout, factory, f"recall target now {request.recall}"
+    dead = tombstone_count(store.ann.index) if store.ann is not None else 0
+    if dead and dead > TOMBSTONE_REBUILD_FRACTION * max(1, len(store.ann)):
+        return True, layout, factory, f"{dead} dead slots of {len(store.ann)}"
+    return False, layout, factory, why
+
+
+def maintain_layout(store: Any, request: AnnRequest | None = None, force: bool = False) -> dict[str, Any] | None:
+    """Rebuild the store's layout from its stored vectors if the collection or the request calls for it.
+
+    Call with the write lock held and the FAISS file saved (nothing pending). Returns the new
+    ``ann_layout`` record, or None when the current layout stays.
+    """
+    meta = store.meta
+    if meta.get("dim") is None or store.ann is None:
+        return None
+    request = (request or AnnRequest(None, None, None)).over(AnnRequest.from_meta(meta))  # type: ignore[arg-type]
+    if request.ann not in LAYOUTS:
+        factory_for(request.ann, 1000, int(meta["dim"]))  # a bad factory string fails before any work
+    remove_orphans(store.path, keep=store.ann_path.name)
+    if meta.get("ann_request") != request.to_meta():
+        store.set_meta({"ann_request": request.to_meta()})
+    if int(store.catalog.counts()["ok"]) == 0:
+        return None
+    rebuild, layout, factory, why = needs_rebuild(store, request)
+    if not (rebuild or force):
+        return None
+    log.info("building the %s layout (%s): %s", layout, factory, why)
+    ann, info = build_layout(store, int(meta["dim"]), factory, request.recall)
+    info.update(layout=layout, reason=why)
+    name = f"vectors-{secrets.token_hex(4)}.faiss"
+    old = store.ann_path
+    store.switch_layout(ann, name, factory, info)  # a new file, then one commit switches to it
+    remove_orphans(store.path, keep=name)
+    if old.exists() and old.name != name:
+        old.unlink()
+    return info
+
+
+def remove_orphans(index_dir: Path, keep: str) -> None:
+    """Delete layout files a crashed rebuild or save left behind (call with the write lock held)."""
+    for p in index_dir.iterdir():
+        if p.name != keep and re.fullmatch(r"vectors(-[0-9a-f]+)?\.faiss(\.tmp)?", p.name):
+            p.unlink(missing_ok=True)
+
+
+def prepare_layout(store: Any) -> None:
+    """Before a run adds vectors: an untrained layout (a fresh index after --rebuild) starts flat."""
+    if store.ann is not None and not store.ann.is_trained and len(store.ann) == 0:
+        store.ann = VectorIndex(store.ann.dim, DEFAULT_FACTORY)
+        store.set_meta({"faiss_factory": DEFAULT_FACTORY, "ann_layout": None})

@@ -1,0 +1,275 @@
+"""Approximate layouts (simsearch.store.layouts): every layout against brute force on seeded clustered
+vectors, deletes and moves under each, the automatic switch as an index grows, a kill -9 during a
+layout rebuild, and vectors imported from elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simsearch.errors import IndexMismatchError, InputError
+from simsearch.store import IndexStore
+from simsearch.store import layouts
+from simsearch.store.exact import ExactSearch, exact_search_chunks
+from simsearch.store.layouts import AnnRequest, choose_layout, maintain_layout, open_layout_search, recall_at
+from simsearch.store.tombstones import tombstone_count
+
+DIM = 32
+IDENTITY = {"model": "synthetic", "weights": "synthetic-v1", "dim": DIM, "preprocessing": {"crop_size": 1}}
+LAYOUTS = ["flat", "hnsw", "ivf", "ivfpq", "IVF8,SQ8"]
+
+
+def clustered(n: int, seed: int, dim: int = DIM, clusters: int = 40) -> np.ndarray:
+    """Unit vectors in Gaussian clusters of very different sizes (like real embeddings, unlike uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    weights = rng.pareto(1.2, clusters) + 0.05
+    which = rng.choice(clusters, size=n, p=weights / weights.sum())
+    x = centers[which] + rng.standard_normal((n, dim)).astype(np.float32) * 0.45
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def records(n: int, start: int = 0) -> list[dict]:
+    return [{"path": f"/synthetic/img{i:06d}.jpg", "size": 1000 + i, "mtime_ns": i} for i in range(start, start + n)]
+
+
+def make_store(path: Path, n: int, seed: int = 0) -> tuple[IndexStore, np.ndarray]:
+    store = IndexStore.open(path, create=True)
+    store.lock_for_writing()
+    x = clustered(n, seed)
+    store.import_vectors(records(n), x, IDENTITY)
+    store.save()
+    return store, x
+
+
+def brute(store: IndexStore, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact neighbours straight from numpy over every stored vector."""
+    ids, vectors = store.all_vectors()
+    scores = queries @ vectors.T
+    return ids[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+
+
+def near(x: np.ndarray, seed: int, every: int = 30) -> np.ndarray:
+    """New points near stored ones (queries from the same distribution, not stored vectors)."""
+    q = x[::every] + 0.15 * np.random.default_rng(seed).standard_normal((len(x[::every]), x.shape[1])).astype(np.float32) / np.sqrt(x.shape[1])
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_against_brute_force(tmp_path, layout):
+    store, _ = make_store(tmp_path / "idx", 3000)
+    try:
+        info = maintain_layout(store, AnnRequest(layout, recall=0.95), force=True)
+        assert info is not None and store.meta["ann_layout"]["factory"] == info["factory"]
+        if layout != "flat":
+            assert store.meta["faiss_factory"] != "IDMap2,Flat"
+        assert info["recall_at_10"] >= 0.95  # measured on the index's own vectors at the tuned setting
+        q = near(clustered(3000, seed=0), seed=5)
+        truth = brute(store, q, 10)
+        reopened = IndexStore.open(tmp_path / "idx")
+        try:
+            scores, found = open_layout_search(reopened).search(q, 10)
+            assert recall_at(found, truth) >= 0.9, layout
+            assert (found >= 0).all()
+            assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+            exact_scores, exact_ids = ExactSearch(reopened.catalog, chunk=700).search(q, 10)
+            assert (exact_ids == truth).all()  # --exact is exact whatever the layout
+        finally:
+            reopened.close()
+    finally:
+        store.close()
+
+
+def test_exact_chunks_match_numpy_including_padding():
+    x = clustered(50, seed=3)
+    ids = np.arange(100, 150)
+    chunks = [(ids[i : i + 7], x[i : i + 7]) for i in range(0, 50, 7)]
+    q = clustered(5, seed=4)
+    scores, found = exact_search_chunks(chunks, q, 60)
+    order = np.argsort(-(q @ x.T), axis=1, kind="stable")
+    assert (found[:, :50] == ids[order]).all()
+    assert (found[:, 50:] == -1).all()
+
+
+@pytest.mark.parametrize("layout", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_deletes_moves_and_updates_under_each_layout(tmp_path, layout):
+    store, x = make_store(tmp_path / "idx", 2000)
+    try:
+        maintain_layout(store, AnnRequest(layout), force=True)
+        rows = store.catalog.rows()
+        removed = rows[:150]
+        moved = rows[150:160]
+        store.apply_changes(
+            moves=[(r.id, {"path": r.path + ".moved", "size": r.size, "mtime_ns": r.mtime_ns}) for r in moved],
+            removals=removed,
+        )
+        updated = rows[200:220]  # same row, new vector (a changed file)
+        new_vectors = clustered(20, seed=7)
+        store.commit(
+            [{"path": r.path, "size": 1, "mtime_ns": 1, "status": "ok"} for r in updated], new_vectors, updated
+        )
+        store.save()
+        assert store.check().ok
+        if layout == "hnsw":
+            assert tombstone_count(store.ann.index) == 150 + 20
+        search = open_layout_search(store)
+        # each updated row is found by its new vector, at rank 1
+        _, found = search.search(new_vectors, 5)
+        assert [int(f[0]) for f in found] == [r.id for r in updated]
+        # removed ids never come back, and k live results always do
+        q = near(x, seed=11)
+        _, found = search.search(q, 10)
+        assert not set(found.ravel().tolist()) & {r.id for r in removed}
+        assert (found >= 0).all()
+        assert recall_at(found, brute(store, q, 10)) >= 0.9
+        # a moved row keeps its vector under its new path
+        moved_row = store.catalog.row_by_path(moved[0].path + ".moved")
+        _, found = search.search(x[moved[0].id - 1][None], 1)
+        assert int(found[0, 0]) == moved_row.id
+    finally:
+        store.close()
+
+
+def test_hnsw_is_rebuilt_when_tombstones_pass_the_fraction(tmp_path):
+    store, _ = make_store(tmp_path / "idx", 1000)
+    try:
+        maintain_layout(store, AnnRequest("hnsw"), force=True)
+        rows = store.catalog.rows()
+        store.apply_changes(removals=rows[:100])
+        store.save()
+        assert maintain_layout(store) is None  # 10% dead: kept
+        store.apply_changes(removals=rows[100:300])
+        store.save()
+        info = maintain_layout(store)
+        assert info is not None and "dead" in info["reason"]
+        assert tombstone_count(store.ann.index) == 0 and len(store.ann) == 700
+        assert store.check().ok
+    finally:
+        store.close()
+
+
+def test_automatic_choice_follows_size_and_budget():
+    assert choose_layout(10_000, 512, AnnRequest())[0] == "flat"
+    assert choose_layout(100_000, 512, AnnRequest())[0] == "hnsw"
+    assert choose_layout(1_000_000, 512, AnnRequest())[0] == "ivfpq"  # a second fp32 copy would not fit 1 GiB
+    assert choose_layout(1_000_000, 512, AnnRequest(memory=3 << 30))[0] == "hnsw"
+    assert choose_layout(1_000_000, 512, AnnRequest(memory=int(2.1 * (1 << 30))))[0] == "ivf"
+    name, factory, _ = choose_layout(1_000_000, 512, AnnRequest())
+    assert factory == "IVF1024,PQ64x8"
+    assert choose_layout(5, 8, AnnRequest("OPQ4,IVF2,PQ4x2"))[1] == "OPQ4,IVF2,PQ4x2"
+    assert choose_layout(5, 8, AnnRequest("HNSW16"))[1] == "IDMap2,HNSW16"
+    with pytest.raises(InputError):
+        choose_layout(5, 8, AnnRequest("NoSuchLayout9"))
+    assert layouts.parse_memory("1.5G") == int(1.5 * (1 << 30)) and layouts.parse_memory("512m") == 512 << 20
+
+
+def test_layout_switches_automatically_as_the_index_grows(tmp_path, monkeypatch):
+    monkeypatch.setattr(layouts, "FLAT_MAX", 1000)
+    store, _ = make_store(tmp_path / "idx", 600)
+    try:
+        assert maintain_layout(store) is None and store.meta["faiss_factory"] == "IDMap2,Flat"
+        store.import_vectors(records(900, start=600), clustered(900, seed=1), IDENTITY)
+        store.save()
+        info = maintain_layout(store)  # 1500 vectors: past the flat threshold, fits the budget
+        assert info["layout"] == "hnsw" and store.ann_path.name != "vectors.faiss"
+        assert sorted(p.name for p in (tmp_path / "idx").glob("vectors*")) == [store.ann_path.name]
+        store.import_vectors(records(500, start=1500), clustered(500, seed=2), IDENTITY)
+        store.save()
+        info = maintain_layout(store, AnnRequest(memory=100_000))  # a tight budget: compact codes
+        assert info["layout"] == "ivfpq" and store.check().ok
+        assert store.meta["ann_request"]["memory"] == 100_000  # recorded for the next runs
+        assert len(store.ann) == 2000
+    finally:
+        store.close()
+
+
+KILL_SCRIPT = """
+import sys, time
+import simsearch.store.layouts as layouts
+from simsearch.store import IndexStore
+from simsearch.store.layouts import AnnRequest, maintain_layout
+real = layouts.write_atomic
+def slow(index, path):
+    real(index, path)
+    open(sys.argv[2], "w").close()   # the new file is written; the meta still names the old one
+    time.sleep(60)
+layouts.write_atomic = slow
+store = IndexStore.open(sys.argv[1])
+store.lock_for_writing()
+maintain_layout(store, AnnRequest("ivf"), force=True)
+"""
+
+
+def test_kill_9_during_a_layout_rebuild_leaves_the_old_layout_working(tmp_path):
+    store, x = make_store(tmp_path / "idx", 1500)
+    maintain_layout(store, AnnRequest("hnsw"), force=True)
+    before = store.meta["ann_layout"]
+    old_file = store.ann_path.name
+    store.close()
+    marker = tmp_path / "written"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "idx"), str(marker)])
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list((tmp_path / "idx").glob("vectors*.faiss"))) == 2  # the orphan of the killed run
+    with IndexStore.open(tmp_path / "idx") as store:
+        assert store.meta["ann_layout"] == before and store.ann_path.name == old_file
+        assert store.check().ok
+        _, found = open_layout_search(store).search(x[:20], 1)
+        assert found[:, 0].tolist() == list(range(1, 21))
+        store.lock_for_writing()
+        info = maintain_layout(store, AnnRequest("ivf"))
+        assert info["layout"] == "ivf" and store.check().ok
+        assert [p.name for p in (tmp_path / "idx").glob("vectors*.faiss")] == [store.ann_path.name]
+
+
+def test_import_checks_identity_dim_and_replaces_by_path(tmp_path):
+    store, x = make_store(tmp_path / "idx", 100)
+    try:
+        with pytest.raises(IndexMismatchError):
+            store.import_vectors(records(1), x[:1], dict(IDENTITY, weights="other"))
+        with pytest.raises(InputError):
+            store.import_vectors(records(1), np.ones((1, DIM + 1), np.float32), IDENTITY)
+        with pytest.raises(InputError):
+            store.import_vectors(records(1), np.zeros((1, DIM), np.float32), IDENTITY)
+        ids = store.import_vectors(records(2, start=99), np.stack([x[0] * 3, x[1]]), IDENTITY)
+        store.save()
+        assert ids[0] == 100 and store.catalog.counts()["ok"] == 101  # path 99 replaced in place, 100 added
+        np.testing.assert_allclose(store.vectors_of([100])[1][0], x[0], atol=1e-3)  # normalised (float16 on disk)
+        assert store.check().ok
+    finally:
+        store.close()
+
+
+def test_kmeans_on_a_sample_assigns_every_vector_to_its_nearest_centroid(tmp_path, monkeypatch):
+    import simsearch.cluster as cluster
+
+    store, x = make_store(tmp_path / "idx", 3000)
+    store.close()
+    monkeypatch.setattr(cluster, "POINTS_PER_CENTROID", 40)  # 40 * 20 = 800 of 3000 points train
+    monkeypatch.setattr(cluster, "ASSIGN_CHUNK", 500)
+    trained_on = []
+    real = cluster.kmeans
+    monkeypatch.setattr(cluster, "kmeans", lambda v, *a, **kw: trained_on.append(len(v)) or real(v, *a, **kw))
+    result = cluster.cluster_index(tmp_path / "idx", k=20, device="cpu")
+    assert trained_on == [800] and result.n == 3000
+    with IndexStore.open(tmp_path / "idx") as store:
+        centroids = np.stack(
+            [np.frombuffer(r[0], np.float32) for r in store.catalog.db.execute("SELECT centroid FROM clusters ORDER BY cluster")]
+        )
+        members = dict(store.catalog.db.execute("SELECT image_id, cluster FROM cluster_members").fetchall())
+    # brute force: every vector's nearest centroid
+    nearest = np.argmin(((x[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert [members[i + 1] for i in range(3000)] == nearest.tolist()
+    assert sum(c.size for c in result.clusters) == 3000
