@@ -80,7 +80,7 @@ def test_every_layout_against_brute_force(tmp_path, layout):
             assert recall_at(found, truth) >= 0.9, layout
             assert (found >= 0).all()
             assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
-            exact_scores, exact_ids = ExactSearch(reopened.catalog, chunk=700).search(q, 10)
+            exact_scores, exact_ids = ExactSearch(reopened, chunk=700).search(q, 10)
             assert (exact_ids == truth).all()  # --exact is exact whatever the layout
         finally:
             reopened.close()
@@ -180,7 +180,7 @@ def test_layout_switches_automatically_as_the_index_grows(tmp_path, monkeypatch)
         store.save()
         info = maintain_layout(store)  # 1500 vectors: past the flat threshold, fits the budget
         assert info["layout"] == "hnsw" and store.ann_path.name != "vectors.faiss"
-        assert sorted(p.name for p in (tmp_path / "idx").glob("vectors*")) == [store.ann_path.name]
+        assert sorted(p.name for p in (tmp_path / "idx").glob("vectors*.faiss")) == [store.ann_path.name]
         store.import_vectors(records(500, start=1500), clustered(500, seed=2), IDENTITY)
         store.save()
         info = maintain_layout(store, AnnRequest(memory=100_000))  # a tight budget: compact codes
@@ -193,15 +193,16 @@ def test_layout_switches_automatically_as_the_index_grows(tmp_path, monkeypatch)
 
 KILL_SCRIPT = """
 import sys, time
-import simsearch.store.layouts as layouts
+import simsearch.store.vector_index as vector_index
 from simsearch.store import IndexStore
 from simsearch.store.layouts import AnnRequest, maintain_layout
-real = layouts.write_atomic
+real = vector_index.write_atomic
 def slow(index, path):
-    real(index, path)
+    written = real(index, path)
     open(sys.argv[2], "w").close()   # the new file is written; the meta still names the old one
     time.sleep(60)
-layouts.write_atomic = slow
+    return written
+vector_index.write_atomic = slow
 store = IndexStore.open(sys.argv[1])
 store.lock_for_writing()
 maintain_layout(store, AnnRequest("ivf"), force=True)
