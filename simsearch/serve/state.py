@@ -32,6 +32,8 @@ import numpy as np
 from simsearch.errors import ImageError, InputError, SimsearchError
 from simsearch.images import DEFAULT_MAX_PIXELS, content_hash, decode_image
 from simsearch.store import IDENTITY_KEYS, IndexStore, index_info
+from simsearch.store.index_store import searchable
+from simsearch.store.layouts import LayoutSearch, open_layout_search
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ class Snapshot:
     generation: int
     ann: Any  # a simsearch VectorIndex
     meta: dict[str, Any]
+    search: Any = None  # what to search it with: the index itself, or a LayoutSearch (tombstones, re-ranking)
+
+    @property
+    def saved_generation(self) -> int | None:
+        """The catalog generation the loaded FAISS file was saved at, as recorded with it."""
+        saved = self.meta.get("faiss_saved")
+        return int(saved["generation"]) if saved else None
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -143,12 +152,13 @@ class ServeIndex:
             try:
                 with IndexStore.open(self.path) as store:
                     meta, ann = store.meta, store.ann
+                    search = open_layout_search(store) if ann is not None and len(ann) else None
             except SimsearchError as exc:
                 raise Unavailable(f"the index at {self.path} cannot be read right now: {exc}") from exc
             if ann is None or len(ann) == 0:
                 raise Unavailable(f"the index at {self.path} holds no vectors yet; try again when indexing has saved")
             self._generation += 1
-            snap = Snapshot(key, self._generation, ann, meta)
+            snap = Snapshot(key, self._generation, ann, meta, search)
             if self._snapshot is not None:
                 log.info("index %s changed on disk: loaded %d vectors (generation %d)", self.path, len(ann), snap.generation)
             self._snapshot = snap
@@ -212,14 +222,18 @@ class ServeIndex:
     def _search(
         self, snap: Snapshot, vector: np.ndarray, k: int, threshold: float | None, skip: set[int]
     ) -> list[dict[str, Any]]:
-        total = len(snap.ann)
+        total = len(snap.search)
         depth = k + len(skip)
+        store = self.store
         while True:
-            scores, ids = snap.ann.search(vector, depth)
+            if isinstance(snap.search, LayoutSearch):  # re-ranks from this thread's stored vectors
+                scores, ids = snap.search.search(vector, depth, store=store)
+            else:
+                scores, ids = snap.search.search(vector, depth)
             found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
             rows = self.catalog.rows_by_ids(i for _, i in found)
-            # a row the writer deleted (or marked failed) since the vectors were saved is not a result
-            found = [(s, i) for s, i in found if i in rows and rows[i].ok]
+            # a row the writer deleted, marked failed or changed since the vectors were saved is not a result
+            found = [(s, i) for s, i in found if searchable(rows.get(i), snap.saved_generation)]
             if threshold is not None:
                 found = [(s, i) for s, i in found if s >= threshold]
             short = len(found) < k and (threshold is None or (len(scores[0]) and scores[0][-1] >= threshold))

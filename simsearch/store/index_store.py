@@ -277,12 +277,9 @@ class IndexStore:
         return None if not self.saved else int(self.saved["generation"])
 
     def searchable_row(self, row: ImageRow | None) -> bool:
-        """Whether a FAISS hit on this row may be shown: the row exists, is ok, and its vector is
-        no newer than the saved FAISS file (a row changed since then has another vector there)."""
-        if row is None or not row.ok:
-            return False
-        saved = self.saved_generation
-        return saved is None or row.gen is None or row.gen <= saved
+        """Whether a FAISS hit on this row may be shown (see :func:`searchable`), against the FAISS
+        file saved as of this store's opening or last save."""
+        return searchable(row, self.saved_generation)
 
     # -- model identity --------------------------------------------------------------------
     def check_model(self, description: dict[str, Any], *, reloading: bool = False) -> None:
@@ -749,6 +746,14 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]], dim: int) -> tuple[np.nd
     if not parts:
         return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def searchable(row: ImageRow | None, saved_generation: int | None) -> bool:
+    """Whether a hit on ``row`` from a FAISS file saved at ``saved_generation`` may be shown: the row
+    exists, is ok, and its vector is no newer than that file (a row changed since has another vector there)."""
+    if row is None or not row.ok:
+        return False
+    return saved_generation is None or row.gen is None or row.gen <= saved_generation
 
 
 def describe_identity(identity: dict[str, Any]) -> str:

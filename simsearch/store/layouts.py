@@ -202,7 +202,9 @@ class LayoutSearch:
     def __len__(self) -> int:
         return len(self.ann) - self.dead
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, store: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n_queries, k), best first. ``store``: the store to re-rank from, when
+        not the one this was opened with (a server's per-thread connection)."""
         k = clamp_k(k, len(self))
         total = len(self.ann)
         depth = k * self.rerank if self.rerank > 1 else k
@@ -215,7 +217,7 @@ class LayoutSearch:
             fetch = min(total, fetch * 2)
         scores, ids = _compact(scores, ids, depth)
         if self.rerank:
-            return rerank(self.store, queries, ids, k)
+            return rerank(store or self.store, queries, ids, k)
         return scores[:, :k], ids[:, :k]
 
 
