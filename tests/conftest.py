@@ -169,3 +169,31 @@ def assert_consistent(index_dir) -> None:
             np.testing.assert_allclose(got, vectors, rtol=0, atol=0)
         rows = store.catalog.rows()
         assert len({r.real_path for r in rows}) == len(rows)
+
+
+# -- the browser tests' one Chromium ---------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright's own browser download is not used
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright; missing on CI (``CI=true``) is a failure, elsewhere a skip."""
+    import os
+
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed (pip install -e '.[test]')"
+    if reason is None and not os.access(CHROMIUM, os.X_OK):
+        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (required on CI)")
+        pytest.skip(reason)
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -16,35 +14,12 @@ from simsearch.cli import cli
 from simsearch.store import IndexStore
 from test_duplicates import dup_index  # noqa: F401 (the fixture: a small index holding copies)
 
-CHROMIUM = "/usr/bin/chromium"
 
 
 def invoke(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     return result
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's chromium driven by Playwright; missing on CI is a failure, elsewhere a skip."""
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[test]')"
-    if reason is None and not os.access(CHROMIUM, os.X_OK):
-        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        )
-        yield browser
-        browser.close()
 
 
 def open_page(browser, path: Path, shot: Path):

@@ -21,17 +21,7 @@ import pytest
 from conftest import make_collection, run_index
 from simsearch.store import IndexStore
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-ON_CI = os.environ.get("CI") == "true"
 LOADED = "[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
-
-
-def _need(ok: bool, why: str) -> None:
-    if not ok:
-        if ON_CI:
-            pytest.fail(why + " (required on CI)")
-        pytest.skip(why)
 
 
 def _free_port() -> int:
@@ -51,7 +41,6 @@ def _nearest(index_dir: Path, query_id: int) -> list[int]:
 
 @pytest.fixture
 def server(tmp_path):
-    _need(os.path.exists(CHROMIUM), f"{CHROMIUM} is not installed (apt-get install chromium)")
     pytest.importorskip("fastapi")
     root, index_dir = tmp_path / "photos", tmp_path / "index"
     make_collection(root, n=16)
@@ -88,11 +77,8 @@ def server(tmp_path):
             proc.kill()
 
 
-def test_search_click_back_and_clusters_in_a_real_browser(server, tmp_path) -> None:
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        _need(False, "playwright is not installed (pip install playwright)")
+def test_search_click_back_and_clusters_in_a_real_browser(browser, server, tmp_path) -> None:
+    from playwright.sync_api import expect
     base, index_dir = server
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -101,66 +87,64 @@ def test_search_click_back_and_clusters_in_a_real_browser(server, tmp_path) -> N
     query = rows[5]
     expected = _nearest(index_dir, query.id)
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            page.goto(base + "/")
-            expect(page.locator("#info")).to_contain_text("16 images")
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    try:
+        page.goto(base + "/")
+        expect(page.locator("#info")).to_contain_text("16 images")
 
-            # 1. upload an indexed image: its own row is left out, its nearest neighbour comes first
-            page.set_input_files("#file", query.path)
-            results = page.locator("#grid li.result a")
-            expect(results).to_have_count(15)
-            page.wait_for_function(LOADED)
-            first = [int(x) for x in results.evaluate_all("els => els.map(e => e.dataset.id)")]
-            assert first[0] == expected[0] and first == expected[:15]
-            page.screenshot(path=str(shots / "1-upload.png"))
+        # 1. upload an indexed image: its own row is left out, its nearest neighbour comes first
+        page.set_input_files("#file", query.path)
+        results = page.locator("#grid li.result a")
+        expect(results).to_have_count(15)
+        page.wait_for_function(LOADED)
+        first = [int(x) for x in results.evaluate_all("els => els.map(e => e.dataset.id)")]
+        assert first[0] == expected[0] and first == expected[:15]
+        page.screenshot(path=str(shots / "1-upload.png"))
 
-            # 2. click a result: the URL says so and the results are that image's neighbours
-            target = expected[0]
-            results.first.click()
-            page.wait_for_url(f"**/?id={target}")
-            expect(page.locator("#query .path")).to_have_text([r.path for r in rows if r.id == target][0])
-            second = page.locator("#grid li.result a")
-            expect(second.first).to_have_attribute("data-id", str(_nearest(index_dir, target)[0]))
-            ids = [int(x) for x in second.evaluate_all("els => els.map(e => e.dataset.id)")]
-            assert ids == _nearest(index_dir, target)[:15] and ids != first
-            page.screenshot(path=str(shots / "2-clicked.png"))
+        # 2. click a result: the URL says so and the results are that image's neighbours
+        target = expected[0]
+        results.first.click()
+        page.wait_for_url(f"**/?id={target}")
+        expect(page.locator("#query .path")).to_have_text([r.path for r in rows if r.id == target][0])
+        second = page.locator("#grid li.result a")
+        expect(second.first).to_have_attribute("data-id", str(_nearest(index_dir, target)[0]))
+        ids = [int(x) for x in second.evaluate_all("els => els.map(e => e.dataset.id)")]
+        assert ids == _nearest(index_dir, target)[:15] and ids != first
+        page.screenshot(path=str(shots / "2-clicked.png"))
 
-            # 3. back: the upload's results again, at the bare URL
-            page.go_back()
-            page.wait_for_url(base + "/")
-            expect(page.locator("#grid li.result a").first).to_have_attribute("data-id", str(first[0]))
-            ids = [int(x) for x in page.locator("#grid li.result a").evaluate_all("els => els.map(e => e.dataset.id)")]
-            assert ids == first
-            page.screenshot(path=str(shots / "3-back.png"))
+        # 3. back: the upload's results again, at the bare URL
+        page.go_back()
+        page.wait_for_url(base + "/")
+        expect(page.locator("#grid li.result a").first).to_have_attribute("data-id", str(first[0]))
+        ids = [int(x) for x in page.locator("#grid li.result a").evaluate_all("els => els.map(e => e.dataset.id)")]
+        assert ids == first
+        page.screenshot(path=str(shots / "3-back.png"))
 
-            # 4. clusters: representatives, then a cluster's members (keyboard: focus + Enter)
-            page.get_by_role("link", name="Clusters").click()
-            page.wait_for_url("**/?view=clusters")
-            cards = page.locator("#grid li.cluster a")
-            expect(cards).to_have_count(3)
-            page.wait_for_function(LOADED)
-            page.screenshot(path=str(shots / "4-clusters.png"))
-            with IndexStore.open(index_dir) as store:
-                sizes = store.catalog.cluster_sizes()
-            biggest = max(sizes, key=lambda c: (sizes[c], -c))
-            page.locator(f'#grid li.cluster a[href*="cluster={biggest}"]').focus()
-            page.keyboard.press("Enter")
-            page.wait_for_url(f"**/?cluster={biggest}")
-            members = page.locator("#grid li.member a")
-            expect(members).to_have_count(sizes[biggest])
-            with IndexStore.open(index_dir) as store:
-                want = [r.id for r, _ in store.catalog.cluster_members(biggest)]
-            assert [int(x) for x in members.evaluate_all("els => els.map(e => e.dataset.id)")] == want
-            page.wait_for_function(LOADED)
-            page.screenshot(path=str(shots / "5-cluster.png"))
+        # 4. clusters: representatives, then a cluster's members (keyboard: focus + Enter)
+        page.get_by_role("link", name="Clusters").click()
+        page.wait_for_url("**/?view=clusters")
+        cards = page.locator("#grid li.cluster a")
+        expect(cards).to_have_count(3)
+        page.wait_for_function(LOADED)
+        page.screenshot(path=str(shots / "4-clusters.png"))
+        with IndexStore.open(index_dir) as store:
+            sizes = store.catalog.cluster_sizes()
+        biggest = max(sizes, key=lambda c: (sizes[c], -c))
+        page.locator(f'#grid li.cluster a[href*="cluster={biggest}"]').focus()
+        page.keyboard.press("Enter")
+        page.wait_for_url(f"**/?cluster={biggest}")
+        members = page.locator("#grid li.member a")
+        expect(members).to_have_count(sizes[biggest])
+        with IndexStore.open(index_dir) as store:
+            want = [r.id for r, _ in store.catalog.cluster_members(biggest)]
+        assert [int(x) for x in members.evaluate_all("els => els.map(e => e.dataset.id)")] == want
+        page.wait_for_function(LOADED)
+        page.screenshot(path=str(shots / "5-cluster.png"))
 
-            # 5. at a phone's width the grid still fits the screen
-            page.set_viewport_size({"width": 390, "height": 800})
-            assert page.evaluate("document.documentElement.scrollWidth") <= 390
-            page.screenshot(path=str(shots / "6-phone.png"))
-        finally:
-            browser.close()
+        # 5. at a phone's width the grid still fits the screen
+        page.set_viewport_size({"width": 390, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(shots / "6-phone.png"))
+    finally:
+        page.close()
     assert len(list(shots.glob("*.png"))) == 6

@@ -18,7 +18,6 @@ What it owns and why:
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -30,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from simsearch.errors import ImageError, InputError, SimsearchError
-from simsearch.images import DEFAULT_MAX_PIXELS, content_hash, decode_image
+from simsearch.images import DEFAULT_MAX_PIXELS, content_hash
 from simsearch.store import IDENTITY_KEYS, IndexStore, index_info
 from simsearch.store.index_store import searchable
+from simsearch.store.thumbnails import thumbnail_of
 from simsearch.store.layouts import LayoutSearch, open_layout_search
 
 log = logging.getLogger(__name__)
@@ -298,12 +298,8 @@ class ServeIndex:
             if cached is not None:
                 self._thumbs.move_to_end(key)
                 return cached
-        _, data = self.original(image_id)
-        img = decode_image(data, f"image {image_id}", max_pixels=self.max_pixels, draft_size=size)
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
-        out = buf.getvalue()
+        _, data = self.original(image_id)  # only a file recorded in the index, still as indexed
+        out = thumbnail_of(data, f"image {image_id}", size, max_pixels=self.max_pixels)
         with self._thumbs_lock:
             self._thumbs[key] = out
             while len(self._thumbs) > THUMBNAIL_CACHE:

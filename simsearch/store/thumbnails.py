@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from PIL import Image
 
 from ..errors import ImageError
-from ..images import decode_image, read_bytes
+from ..images import DEFAULT_MAX_PIXELS, decode_image, read_bytes
 
 THUMB_DIR = "thumbs"
 THUMB_SIZE = 256
@@ -77,7 +77,13 @@ class ThumbnailCache:
 
 def make_thumbnail(path: str | os.PathLike[str], size: int = THUMB_SIZE) -> bytes:
     """JPEG bytes of the image at ``path``, at most ``size`` pixels on its longer side."""
-    img = decode_image(read_bytes(path), str(path), draft_size=size)
+    return thumbnail_of(read_bytes(path), str(path), size)
+
+
+def thumbnail_of(data: bytes, name: str, size: int = THUMB_SIZE, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> bytes:
+    """JPEG bytes of an encoded image, at most ``size`` pixels on its longer side (the one way
+    thumbnails are made: the HTML pages' cache and the web app's)."""
+    img = decode_image(data, name, max_pixels=max_pixels, draft_size=size)
     img.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=THUMB_QUALITY, optimize=True)
