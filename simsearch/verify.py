@@ -32,6 +32,27 @@ RATIO = 0.8  # Lowe's ratio test
 CACHE = 512  # images whose features are kept (a keeper is checked against each of its candidates)
 
 
+MAX_SCALE = 8.0  # a copy is at most this much larger or smaller in area (after both are matched at MAX_SIDE)
+MAX_PERSPECTIVE = 0.002  # projective terms of the homography, per pixel at MAX_SIDE: copies are near-affine
+MIN_SPREAD = 0.04  # inliers must spread over this share of the image on both axes (std of their positions)
+
+
+def plausible_copy(h: np.ndarray, points: np.ndarray, side: int) -> bool:
+    """Whether a RANSAC homography can be an edit of one picture: not degenerate, not flipped, no
+    strong perspective, and its inliers spread over the image. Spurious matches between two
+    different photos can agree with a collapsed or wildly projective homography (a few dozen
+    matches packed in one spot); a crop, resize, rotation or recolouring never needs one."""
+    if not np.all(np.isfinite(h)) or abs(h[2, 2]) < 1e-9:
+        return False
+    h = h / h[2, 2]
+    det = float(np.linalg.det(h[:2, :2]))
+    if not (1 / MAX_SCALE <= det <= MAX_SCALE):  # also rejects a flip (negative determinant)
+        return False
+    if max(abs(h[2, 0]), abs(h[2, 1])) > MAX_PERSPECTIVE:
+        return False
+    return len(points) > 0 and bool(np.all(points.std(axis=0) >= MIN_SPREAD * side))
+
+
 def verifier_available() -> bool:
     """True when OpenCV (the ``dedup`` extra) is installed."""
     return importlib.util.find_spec("cv2") is not None
@@ -96,8 +117,13 @@ class Verifier:
             return 0
         src = pa[[m.queryIdx for m in good]].reshape(-1, 1, 2)
         dst = pb[[m.trainIdx for m in good]].reshape(-1, 1, 2)
-        _, mask = self.cv2.findHomography(src, dst, self.cv2.RANSAC, 5.0)
-        return 0 if mask is None else int(mask.sum())
+        h, mask = self.cv2.findHomography(src, dst, self.cv2.RANSAC, 5.0)
+        if h is None or mask is None:
+            return 0
+        inside = mask.ravel().astype(bool)
+        if not plausible_copy(h, src.reshape(-1, 2)[inside], self.max_side):
+            return 0
+        return int(inside.sum())
 
     def same_scene(self, a: str | os.PathLike[str] | Image.Image, b: str | os.PathLike[str] | Image.Image) -> bool:
         """True when ``a`` and ``b`` share at least ``min_inliers`` homography-consistent matches."""
