@@ -460,3 +460,25 @@ def test_queries_during_an_index_run_never_see_a_half_written_state(tmp_path) ->
     ids1, vectors1, paths1 = _stored(tmp_path / "index")
     assert sorted(h["id"] for h in final) == sorted(int(i) for i in ids1 if int(i) != anchor)
     assert all(h["path"] == paths1[h["id"]] for h in final)
+
+
+def test_server_follows_a_layout_rebuild(tmp_path) -> None:
+    """A writer that rebuilds the layout switches to a new FAISS file: the server loads it, and an
+    approximate layout still answers as brute force does on this small index."""
+    from simsearch.store.layouts import AnnRequest, maintain_layout
+
+    _build(tmp_path / "photos", tmp_path / "index", n=12, clusters=None)
+    ids, vectors, _ = _stored(tmp_path / "index")
+    qid = int(ids[2])
+    want = _brute_force(ids, vectors, vectors[2], 4, {qid})
+    with TestClient(create_app(tmp_path / "index", device="cpu")) as c:
+        assert [r["id"] for r in c.get("/api/search", params={"id": qid, "k": 4}).json()["results"]] == want
+        with IndexStore.open(tmp_path / "index") as store:
+            store.lock_for_writing()
+            old = store.ann_path
+            assert maintain_layout(store, AnnRequest("hnsw"), force=True)["layout"] == "hnsw"
+            assert store.ann_path != old and not old.exists()
+        response = c.get("/api/search", params={"id": qid, "k": 4})
+        assert response.status_code == 200, response.text
+        assert [r["id"] for r in response.json()["results"]] == want
+        assert c.get("/api/info").json()["serve"]["vectors_loaded"] == 12

@@ -91,8 +91,8 @@ class ServeIndex:
         self.precision = precision
         self.max_pixels = max_pixels
         self.max_upload_bytes = max_upload_bytes
-        with IndexStore.open(self.path) as store:  # no index at all: fail now, not on the first request
-            self.ann_path = store.ann_path
+        with IndexStore.open(self.path):  # no index at all: fail now, not on the first request
+            pass
         self._local = threading.local()
         self._stores: list[IndexStore] = []
         self._swap_lock = threading.Lock()
@@ -129,9 +129,14 @@ class ServeIndex:
         """This thread's read connection to the catalog."""
         return self.store.catalog
 
+    @property
+    def ann_path(self) -> Path:
+        """The FAISS file the index records now (its name changes when a writer rebuilds the layout)."""
+        return self.store.ann_path
+
     def _file_key(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.ann_path)
+            st = os.stat(self.ann_path)  # the current layout's file: a layout rebuild switches to a new one
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -213,7 +213,7 @@ class IndexStore:
     @property
     def ann_path(self) -> Path:
         # a layout rebuild writes a new file and switches ``ann_file`` in one commit (see layouts)
-        return self.path / str(self.meta.get("ann_file") or FAISS_FILE)
+        return self.path / str(self.catalog.meta_value("ann_file") or FAISS_FILE)
 
     @property
     def meta(self) -> dict[str, Any]:
