@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 from .errors import InputError
-from .images import hash_file
+from .images import hash_file, is_under
 from .store import IndexStore, utc_now
 
 log = logging.getLogger(__name__)
@@ -510,15 +510,11 @@ class MovePlan:
         }
 
 
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 def check_move_target(target_dir: str | os.PathLike[str], roots: Sequence[str]) -> str:
     """The absolute target folder; an error when it lies inside an indexed folder's tree."""
     target = os.path.realpath(os.path.abspath(target_dir))
     for root in roots:
-        if _inside(target, os.path.realpath(root)):
+        if is_under(target, os.path.realpath(root)):
             raise InputError(
                 f"--move-to {target_dir} is inside the indexed folder {root}: the moved files would be indexed "
                 "again; choose a folder outside it"
@@ -540,7 +536,7 @@ def plan_moves(result: DuplicatesResult, target_dir: str | os.PathLike[str], roo
     plan = MovePlan(target, applied=False)
     for group in result.groups:
         for m in group.duplicates:
-            holders = [r for r in roots if _inside(m.path, r)]
+            holders = [r for r in roots if is_under(m.path, r)]
             if holders:
                 root = max(holders, key=len)
                 rel = os.path.join(os.path.basename(root.rstrip(os.sep)) or "root", os.path.relpath(m.path, root))

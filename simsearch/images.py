@@ -98,6 +98,11 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
+def is_under(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or inside it (both absolute and normalised; no file system access)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 

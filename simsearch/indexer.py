@@ -19,10 +19,10 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol
 
 from .errors import ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, is_read_error, iter_image_files
+from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, is_read_error, is_under, iter_image_files
 from .store import CATALOG_FILE, ImageRow, IndexStore, storage_errors, utc_now
 from .store.layouts import AnnRequest, maintain_layout, prepare_layout
 
@@ -97,12 +97,6 @@ class EmbedOptions:
     compile: bool = False  # torch.compile the model (pays off on long runs)
     precision: str = "auto"  # auto | fp32 | bf16, see simsearch.embed.resolve_precision
 
-
-def _under(path: str, roots: Sequence[str]) -> bool:
-    for root in roots:
-        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
-            return True
-    return False
 
 
 def _record(entry: FileEntry, digest: str | None, width: int | None, height: int | None, error: str | None) -> dict[str, Any]:
@@ -335,7 +329,7 @@ def _plan(
         else:
             to_embed.append(entry)
 
-    gone = [row for path, row in existing.items() if path not in seen and _under(path, roots)]
+    gone = [row for path, row in existing.items() if path not in seen and any(is_under(path, r) for r in roots)]
     gone_by_size: dict[int, list[ImageRow]] = defaultdict(list)
     for row in gone:
         if row.ok and row.hash and row.size is not None:

@@ -284,8 +284,7 @@ def query_images(
 ) -> list[QueryResult]:
     """Nearest indexed neighbours (cosine similarity) of each query image (one-shot), then of each
     indexed row named by ``ids`` or ``paths``. ``exact``: brute force whatever the layout."""
-    if k < 1:
-        raise InputError("--top-k must be at least 1")
+    _check_k(k)
     if not queries and not ids and not paths:
         raise InputError("give a query image, --id or --path")
     _check_query_paths(queries)  # fail fast, before the model is built

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from simsearch.errors import ImageError, InputError, SimsearchError
-from simsearch.images import DEFAULT_MAX_PIXELS, content_hash
-from simsearch.store import IDENTITY_KEYS, IndexStore, index_info
+from simsearch.images import DEFAULT_MAX_PIXELS, content_hash, is_under
+from simsearch.store import IndexStore, index_info
+from simsearch.store.catalog import identity_of
 from simsearch.store.index_store import searchable
 from simsearch.store.thumbnails import thumbnail_of
 from simsearch.store.layouts import LayoutSearch, open_layout_search
@@ -72,7 +73,7 @@ class Snapshot:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {k: self.meta.get(k) for k in IDENTITY_KEYS}  # what store.catalog.identity() reads
+        return identity_of(self.meta)
 
 
 class ServeIndex:
@@ -280,7 +281,7 @@ class ServeIndex:
         """(row, bytes) of an indexed image's file, only if it still holds the bytes that were indexed."""
         row = self.row(image_id)
         roots = self.catalog.get_meta().get("roots") or []
-        if roots and not any(_under(row.path, r) for r in roots):
+        if roots and not any(is_under(row.path, r) for r in roots):
             raise NotFound(f"image {image_id} is not under a folder of this index")
         gone = NotFound(f"the file of image {image_id} is gone or has changed since it was indexed")
         try:
@@ -354,10 +355,6 @@ class ServeIndex:
 
 def _row_dict(row: Any) -> dict[str, Any]:
     return {"id": row.id, "path": row.path, "name": os.path.basename(row.path), "width": row.width, "height": row.height}
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _check_k(k: int) -> None:

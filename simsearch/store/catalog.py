@@ -44,6 +44,13 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def identity_of(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity fields of an index description, or None when it records no model (a fresh index)."""
+    if "model" not in meta:
+        return None
+    return {k: meta.get(k) for k in IDENTITY_KEYS}
+
+
 def storable_path(path: str) -> str | bytes:
     """The value a path is stored and looked up under: lossless, and distinct for distinct names.
 
@@ -278,10 +285,7 @@ class Catalog:
 
     def identity(self) -> dict[str, Any] | None:
         """The model description the vectors were made with, or None for a fresh index."""
-        meta = self.get_meta()
-        if "model" not in meta:
-            return None
-        return {k: meta.get(k) for k in IDENTITY_KEYS}
+        return identity_of(self.get_meta())
 
     @property
     def generation(self) -> int:
