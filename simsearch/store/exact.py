@@ -64,31 +64,35 @@ class ExactSearch:
         return exact_search_chunks(self._chunks(), queries, max(1, min(k, max(1, len(self)))))
 
 
-def stored_vectors(store: object, ids: np.ndarray) -> dict[int, np.ndarray]:
-    """id -> stored vector for the (ok) rows among ``ids`` (-1 entries ignored)."""
-    vectors: dict[int, np.ndarray] = {}
-    for chunk_ids, chunk in store.iter_vectors(np.unique(ids[ids >= 0])):  # type: ignore[attr-defined]
-        vectors.update(zip(chunk_ids.tolist(), chunk))
-    return vectors
+def stored_vectors(store: object, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, their stored vectors) for the ok rows among ``ids`` (-1 entries ignored)."""
+    wanted = np.unique(ids[ids >= 0])
+    parts = list(store.iter_vectors(wanted, chunk=max(1, len(wanted))))  # type: ignore[attr-defined]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def rerank(
-    store: object, queries: np.ndarray, ids: np.ndarray, k: int, vectors: dict[int, np.ndarray] | None = None
+    store: object, queries: np.ndarray, ids: np.ndarray, k: int, vectors: tuple[np.ndarray, np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score each query's candidate ``ids`` (-1 = none) with the stored vectors; the best ``k``.
-    ``vectors``: those already read (:func:`stored_vectors`), else they are read here."""
-    if vectors is None:
-        vectors = stored_vectors(store, ids)
+    """Re-score each query's candidate ``ids`` (-1 = none) with the stored vectors; the best ``k``,
+    ties by smaller id. ``vectors``: those already read (:func:`stored_vectors`), else read here."""
+    found, matrix = stored_vectors(store, ids) if vectors is None else vectors
     n = len(queries)
     out_scores = np.full((n, k), -np.finfo(np.float32).max, np.float32)
     out_ids = np.full((n, k), -1, np.int64)
+    if not len(found):
+        return out_scores, out_ids
     for row in range(n):
-        cand = [int(i) for i in ids[row] if i >= 0 and int(i) in vectors]
-        if not cand:
+        cand = np.unique(ids[row][ids[row] >= 0])  # sorted: ties below go to the smaller id
+        pos = np.minimum(np.searchsorted(found, cand), len(found) - 1)
+        known = found[pos] == cand
+        cand, pos = cand[known], pos[known]
+        if not len(cand):
             continue
-        mat = np.stack([vectors[i] for i in cand]).astype(np.float32)
-        scores = mat @ np.asarray(queries[row], dtype=np.float32)
-        order = np.lexsort((np.array(cand), -scores))[:k]
+        scores = matrix[pos] @ np.asarray(queries[row], dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")[:k]
         out_scores[row, : len(order)] = scores[order]
-        out_ids[row, : len(order)] = np.array(cand)[order]
+        out_ids[row, : len(order)] = cand[order]
     return out_scores, out_ids
