@@ -159,8 +159,7 @@ def cluster_index(
     """Cluster every indexed image into ``k`` groups and store the result (replacing any earlier one)."""
     t0 = time.perf_counter()
     with storage_errors(index_dir), IndexStore.open(index_dir) as store:
-        store.require_vectors()
-        if store.catalog.counts()["ok"] > POINTS_PER_CENTROID * k:
+        if store.require_stored_vectors() > POINTS_PER_CENTROID * k:
             ids, centroids, assign, dist, objective = kmeans_sampled(store, k, niter=niter, seed=seed, device=device)
         else:
             ids, vectors = store.all_vectors()

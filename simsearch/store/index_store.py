@@ -662,6 +662,18 @@ class IndexStore:
         assert self.ann is not None
         return self.ann
 
+    def require_stored_vectors(self) -> int:
+        """The number of images with a stored vector; an error for an index with none. Jobs that read
+        the stored vectors (k-means, duplicates) call this instead of :meth:`require_vectors`, which
+        loads the FAISS file they do not need (2 GB for a flat layout of 1M x 512)."""
+        n = int(self.catalog.counts()["ok"])
+        if n == 0:
+            raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
+        if self.saved and not self.ann_path.exists():
+            self.require_consistent()  # a damaged index: say how to repair it rather than work around it
+        self._require_vectors_file()
+        return n
+
     # -- labels (the catalog's labels table; written only through these) ------------------------
     def import_labels(self, labels: dict[int, str]) -> None:
         """Record given labels (image id -> label) in one transaction; they replace any label those images had."""
