@@ -191,6 +191,25 @@ def test_layout_switches_automatically_as_the_index_grows(tmp_path, monkeypatch)
         store.close()
 
 
+def test_layout_does_not_flip_back_and_forth_around_a_threshold(tmp_path, monkeypatch):
+    monkeypatch.setattr(layouts, "FLAT_MAX", 1000)
+    store, _ = make_store(tmp_path / "idx", 1100)
+    try:
+        assert maintain_layout(store)["layout"] == "hnsw"
+        rows = store.catalog.rows()
+        store.apply_changes(moves=[], removals=rows[:150])  # 950 left: below the threshold, within 20%
+        store.save()
+        assert maintain_layout(store) is None and store.meta["ann_layout"]["layout"] == "hnsw"
+        assert layouts.needs_rebuild(store, AnnRequest(), hysteresis=False)[0]  # without it: a rebuild
+        store.apply_changes(moves=[], removals=rows[150:400])  # 700 left: well below, back to exact
+        store.save()
+        assert maintain_layout(store)["layout"] == "flat" and store.check().ok
+        q = clustered(3, seed=5)
+        assert (open_layout_search(store).search(q, 5)[1] == brute(store, q, 5)).all()
+    finally:
+        store.close()
+
+
 KILL_SCRIPT = """
 import sys, time
 import simsearch.store.vector_index as vector_index

@@ -52,6 +52,7 @@ FLAT_MAX = 50_000  # below this many vectors exact search is fast enough (a few 
 DEFAULT_MEMORY = 1 << 30  # --ann-memory: 1 GiB
 DEFAULT_RECALL = 0.95
 TOMBSTONE_REBUILD_FRACTION = 0.2
+HYSTERESIS = 0.2  # an automatic layout stays while it would still be chosen at +-20% of the size
 HNSW_M = 32
 TUNE_QUERIES = 200
 TUNE_K = 10
@@ -350,14 +351,23 @@ def build_layout(store: Any, dim: int, factory: str, target: float, seed: int = 
     }
 
 
-def needs_rebuild(store: Any, request: AnnRequest) -> tuple[bool, str, str, str]:
-    """(whether the layout must be rebuilt, layout, factory, why) for the store as it is now."""
+def needs_rebuild(store: Any, request: AnnRequest, hysteresis: bool = True) -> tuple[bool, str, str, str]:
+    """(whether the layout must be rebuilt, layout, factory, why) for the store as it is now.
+
+    ``hysteresis``: an ``auto`` layout is kept while it would still be chosen for a collection
+    :data:`HYSTERESIS` smaller or larger, so that a collection hovering around a threshold (adding
+    and deleting a few files around 50,000) is not rebuilt on every run."""
     meta = store.meta
     n = int(store.catalog.counts()["ok"])
     dim = int(meta["dim"])
     layout, factory, why = choose_layout(n, dim, request)
     current = str(meta.get("faiss_factory", DEFAULT_FACTORY))
     info = meta.get("ann_layout") or {}
+    if factory != current and hysteresis and request.ann == "auto" and info:
+        near = {choose_layout(max(1, round(n * f)), dim, request) for f in (1 - HYSTERESIS, 1 + HYSTERESIS)}
+        kept = next((c for c in near if c[1] == current), None)
+        if kept is not None:
+            layout, factory, why = kept[0], current, f"{n} vectors: within {HYSTERESIS:.0%} of the threshold, {kept[0]} kept"
     if factory != current:
         return True, layout, factory, why
     if info and info.get("recall_target") != request.recall and (search_parameter(store.ann.index) or is_lossy(factory)):
@@ -381,11 +391,12 @@ def maintain_layout(store: Any, request: AnnRequest | None = None, force: bool =
     if request.ann not in LAYOUTS:
         factory_for(request.ann, 1000, int(meta["dim"]))  # a bad factory string fails before any work
     remove_orphans(store.path, keep=store.ann_path.name)
+    request_changed = meta.get("ann_request") is not None and meta.get("ann_request") != request.to_meta()
     if meta.get("ann_request") != request.to_meta():
         store.set_meta({"ann_request": request.to_meta()})
     if int(store.catalog.counts()["ok"]) == 0:
         return None
-    rebuild, layout, factory, why = needs_rebuild(store, request)
+    rebuild, layout, factory, why = needs_rebuild(store, request, hysteresis=not request_changed)
     if not (rebuild or force):
         return None
     log.info("building the %s layout (%s): %s", layout, factory, why)
