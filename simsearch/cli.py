@@ -908,7 +908,9 @@ def _echo_calibration(cal: dict[str, Any], err: bool) -> None:
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @index_option
-@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Labelled neighbours that vote.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=None, help="Labelled neighbours that vote [default: chosen by leave-one-out on the labels].")
+@click.option("--transform", type=click.Choice(["auto", "cosine", "whitened"]), default="auto", show_default=True,
+              help="Space of the vote's cosine: as stored, or whitened (fitted on the index); auto: chosen by leave-one-out.")
 @click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="Abstain below this calibrated confidence.")
 @click.option("--method", type=click.Choice(["auto", "knn", "head"]), default="auto", show_default=True, help="kNN vote, or the trained head's class proxies (needs a simsearch train checkpoint).")
 @click.option("--write", is_flag=True, help="Store the confident predictions as predicted labels (replacing earlier ones).")
@@ -919,7 +921,7 @@ def _echo_calibration(cal: dict[str, Any], err: bool) -> None:
 @json_option
 @handle_errors
 def classify(
-    images: tuple[Path, ...], index_dir: Path | None, k: int, min_confidence: float, method: str, write: bool,
+    images: tuple[Path, ...], index_dir: Path | None, k: int | None, transform: str, min_confidence: float, method: str, write: bool,
     suspects: bool, evaluate: bool, as_csv: bool, device: str, as_json: bool,
 ) -> None:
     """Predict labels of the unlabelled indexed images (or of IMAGE files) from their labelled neighbours."""
@@ -931,14 +933,16 @@ def classify(
     if (suspects or evaluate) and (images or write):
         raise click.UsageError("--suspects and --eval work on the labelled images: no IMAGE, no --write")
     if evaluate:
-        report = evaluate_labels(index_dir, k=k)
+        report = evaluate_labels(index_dir, k=k, transform=transform)
         _echo_csv(report.curve) if as_csv else render(report, as_json, _print_label_eval)
         return
     if suspects:
-        found = find_suspects(index_dir, k=k)
+        found = find_suspects(index_dir, k=k, transform=transform)
         _echo_csv(s.to_dict() for s in found) if as_csv else render(found, as_json, _print_suspects)
         return
-    result = classify_index(index_dir, images, k=k, min_confidence=min_confidence, method=method, write=write, device=device)
+    result = classify_index(
+        index_dir, images, k=k, min_confidence=min_confidence, method=method, write=write, device=device, transform=transform
+    )
     if as_json:
         render(result, as_json, _print_classified)
         return
@@ -949,7 +953,8 @@ def classify(
     summary = result.summary()
     click.echo(
         f"{summary['images']} images: {summary['classified']} classified, {summary['abstained']} abstained "
-        f"(min confidence {min_confidence}); {result.method} k={result.k}, leave-one-out accuracy "
+        f"(min confidence {min_confidence}); {result.method} k={result.k}, {summary['calibration']['transform']}, "
+        f"T={summary['calibration']['temperature']}, leave-one-out accuracy "
         f"{summary['calibration']['loo_accuracy']:.4f}, ECE {summary['calibration']['ece']:.4f}"
         + (f"; wrote {result.written} predicted labels" if write else ""),
         err=True,
@@ -957,7 +962,7 @@ def classify(
 
 
 def _print_label_eval(report: EvalReport) -> None:
-    click.echo(f"{report.labelled} labelled images, {report.classes} classes (leave-one-out)")
+    click.echo(f"{report.labelled} labelled images, {report.classes} classes (leave-one-out; {report.transform}, T={report.temperature})")
     click.echo("accuracy: " + "  ".join(f"k={j} {a:.4f}" for j, a in report.accuracy_at_k.items()))
     click.echo(f"at k={report.k}: accuracy at 90% coverage {report.accuracy_at_90_coverage:.4f}, calibration error (ECE) {report.ece:.4f}")
     click.echo("min confidence  coverage  accuracy")

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 
 from conftest import FAST_ARGS, make_image, run_index
 from simsearch.classify import (
+    GRID_K,
+    GRID_T,
     TEMPERATURE,
     Calibration,
     LabelledNeighbours,
@@ -25,6 +27,7 @@ from simsearch.classify import (
     expected_calibration_error,
     find_suspects,
     fit_isotonic,
+    fit_whitening,
     vote_shares,
 )
 from simsearch.cli import cli
@@ -60,10 +63,42 @@ def give(path: Path, ids, labels) -> None:
         store.import_labels({int(i): f"c{int(l)}" for i, l in zip(ids, labels)})
 
 
-def brute_shares(sims_row: np.ndarray, labels_row: np.ndarray, k: int, n_classes: int) -> np.ndarray:
+def anisotropic(n: int, classes: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded unit vectors whose classes differ only in low-variance directions, while a few
+    directions of large class-free variance dominate the plain cosine: what whitening is for."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((classes, dim))
+    centres[:, dim // 2 :] = rng.standard_normal((classes, dim - dim // 2))
+    y = rng.integers(0, classes, n)
+    scale = np.ones(dim)
+    scale[:3] = 8.0  # nuisance directions
+    x = 3.0 + centres[y] + 0.6 * rng.standard_normal((n, dim)) * scale
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x, y
+
+
+def brute_space(stored: np.ndarray, kind: str) -> np.ndarray:
+    """The vectors the cosine is taken on, with numpy only: for ``whitened`` (all dimensions kept, as
+    for d < 512) the Mahalanobis form of signed-square-root vectors, through the inverse covariance."""
+    if kind == "cosine":
+        return stored.astype(np.float64)
+    z = np.sign(stored) * np.sqrt(np.abs(stored.astype(np.float64)))
+    z -= z.mean(axis=0)
+    inv = np.linalg.inv(z.T @ z / len(z))
+    w = z @ np.linalg.cholesky(inv)  # w w^T = z inv z^T
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+def brute_loo_accuracy(space: np.ndarray, y: np.ndarray, k: int, temperature: float, n_classes: int) -> float:
+    full = space @ space.T
+    np.fill_diagonal(full, -np.inf)
+    return float(np.mean([brute_shares(full[i], y, k, n_classes, temperature).argmax() == y[i] for i in range(len(y))]))
+
+
+def brute_shares(sims_row: np.ndarray, labels_row: np.ndarray, k: int, n_classes: int, temperature: float = TEMPERATURE) -> np.ndarray:
     """The vote of one query from its full similarity row, with numpy only."""
     order = np.argsort(-sims_row, kind="stable")[:k]
-    w = np.exp(sims_row[order] / TEMPERATURE)
+    w = np.exp((sims_row[order] - sims_row[order].max()) / temperature)
     out = np.zeros(n_classes)
     for weight, label in zip(w, labels_row[order]):
         out[label] += weight
@@ -191,23 +226,69 @@ def test_suspects_find_planted_label_flips(tmp_path: Path) -> None:
     assert shares == sorted(shares)
 
 
-def test_eval_matches_numpy_leave_one_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["cosine", "whitened"])
+def test_eval_matches_numpy_leave_one_out(tmp_path: Path, kind: str) -> None:
     x, y = clustered(500, 5, spread=0.9, seed=9)
     ids = vector_index(tmp_path / "idx", x)
     give(tmp_path / "idx", ids, y)
-    report = evaluate_labels(tmp_path / "idx", k=10)
+    report = evaluate_labels(tmp_path / "idx", k=10, transform=kind)
+    assert report.transform == kind and report.temperature in GRID_T
     with IndexStore.open(tmp_path / "idx") as store:
         _, x = store.all_vectors()  # what the index holds (float16 on disk), in id order = x's order
-    full = x @ x.T
-    np.fill_diagonal(full, -np.inf)
+    space = brute_space(x, kind)
     for k in (1, 5, 10, 20):
-        want = np.mean([brute_shares(full[i], y, k, 5).argmax() == y[i] for i in range(500)])
+        want = brute_loo_accuracy(space, y, k, report.temperature, 5)
         assert report.accuracy_at_k[k] == pytest.approx(want, abs=1e-6)
     assert report.curve[0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": pytest.approx(report.accuracy_at_k[10])}
     coverages = [row["coverage"] for row in report.curve]
     assert coverages == sorted(coverages, reverse=True)
     assert report.accuracy_at_90_coverage >= report.accuracy_at_k[10] - 1e-9
     assert report.ece < 0.08
+
+
+def test_whitening_makes_the_sample_white() -> None:
+    x, _ = anisotropic(3000, 4, seed=20)
+    w = fit_whitening(x)
+    assert w is not None and w.kind == "whitened" and w.dims == 16
+    z = (np.sign(x) * np.sqrt(np.abs(x)) - w.mean) @ w.projection
+    np.testing.assert_allclose(z.T @ z / len(z), np.eye(16), atol=2e-3)
+    out = w(x)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert fit_whitening(x[:2]) is None  # too few vectors to fit one
+
+
+def test_settings_are_chosen_by_leave_one_out_as_numpy_finds(tmp_path: Path) -> None:
+    """Auto settings = the grid point of best leave-one-out accuracy (numpy brute force over every
+    transform, k and T); on this data it is the whitened space, and it classifies held-out images better."""
+    x, y = anisotropic(900, 4, seed=21)
+    ids = vector_index(tmp_path / "idx", x)
+    give(tmp_path / "idx", ids[:300], y[:300])
+    auto = classify_index(tmp_path / "idx")
+    info = auto.calibration
+    with IndexStore.open(tmp_path / "idx") as store:
+        _, stored = store.all_vectors()
+        assert store.meta["classifier"]["transform"] == info.transform  # recorded
+    best: dict[str, tuple[float, int, float]] = {}
+    for kind in ("cosine", "whitened"):
+        space = brute_space(stored, kind)[:300]  # the whitening is fitted on every indexed vector
+        for k in GRID_K:
+            for t in GRID_T:
+                acc = brute_loo_accuracy(space, y[:300], k, t, 4)
+                if kind not in best or acc > best[kind][0] + 1e-12:
+                    best[kind] = (acc, k, t)
+    assert [(s["transform"], s["k"], s["temperature"]) for s in info.selection] == [(t, best[t][1], best[t][2]) for t in best]
+    for s in info.selection:
+        assert s["loo_accuracy"] == pytest.approx(best[s["transform"]][0], abs=1e-6)
+    assert info.transform == "whitened" and best["whitened"][0] > best["cosine"][0]
+    assert (info.k, info.temperature) == best["whitened"][1:]
+    truth = dict(zip(ids, y))
+
+    def accuracy(result) -> float:
+        return float(np.mean([truth[int(i)] == int(result.classes[b][1:]) for i, b in zip(result.ids, result.best)]))
+
+    plain = classify_index(tmp_path / "idx", transform="cosine")
+    assert plain.calibration.transform == "cosine" and plain.calibration.selection[0]["transform"] == "cosine"
+    assert accuracy(auto) > accuracy(plain) + 0.05
 
 
 def test_no_labels_or_one_class_says_what_is_needed(tmp_path: Path) -> None:
