@@ -24,9 +24,14 @@ This module owns turning an index's given labels (see :mod:`simsearch.labels`) i
 * **Evaluation.** Leave-one-out accuracy for k in 1, 5, 10, 20, the accuracy/coverage curve over the
   confidence threshold, and the calibration error.
 
-Nothing here imports torch unless IMAGE files from outside the stored vectors must be embedded.
-``--method head`` (the class proxies of a ``simsearch train`` checkpoint) is refused with a clear
-message: the checkpoints this version writes carry class names but not the loss's class proxies.
+* **The trained head** (``--method head``, for an index built with a ``simsearch train``
+  checkpoint): each image goes to the class whose recorded proxy (see
+  :mod:`simsearch.models.checkpoint`) is nearest, calibrated on the given labels among its classes.
+  ``auto`` uses it when it is at least as accurate as the kNN vote, and falls back to kNN for a
+  checkpoint that records no proxies.
+
+Nothing here imports torch unless IMAGE files from outside the stored vectors must be embedded, or
+a checkpoint must be read.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ ECE_BINS = 15
 CALIBRATION_FOLDS = 5
 CURVE_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 METHODS = ("knn", "head", "auto")
+HEAD_TEMPERATURE = 0.05  # softmax over the cosines to the class proxies (the calibration maps it to a probability)
 
 
 # -- the algorithm, on arrays -------------------------------------------------------------------
@@ -338,8 +344,8 @@ class CalibrationInfo:
     labelled: int
     classes: int
     fitted_on: int
-    loo_accuracy: float
-    ece: float
+    loo_accuracy: float | None  # the head: its accuracy on the labelled images of its classes (None: there are none)
+    ece: float | None
     fingerprint: str
     fitted_at: str
     calibration: Calibration
@@ -358,7 +364,19 @@ class KnnClassifier:
     info: CalibrationInfo
     transform: Transform
     neighbours: LabelledNeighbours
-    n_classes: int
+    data: LabelledData
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.data.classes)
+
+    @property
+    def labelled_ids(self) -> np.ndarray:
+        return self.data.ids
 
     def shares(self, vectors: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
         """Vote shares of stored-space ``vectors``; ``own``: labelled positions to leave out (-1: none)."""
@@ -424,7 +442,7 @@ def fit_classifier(
         fields["calibration"] = Calibration(**recorded["calibration"])
         info = CalibrationInfo(**fields)
         chosen = _transforms(store, info.transform, seed)[info.transform]
-        return KnnClassifier(info, chosen, LabelledNeighbours(chosen(data.vectors), data.y), len(data.classes))
+        return KnnClassifier(info, chosen, LabelledNeighbours(chosen(data.vectors), data.y), data)
 
     n_classes = len(data.classes)
     positions = np.arange(len(data.ids))
@@ -479,7 +497,7 @@ def fit_classifier(
         selection=selection,
     )
     store.record_classifier(info.to_dict())
-    return KnnClassifier(info, chosen, neighbours, n_classes)
+    return KnnClassifier(info, chosen, neighbours, data)
 
 
 def _leave_one_out_neighbours(neighbours: LabelledNeighbours, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -492,21 +510,125 @@ def _leave_one_out_neighbours(neighbours: LabelledNeighbours, positions: np.ndar
     return np.concatenate(sims), np.concatenate(labels)
 
 
-def _check_method(store: IndexStore, method: str) -> str:
+# -- the trained head's class proxies (--method head) ------------------------------------------------
+@dataclass
+class HeadClasses:
+    """The class vectors a ``simsearch train`` checkpoint records, in its embedding space."""
+
+    names: list[str]
+    proxies: np.ndarray  # (classes, dim), unit rows
+    source: str  # the loss's proxies, or the class means of the training embeddings
+    checkpoint: str
+
+
+def head_classes_of(store: IndexStore) -> tuple[HeadClasses | None, str]:
+    """The class proxies of the checkpoint the index was built with; or None and why there are none."""
+    weights = str(store.meta.get("weights", ""))
+    if not weights.startswith("checkpoint:"):
+        return None, (
+            f"--method head needs an index built with a simsearch train checkpoint as --weights; the index at "
+            f"{store.path} was built with {store.meta.get('model')} ({weights}). Use --method knn"
+        )
+    source = str(store.meta.get("weights_source", ""))
+    if not Path(source).is_file():
+        return None, f"--method head reads the class proxies from the checkpoint the index was built with, {source}, which is not found"
+    from .models.checkpoint import head_classes, load_checkpoint
+    from .models.weights import file_digest
+
+    if not weights.endswith(":" + file_digest(source)):
+        return None, f"--method head: the checkpoint {source} has changed since the index was built with it (re-index with it)"
+    found = head_classes(load_checkpoint(source), source)
+    if found is None:
+        return None, (
+            f"--method head needs the class proxies of the trained head, which the checkpoint {source} does not record "
+            "(it was written by an older simsearch train): train again with this version, or use --method knn"
+        )
+    names, proxies, origin = found
+    if proxies.shape[1] != int(store.meta["dim"]):
+        return None, f"--method head: the checkpoint's proxies are {proxies.shape[1]}-d, the index holds {store.meta['dim']}-d vectors"
+    return HeadClasses(names, proxies, origin, source), ""
+
+
+@dataclass
+class HeadClassifier:
+    """Classification by the nearest class proxy: softmax of the cosines (temperature HEAD_TEMPERATURE),
+    calibrated on the index's given labels that name one of the head's classes."""
+
+    info: CalibrationInfo
+    head: HeadClasses
+    labelled_ids: np.ndarray  # given-labelled rows: not classified when classifying the index
+
+    @property
+    def classes(self) -> list[str]:
+        return self.head.names
+
+    def shares(self, vectors: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+        logits = np.asarray(vectors, np.float64) @ self.head.proxies.T.astype(np.float64) / HEAD_TEMPERATURE
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+
+def fit_head_classifier(store: IndexStore, head: HeadClasses, seed: int = 0) -> HeadClassifier:
+    """The head classifier, calibrated on the given labels among its classes (uncalibrated without any).
+
+    The accuracy reported is the head's on those labelled images: optimistic when they are the
+    images the head was trained on.
+    """
+    labels = store.catalog.labels("given")
+    position = {name: i for i, name in enumerate(head.names)}
+    usable = np.array(sorted(i for i, label in labels.items() if label in position), dtype=np.int64)
+    ids, vectors = store.vectors_of(usable) if len(usable) else (np.zeros(0, np.int64), None)
+    classifier = HeadClassifier(
+        CalibrationInfo(
+            method="head", k=0, temperature=HEAD_TEMPERATURE, transform="head proxies", whiten_dims=0,
+            labelled=len(labels), classes=len(head.names), fitted_on=len(ids), loo_accuracy=None, ece=None,
+            fingerprint="", fitted_at=utc_now(), calibration=Calibration([0.0, 1.0], [0.0, 1.0]),
+            requested={"method": "head", "checkpoint": head.checkpoint, "proxies": head.source},
+        ),
+        head,
+        np.fromiter(labels, dtype=np.int64),
+    )
+    if len(ids):
+        assert vectors is not None
+        shares = classifier.shares(vectors)
+        raw = shares.max(axis=1)
+        correct = shares.argmax(axis=1) == np.array([position[labels[int(i)]] for i in ids])
+        classifier.info.calibration = Calibration.fit(raw, correct)
+        classifier.info.loo_accuracy = round(float(correct.mean()), 6)
+        classifier.info.ece = round(expected_calibration_error(cross_fitted_confidence(raw, correct, seed=seed), correct), 6)
+    return classifier
+
+
+def _choose_classifier(
+    store: IndexStore, method: str, k: int | None, transform: str, temperature: float | None
+) -> KnnClassifier | HeadClassifier:
+    """``knn``: the kNN vote (needs labels). ``head``: the checkpoint's class proxies. ``auto``: the
+    head when the index has one and it is at least as accurate on the labelled images of its
+    classes as the kNN vote is leave-one-out (or when there are no labels); else kNN."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use knn, head or auto")
-    if method == "head":
-        source = str(store.meta.get("weights_source", ""))
-        if not source.lower().endswith((".pt", ".pth")) and "checkpoint" not in source:
-            raise InputError(
-                f"--method head needs an index built with a simsearch train checkpoint as --weights; the index at "
-                f"{store.path} was built with {store.meta.get('model')} ({store.meta.get('weights')}). Use --method knn"
-            )
-        raise InputError(
-            "--method head needs the trained head's class proxies, which simsearch train checkpoints do not "
-            "record yet; use --method knn (on the index built with the checkpoint, its embedding is the trained one)"
-        )
-    return "knn"
+    head = None
+    if method in ("head", "auto"):
+        head, why = head_classes_of(store)
+        if head is None and method == "head":
+            raise InputError(why)
+        if head is None:
+            log.info("method auto: kNN (%s)", why)
+    if head is not None:
+        by_head = fit_head_classifier(store, head)
+        if method == "head":
+            return by_head
+        try:
+            data = load_labelled(store)
+        except InputError:
+            return by_head  # no labels to vote: the head needs none
+        knn = fit_classifier(store, data, _check_k(k, data), transform, temperature)
+        if by_head.info.fitted_on and (by_head.info.loo_accuracy or 0.0) >= knn.info.loo_accuracy:
+            return by_head
+        return knn
+    data = load_labelled(store)
+    return fit_classifier(store, data, _check_k(k, data), transform, temperature)
 
 
 # -- classify -----------------------------------------------------------------------------------
@@ -592,6 +714,7 @@ class ClassifyResult:
                 "loo_accuracy": self.calibration.loo_accuracy,
                 "ece": self.calibration.ece,
                 "labelled": self.calibration.labelled,
+                "fitted_on": self.calibration.fitted_on,
                 "fitted_at": self.calibration.fitted_at,
             },
             "seconds": round(self.seconds, 3),
@@ -602,7 +725,7 @@ class ClassifyResult:
 
 
 def _classify_vectors(
-    classifier: KnnClassifier, vectors: np.ndarray, own: np.ndarray | None = None
+    classifier: KnnClassifier | HeadClassifier, vectors: np.ndarray, own: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(top class, raw share, calibrated confidence) per vector; ``own``: labelled positions to leave out."""
     shares = classifier.shares(vectors, own)
@@ -635,20 +758,19 @@ def classify_index(
         raise InputError("--write stores predictions for indexed images; give no IMAGE with it")
     with IndexStore.open(index_dir) as store:
         store.require_vectors()
-        method = _check_method(store, method)
-        data = load_labelled(store)
-        classifier = fit_classifier(store, data, _check_k(k, data), transform, temperature)
+        classifier = _choose_classifier(store, method, k, transform, temperature)
         info = classifier.info
+        classes = classifier.classes
         paths: list[str] | None = None
         if images:
             paths = [str(p) for p in images]
             ids, vectors = _embed_images(store, paths, device)
             # an indexed, labelled IMAGE is classified by its neighbours, not by its own label
-            position = {int(i): n for n, i in enumerate(data.ids)}
+            position = {int(i): n for n, i in enumerate(classifier.labelled_ids)}
             own = np.array([position.get(int(i), -1) for i in ids], dtype=np.int64)
             best, raw, conf = _classify_vectors(classifier, vectors, own)
         else:
-            labelled = data.ids
+            labelled = classifier.labelled_ids
             parts: list[tuple[np.ndarray, ...]] = []
             for chunk_ids, vectors in store.iter_vectors(chunk=SEARCH_CHUNK):
                 keep = ~np.isin(chunk_ids, labelled, assume_unique=True)
@@ -657,11 +779,11 @@ def classify_index(
             empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.float32))
             ids, best, raw, conf = (np.concatenate(c) for c in zip(*parts)) if parts else empty
         result = ClassifyResult(
-            str(store.path), method, info.k, min_confidence, data.classes, info, ids, best, raw, conf, paths
+            str(store.path), info.method, info.k, min_confidence, classes, info, ids, best, raw, conf, paths
         )
         if write:
             confident = conf >= min_confidence
-            chosen = {int(i): data.classes[int(b)] for i, b in zip(ids[confident], best[confident])}
+            chosen = {int(i): classes[int(b)] for i, b in zip(ids[confident], best[confident])}
             store.write_predictions(chosen, {int(i): round(float(c), 6) for i, c in zip(ids[confident], conf[confident])})
             result.written = len(chosen)
     result.seconds = time.perf_counter() - t0

@@ -953,11 +953,25 @@ def classify(
     summary = result.summary()
     click.echo(
         f"{summary['images']} images: {summary['classified']} classified, {summary['abstained']} abstained "
-        f"(min confidence {min_confidence}); {result.method} k={result.k}, {summary['calibration']['transform']}, "
-        f"T={summary['calibration']['temperature']}, leave-one-out accuracy "
-        f"{summary['calibration']['loo_accuracy']:.4f}, ECE {summary['calibration']['ece']:.4f}"
+        f"(min confidence {min_confidence}); " + _describe_classifier(summary["calibration"], result.method, result.k)
         + (f"; wrote {result.written} predicted labels" if write else ""),
         err=True,
+    )
+
+
+def _describe_classifier(cal: dict[str, Any], method: str, k: int) -> str:
+    """One line on the classifier a classify run used, for stderr."""
+    def figure(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    if method == "head":
+        return (
+            f"head ({cal['transform']}), accuracy on {cal['fitted_on']} labelled images of its classes "
+            f"{figure(cal['loo_accuracy'])}, ECE {figure(cal['ece'])}" + ("" if cal["fitted_on"] else " (confidence not calibrated)")
+        )
+    return (
+        f"knn k={k}, {cal['transform']}, T={cal['temperature']}, leave-one-out accuracy "
+        f"{figure(cal['loo_accuracy'])}, ECE {figure(cal['ece'])}"
     )
 
 

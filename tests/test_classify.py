@@ -456,3 +456,93 @@ def test_classify_of_stored_vectors_does_not_import_torch(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "False"
+
+
+# -- the trained head (--method head) ---------------------------------------------------------------
+def trained_checkpoint(tmp_path: Path, loss: str) -> tuple[Path, Path]:
+    """Generated shape images (3 classes) and a seeded random ResNet-18 with a head trained on them for one epoch."""
+    from simsearch.train import TrainConfig, train
+
+    data = tmp_path / "shapes"
+    for c, shape in enumerate(("ellipse", "rectangle", "triangle")):
+        for i in range(6):
+            make_image(data / shape / f"{i}.png", size=(64, 64), color=(60 + 30 * i, 200 - 20 * c, 90), shape=shape, seed=100 * c + i)
+    config = TrainConfig(
+        model="resnet18", weights="random", dim=16, epochs=1, batch_size=32, workers=0, image_size=64,
+        loss=loss, head_init="random", val_fraction=0.0, phases="head", device="cpu",
+    )
+    out = tmp_path / f"{loss}.pt"
+    train(data, out, config)
+    return data, out
+
+
+@pytest.mark.parametrize("loss", ["supcon", "arcface"])
+def test_method_head_classifies_by_the_checkpoints_class_proxies(tmp_path: Path, loss: str) -> None:
+    from simsearch.models.checkpoint import load_checkpoint
+
+    data, out = trained_checkpoint(tmp_path, loss)
+    state = load_checkpoint(out)
+    recorded = state["classifier"]
+    names = recorded["class_names"]
+    proxies = recorded["proxies"].numpy()
+    assert names == ["ellipse", "rectangle", "triangle"] and proxies.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, rtol=1e-5)
+    idx = tmp_path / "idx"
+    assert invoke("index", data, "--index", idx, "--weights", out, "--workers", "0", "--device", "cpu", "-q").exit_code == 0
+    with IndexStore.open(idx) as store:
+        ids, stored = store.all_vectors()
+        path_of = {int(i): r.path for i, r in store.catalog.rows_by_ids(ids.tolist()).items()}
+    truth = np.array([names.index(Path(path_of[int(i)]).parent.name) for i in ids])
+    if loss == "supcon":  # no proxies in the loss: the class means of the training embeddings
+        assert recorded["source"] == "class means of the training embeddings"
+        means = np.stack([stored[truth == c].mean(axis=0) for c in range(3)])
+        means /= np.linalg.norm(means, axis=1, keepdims=True)
+        assert np.all(np.sum(means * proxies, axis=1) > 0.99)
+    else:
+        assert recorded["source"] == "proxies of the arcface loss"
+
+    # no labels: the head needs none; every image goes to its nearest proxy (numpy), uncalibrated
+    result = classify_index(idx, method="head")
+    assert result.method == "head" and result.classes == names and list(result.ids) == list(ids)
+    cos = stored.astype(np.float64) @ proxies.T.astype(np.float64)
+    np.testing.assert_array_equal(result.best, cos.argmax(axis=1))
+    p = np.exp((cos - cos.max(axis=1, keepdims=True)) / 0.05)
+    np.testing.assert_allclose(result.vote_share, (p / p.sum(axis=1, keepdims=True)).max(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(result.confidence, result.vote_share, rtol=1e-6)
+    assert result.calibration.fitted_on == 0 and result.calibration.loo_accuracy is None
+    assert classify_index(idx, method="auto").method == "head"  # no labels to vote with
+
+    # with labels of half the images: calibrated on them, the other half classified
+    give_paths = {path_of[int(i)]: names[t] for n, (i, t) in enumerate(zip(ids, truth)) if n % 2 == 0}
+    with IndexStore.open(idx) as store:
+        store.import_labels({store.catalog.row_by_path(p).id: label for p, label in give_paths.items()})
+    result = classify_index(idx, method="head", write=True)
+    labelled = np.array([n % 2 == 0 for n in range(len(ids))])
+    assert sorted(result.ids.tolist()) == sorted(ids[~labelled].tolist()) and result.written == len(result.ids)
+    assert result.calibration.fitted_on == labelled.sum()
+    assert result.calibration.loo_accuracy == pytest.approx(float(np.mean(cos[labelled].argmax(axis=1) == truth[labelled])), abs=1e-6)
+    knn = classify_index(idx, method="knn")
+    auto = classify_index(idx, method="auto")
+    assert auto.method == ("head" if result.calibration.loo_accuracy >= knn.calibration.loo_accuracy else "knn")
+    r = invoke("classify", "--index", idx, "--method", "head", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "head"
+    assert "head (" in invoke("classify", "--index", idx, "--method", "head").stderr
+
+
+def test_method_head_with_a_checkpoint_without_proxies(tmp_path: Path) -> None:
+    """A checkpoint written before the proxies were recorded: head is a clear error, auto is kNN."""
+    import torch
+
+    data, out = trained_checkpoint(tmp_path, "supcon")
+    state = torch.load(out, weights_only=True)
+    del state["classifier"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    idx = tmp_path / "idx"
+    assert invoke("index", data, "--index", idx, "--weights", old, "--workers", "0", "--device", "cpu", "-q").exit_code == 0
+    import_labels(data, idx)
+    with pytest.raises(InputError, match="does not record.*train again with this version, or use --method knn"):
+        classify_index(idx, method="head")
+    r = invoke("classify", "--index", idx, "--method", "head")
+    assert r.exit_code == 1 and "class proxies" in r.stderr
+    assert classify_index(idx, method="auto", k=3).method == "knn"
