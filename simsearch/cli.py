@@ -917,12 +917,13 @@ def _echo_calibration(cal: dict[str, Any], err: bool) -> None:
 @click.option("--suspects", is_flag=True, help="List labelled images whose neighbours disagree with their label.")
 @click.option("--eval", "evaluate", is_flag=True, help="Leave-one-out accuracy (k = 1, 5, 10, 20), accuracy/coverage, calibration error.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print results as CSV.")
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the predictions as a self-contained HTML page of thumbnails grouped by class.")
 @device_option
 @json_option
 @handle_errors
 def classify(
     images: tuple[Path, ...], index_dir: Path | None, k: int | None, transform: str, min_confidence: float, method: str, write: bool,
-    suspects: bool, evaluate: bool, as_csv: bool, device: str, as_json: bool,
+    suspects: bool, evaluate: bool, as_csv: bool, html: Path | None, device: str, as_json: bool,
 ) -> None:
     """Predict labels of the unlabelled indexed images (or of IMAGE files) from their labelled neighbours."""
     from .classify import classify_index, evaluate_labels, find_suspects
@@ -930,8 +931,8 @@ def classify(
     index_dir = index_dir or default_index_dir()
     if suspects and evaluate:
         raise click.UsageError("give --suspects or --eval, not both")
-    if (suspects or evaluate) and (images or write):
-        raise click.UsageError("--suspects and --eval work on the labelled images: no IMAGE, no --write")
+    if (suspects or evaluate) and (images or write or html is not None):
+        raise click.UsageError("--suspects and --eval work on the labelled images: no IMAGE, no --write, no --html")
     if evaluate:
         report = evaluate_labels(index_dir, k=k, transform=transform)
         _echo_csv(report.curve) if as_csv else render(report, as_json, _print_label_eval)
@@ -943,6 +944,11 @@ def classify(
     result = classify_index(
         index_dir, images, k=k, min_confidence=min_confidence, method=method, write=write, device=device, transform=transform
     )
+    if html is not None:
+        from .report import write_classify_html
+
+        write_classify_html(index_dir, result, html)
+        click.echo(f"wrote {html}", err=True)
     if as_json:
         render(result, as_json, _print_classified)
         return

@@ -546,3 +546,41 @@ def test_method_head_with_a_checkpoint_without_proxies(tmp_path: Path) -> None:
     r = invoke("classify", "--index", idx, "--method", "head")
     assert r.exit_code == 1 and "class proxies" in r.stderr
     assert classify_index(idx, method="auto", k=3).method == "knn"
+
+
+def test_classify_html_groups_thumbnails_by_predicted_class(tmp_path: Path, pets: Path) -> None:
+    import html as html_lib
+    import re
+
+    from simsearch.report import write_classify_html
+
+    idx = tmp_path / "idx"
+    run_index(pets, idx)
+    labels_csv = tmp_path / "l.csv"
+    labels_csv.write_text("".join(f"{pets / c / f'{c}{i}.jpg'},{c}\n" for c in ("cat", "dog") for i in range(2)))
+    import_labels(labels_csv, idx)
+    page = tmp_path / "classes.html"
+    r = invoke("classify", "--index", idx, "--k", "3", "--html", page, "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    text = page.read_text()
+    sections = re.findall(r'<section class="class" data-label="([^"]*)" data-abstained="(\w+)">(.*?)</section>', text, re.S)
+    by_label = {label: body for label, abstained, body in sections if abstained == "false"}
+    assert set(by_label) == set(out["by_class"])  # one section per predicted class, named
+    for p in out["predictions"]:
+        body = by_label[p["label"]]
+        assert f'data-path="{html_lib.escape(p["path"], quote=True)}"' in body  # each image under its class
+        assert f'data-score="{p["confidence"]:.4f}"' in body
+    assert text.count("<figure") == len(out["predictions"]) == 4
+    assert text.count('src="data:image/jpeg;base64,') == 4  # thumbnails inline
+
+    # abstentions get their own section with the best guess; per_class caps what is shown
+    result = classify_index(idx, k=3)
+    result.min_confidence = float(np.median(result.confidence)) + 1e-6  # half of them, at least, abstain
+    assert result.abstained >= 2
+    write_classify_html(idx, result, page, per_class=1)
+    text = page.read_text()
+    assert 'data-abstained="true"' in text and "best guess: " in text and "Abstained" in text
+    assert text.count("<figure") == text.count('<section class="class"') == 1 + len(result.summary()["by_class"])
+    assert f"{result.abstained} images (confidence shown), the 1 most confident shown, {result.abstained - 1} more" in text
+    assert invoke("classify", "--index", idx, "--suspects", "--html", page).exit_code == 2
