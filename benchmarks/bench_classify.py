@@ -7,7 +7,9 @@ the test images by kNN and print their accuracy against the true labels, the acc
 confident 90%, the calibration error on these held-out images (and the leave-one-out one the
 classifier reports), and the leave-one-out accuracy for k in 1, 5, 10, 20. Then, with 5% of the
 training labels changed to a random wrong class, the precision of the top 5% of ``--suspects`` at
-finding them. The clean labels are imported again at the end.
+finding them. All of it twice, side by side: with the settings of before (plain cosine, k = 10,
+T = 0.07) and with the default now (chosen by leave-one-out on the labels). The clean labels are
+imported again at the end.
 
 Part 2 (``--synthetic``): for each size, an index of that many seeded clustered unit vectors (with
 ``--synthetic-labelled`` of them labelled) is written to a temporary folder, and the classification of
