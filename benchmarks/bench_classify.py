@@ -181,8 +181,9 @@ CHILD = """
 import json, resource, sys, time
 from simsearch.classify import classify_index
 t0 = time.perf_counter()
-r = classify_index(sys.argv[1], k=int(sys.argv[2]) if sys.argv[2] != "auto" else None)
+r = classify_index(sys.argv[1], **json.loads(sys.argv[2]))
 print(json.dumps({"images": len(r.ids), "seconds": time.perf_counter() - t0, "calibration_fitted_on": r.calibration.fitted_on,
+                  "transform": r.calibration.transform, "k": r.k, "temperature": r.calibration.temperature,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -197,12 +198,17 @@ def synthetic(args: argparse.Namespace) -> list[dict]:
             build_synthetic(path, n, args.synthetic_dim, args.synthetic_classes, args.synthetic_labelled, args.seed)
             print(f"built a synthetic index of {n} {args.synthetic_dim}-d vectors [{time.perf_counter() - t0:.1f}s]")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        for run in ("first (fits the calibration)", "again (recorded calibration)"):
-            done = subprocess.run([sys.executable, "-c", CHILD, str(path), str(args.k or "auto")], capture_output=True, text=True, env=env, check=True)
-            fig = dict(json.loads(done.stdout), n=n, dim=args.synthetic_dim, labelled=args.synthetic_labelled, run=run)
-            out.append(fig)
-            print(f"synthetic {n:>9,} vectors ({args.synthetic_dim}-d, {args.synthetic_labelled:,} labelled, {run}): "
-                  f"{fig['images']:,} classified in {fig['seconds']:.1f}s, peak RSS {fig['peak_rss_mib']:.0f} MiB")
+        for name, settings in SETTINGS.items():
+            settings = dict(settings, **({"k": args.k} if args.k is not None else {}))
+            for run in ("first (fits the calibration)", "again (recorded calibration)"):
+                done = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(path), json.dumps(settings)], capture_output=True, text=True, env=env, check=True
+                )
+                fig = dict(json.loads(done.stdout), n=n, dim=args.synthetic_dim, labelled=args.synthetic_labelled, run=run, settings=name)
+                out.append(fig)
+                print(f"[{name}] synthetic {n:>9,} vectors ({args.synthetic_dim}-d, {args.synthetic_labelled:,} labelled, {run}): "
+                      f"{fig['images']:,} classified in {fig['seconds']:.1f}s, peak RSS {fig['peak_rss_mib']:.0f} MiB"
+                      + (f" [{fig['transform']}, k={fig['k']}, T={fig['temperature']}]" if "transform" in fig else ""))
     return out
 
 
