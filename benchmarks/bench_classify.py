@@ -7,7 +7,9 @@ the test images by kNN and print their accuracy against the true labels, the acc
 confident 90%, the calibration error on these held-out images (and the leave-one-out one the
 classifier reports), and the leave-one-out accuracy for k in 1, 5, 10, 20. Then, with 5% of the
 training labels changed to a random wrong class, the precision of the top 5% of ``--suspects`` at
-finding them. The clean labels are imported again at the end.
+finding them. All of it twice, side by side: with the settings of before (plain cosine, k = 10,
+T = 0.07) and with the default now (chosen by leave-one-out on the labels). The clean labels are
+imported again at the end.
 
 Part 2 (``--synthetic``): for each size, an index of that many seeded clustered unit vectors (with
 ``--synthetic-labelled`` of them labelled) is written to a temporary folder, and the classification of
@@ -53,6 +55,73 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
+SETTINGS = {
+    # what classify did before the settings were chosen by leave-one-out: plain cosine, k = 10, T = 0.07
+    "before": {"k": 10, "transform": "cosine", "temperature": 0.07},
+    # the default now: transform, k and temperature chosen by leave-one-out on the training labels
+    "after": {},
+}
+
+
+def run_settings(args: argparse.Namespace, work: Path, truth: dict, flipped: set, n_flip: int, name: str, settings: dict) -> dict:
+    """Classify the test images, evaluate, and find the flipped labels, with one set of settings."""
+    settings = dict(settings)
+    if args.k is not None:
+        settings["k"] = args.k
+    with IndexStore.open(args.index) as store:
+        store.clear_labels()
+    import_labels(work / "train.csv", args.index)
+    t0 = time.perf_counter()
+    result = classify_index(args.index, **settings)
+    seconds = time.perf_counter() - t0
+    preds = {p.path: p for p in result.predictions()}
+    paths = [p for p in preds if p in truth]
+    correct = np.array([preds[p].best == truth[p] for p in paths])
+    conf = np.array([preds[p].confidence for p in paths])
+    info = result.calibration
+    figures = {
+        "test_images": len(paths),
+        "transform": info.transform,
+        "k": result.k,
+        "temperature": info.temperature,
+        "selection": info.selection,
+        "test_accuracy": round(float(correct.mean()), 4),
+        "test_accuracy_at_90_coverage": round(accuracy_at_coverage(conf, correct, 0.9), 4),
+        "test_ece": round(expected_calibration_error(conf, correct), 4),
+        "loo_accuracy_reported": info.loo_accuracy,
+        "loo_ece_reported": info.ece,
+        "classify_seconds": round(seconds, 2),
+    }
+    report = evaluate_labels(args.index, **settings)
+    figures["loo_accuracy_at_k"] = report.accuracy_at_k
+    print(f"[{name}] classify (kNN, {info.transform}, k={result.k}, T={info.temperature}) of {len(paths)} test images "
+          f"[{seconds:.2f}s incl. choosing the settings and calibration]:")
+    print(f"  accuracy {figures['test_accuracy']:.4f}, at 90% coverage {figures['test_accuracy_at_90_coverage']:.4f}, "
+          f"ECE on the test images {figures['test_ece']:.4f} (leave-one-out on train, as reported: accuracy "
+          f"{info.loo_accuracy:.4f}, ECE {info.ece:.4f})")
+    print("  leave-one-out accuracy on train: " + ", ".join(f"k={j} {a:.4f}" for j, a in report.accuracy_at_k.items()))
+    if info.selection:
+        print("  chosen from: " + "; ".join(f"{s['transform']} k={s['k']} T={s['temperature']} loo {s['loo_accuracy']:.4f}" for s in info.selection))
+
+    import_labels(work / "noisy.csv", args.index)
+    t0 = time.perf_counter()
+    suspects = find_suspects(args.index, **settings)
+    seconds = time.perf_counter() - t0
+    top = suspects[:n_flip]
+    precision = sum(s.path in flipped for s in top) / max(len(top), 1)
+    recall_all = sum(s.path in flipped for s in suspects) / n_flip
+    with IndexStore.open(args.index) as store:
+        noisy_info = store.meta["classifier"]
+    figures.update(
+        suspects=len(suspects), suspects_precision_top5=round(precision, 4), suspects_recall_all=round(recall_all, 4),
+        suspects_seconds=round(seconds, 2),
+        suspects_settings={key: noisy_info.get(key) for key in ("transform", "k", "temperature")},
+    )
+    print(f"  suspects with {n_flip} training labels flipped ({figures['suspects_settings']}): {len(suspects)} suspects; "
+          f"precision of the top {len(top)} {precision:.4f}; {recall_all:.4f} of the flips among all suspects [{seconds:.2f}s]")
+    return figures
+
+
 def caltech(args: argparse.Namespace) -> dict:
     from simsearch.indexer import EmbedOptions, index_folders
 
@@ -68,29 +137,6 @@ def caltech(args: argparse.Namespace) -> dict:
     imported = import_labels(write_csv(work / "train.csv", train), args.index)
     print(f"labels: {imported.imported} training images, {imported.classes} classes, {len(imported.not_indexed)} not indexed")
 
-    t0 = time.perf_counter()
-    result = classify_index(args.index, k=args.k)
-    seconds = time.perf_counter() - t0
-    preds = {p.path: p for p in result.predictions()}
-    paths = [p for p in preds if p in truth]
-    correct = np.array([preds[p].best == truth[p] for p in paths])
-    conf = np.array([preds[p].confidence for p in paths])
-    figures = {
-        "test_images": len(paths),
-        "k": result.k,
-        "test_accuracy": round(float(correct.mean()), 4),
-        "test_accuracy_at_90_coverage": round(accuracy_at_coverage(conf, correct, 0.9), 4),
-        "test_ece": round(expected_calibration_error(conf, correct), 4),
-        "loo_ece_reported": result.calibration.ece,
-        "classify_seconds": round(seconds, 2),
-    }
-    report = evaluate_labels(args.index, k=args.k)
-    figures["loo_accuracy_at_k"] = report.accuracy_at_k
-    print(f"classify (kNN, k={result.k}) of {len(paths)} test images [{seconds:.2f}s incl. calibration]:")
-    print(f"  accuracy {figures['test_accuracy']:.4f}, at 90% coverage {figures['test_accuracy_at_90_coverage']:.4f}, "
-          f"ECE on the test images {figures['test_ece']:.4f} (leave-one-out ECE on train, as reported: {result.calibration.ece:.4f})")
-    print("  leave-one-out accuracy on train: " + ", ".join(f"k={j} {a:.4f}" for j, a in report.accuracy_at_k.items()))
-
     rng = np.random.default_rng(args.seed)
     classes = sorted({c for _, c in train})
     n_flip = int(round(0.05 * len(train)))
@@ -100,20 +146,12 @@ def caltech(args: argparse.Namespace) -> dict:
         if n in flip:
             label = classes[(classes.index(label) + rng.integers(1, len(classes))) % len(classes)]
         noisy.append((path, label))
-    import_labels(write_csv(work / "noisy.csv", noisy), args.index)
-    t0 = time.perf_counter()
-    suspects = find_suspects(args.index, k=args.k)
-    seconds = time.perf_counter() - t0
+    write_csv(work / "noisy.csv", noisy)
     flipped = {train[n][0] for n in flip}
-    top = suspects[:n_flip]
-    precision = sum(s.path in flipped for s in top) / max(len(top), 1)
-    recall_all = sum(s.path in flipped for s in suspects) / n_flip
-    figures.update(
-        flipped=n_flip, suspects=len(suspects), suspects_precision_top5=round(precision, 4),
-        suspects_recall_all=round(recall_all, 4), suspects_seconds=round(seconds, 2),
-    )
-    print(f"suspects with {n_flip} of {len(train)} training labels flipped: {len(suspects)} suspects; "
-          f"precision of the top {len(top)} {precision:.4f}; {recall_all:.4f} of the flips among all suspects [{seconds:.2f}s]")
+    figures: dict = {"test_images": 0, "flipped": n_flip}
+    for name, settings in SETTINGS.items():
+        figures[name] = run_settings(args, work, truth, flipped, n_flip, name, settings)
+        figures["test_images"] = figures[name].pop("test_images")
     with IndexStore.open(args.index) as store:
         store.clear_labels()
     import_labels(work / "train.csv", args.index)
@@ -143,8 +181,9 @@ CHILD = """
 import json, resource, sys, time
 from simsearch.classify import classify_index
 t0 = time.perf_counter()
-r = classify_index(sys.argv[1], k=int(sys.argv[2]))
+r = classify_index(sys.argv[1], **json.loads(sys.argv[2]))
 print(json.dumps({"images": len(r.ids), "seconds": time.perf_counter() - t0, "calibration_fitted_on": r.calibration.fitted_on,
+                  "transform": r.calibration.transform, "k": r.k, "temperature": r.calibration.temperature,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -159,12 +198,17 @@ def synthetic(args: argparse.Namespace) -> list[dict]:
             build_synthetic(path, n, args.synthetic_dim, args.synthetic_classes, args.synthetic_labelled, args.seed)
             print(f"built a synthetic index of {n} {args.synthetic_dim}-d vectors [{time.perf_counter() - t0:.1f}s]")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        for run in ("first (fits the calibration)", "again (recorded calibration)"):
-            done = subprocess.run([sys.executable, "-c", CHILD, str(path), str(args.k)], capture_output=True, text=True, env=env, check=True)
-            fig = dict(json.loads(done.stdout), n=n, dim=args.synthetic_dim, labelled=args.synthetic_labelled, run=run)
-            out.append(fig)
-            print(f"synthetic {n:>9,} vectors ({args.synthetic_dim}-d, {args.synthetic_labelled:,} labelled, {run}): "
-                  f"{fig['images']:,} classified in {fig['seconds']:.1f}s, peak RSS {fig['peak_rss_mib']:.0f} MiB")
+        for name, settings in SETTINGS.items():
+            settings = dict(settings, **({"k": args.k} if args.k is not None else {}))
+            for run in ("first (fits the calibration)", "again (recorded calibration)"):
+                done = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(path), json.dumps(settings)], capture_output=True, text=True, env=env, check=True
+                )
+                fig = dict(json.loads(done.stdout), n=n, dim=args.synthetic_dim, labelled=args.synthetic_labelled, run=run, settings=name)
+                out.append(fig)
+                print(f"[{name}] synthetic {n:>9,} vectors ({args.synthetic_dim}-d, {args.synthetic_labelled:,} labelled, {run}): "
+                      f"{fig['images']:,} classified in {fig['seconds']:.1f}s, peak RSS {fig['peak_rss_mib']:.0f} MiB"
+                      + (f" [{fig['transform']}, k={fig['k']}, T={fig['temperature']}]" if "transform" in fig else ""))
     return out
 
 
@@ -173,7 +217,7 @@ def main() -> None:
     p.add_argument("--data", help="Caltech-101 folder (class folders, train.txt, test.txt)")
     p.add_argument("--index", help="where the Caltech-101 index is built (and reused)")
     p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=None, help="fix k in both runs [default: 10 before, chosen after]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic", default="", help="comma-separated sizes, e.g. 100000,1000000")
     p.add_argument("--synthetic-dim", type=int, default=256)

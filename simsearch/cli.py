@@ -908,19 +908,22 @@ def _echo_calibration(cal: dict[str, Any], err: bool) -> None:
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @index_option
-@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Labelled neighbours that vote.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=None, help="Labelled neighbours that vote [default: chosen by leave-one-out on the labels].")
+@click.option("--transform", type=click.Choice(["auto", "cosine", "whitened"]), default="auto", show_default=True,
+              help="Space of the vote's cosine: as stored, or whitened (fitted on the index); auto: chosen by leave-one-out.")
 @click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="Abstain below this calibrated confidence.")
 @click.option("--method", type=click.Choice(["auto", "knn", "head"]), default="auto", show_default=True, help="kNN vote, or the trained head's class proxies (needs a simsearch train checkpoint).")
 @click.option("--write", is_flag=True, help="Store the confident predictions as predicted labels (replacing earlier ones).")
 @click.option("--suspects", is_flag=True, help="List labelled images whose neighbours disagree with their label.")
 @click.option("--eval", "evaluate", is_flag=True, help="Leave-one-out accuracy (k = 1, 5, 10, 20), accuracy/coverage, calibration error.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print results as CSV.")
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the predictions as a self-contained HTML page of thumbnails grouped by class.")
 @device_option
 @json_option
 @handle_errors
 def classify(
-    images: tuple[Path, ...], index_dir: Path | None, k: int, min_confidence: float, method: str, write: bool,
-    suspects: bool, evaluate: bool, as_csv: bool, device: str, as_json: bool,
+    images: tuple[Path, ...], index_dir: Path | None, k: int | None, transform: str, min_confidence: float, method: str, write: bool,
+    suspects: bool, evaluate: bool, as_csv: bool, html: Path | None, device: str, as_json: bool,
 ) -> None:
     """Predict labels of the unlabelled indexed images (or of IMAGE files) from their labelled neighbours."""
     from .classify import classify_index, evaluate_labels, find_suspects
@@ -928,17 +931,24 @@ def classify(
     index_dir = index_dir or default_index_dir()
     if suspects and evaluate:
         raise click.UsageError("give --suspects or --eval, not both")
-    if (suspects or evaluate) and (images or write):
-        raise click.UsageError("--suspects and --eval work on the labelled images: no IMAGE, no --write")
+    if (suspects or evaluate) and (images or write or html is not None):
+        raise click.UsageError("--suspects and --eval work on the labelled images: no IMAGE, no --write, no --html")
     if evaluate:
-        report = evaluate_labels(index_dir, k=k)
+        report = evaluate_labels(index_dir, k=k, transform=transform)
         _echo_csv(report.curve) if as_csv else render(report, as_json, _print_label_eval)
         return
     if suspects:
-        found = find_suspects(index_dir, k=k)
+        found = find_suspects(index_dir, k=k, transform=transform)
         _echo_csv(s.to_dict() for s in found) if as_csv else render(found, as_json, _print_suspects)
         return
-    result = classify_index(index_dir, images, k=k, min_confidence=min_confidence, method=method, write=write, device=device)
+    result = classify_index(
+        index_dir, images, k=k, min_confidence=min_confidence, method=method, write=write, device=device, transform=transform
+    )
+    if html is not None:
+        from .report import write_classify_html
+
+        write_classify_html(index_dir, result, html)
+        click.echo(f"wrote {html}", err=True)
     if as_json:
         render(result, as_json, _print_classified)
         return
@@ -949,15 +959,30 @@ def classify(
     summary = result.summary()
     click.echo(
         f"{summary['images']} images: {summary['classified']} classified, {summary['abstained']} abstained "
-        f"(min confidence {min_confidence}); {result.method} k={result.k}, leave-one-out accuracy "
-        f"{summary['calibration']['loo_accuracy']:.4f}, ECE {summary['calibration']['ece']:.4f}"
+        f"(min confidence {min_confidence}); " + _describe_classifier(summary["calibration"], result.method, result.k)
         + (f"; wrote {result.written} predicted labels" if write else ""),
         err=True,
     )
 
 
+def _describe_classifier(cal: dict[str, Any], method: str, k: int) -> str:
+    """One line on the classifier a classify run used, for stderr."""
+    def figure(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    if method == "head":
+        return (
+            f"head ({cal['transform']}), accuracy on {cal['fitted_on']} labelled images of its classes "
+            f"{figure(cal['loo_accuracy'])}, ECE {figure(cal['ece'])}" + ("" if cal["fitted_on"] else " (confidence not calibrated)")
+        )
+    return (
+        f"knn k={k}, {cal['transform']}, T={cal['temperature']}, leave-one-out accuracy "
+        f"{figure(cal['loo_accuracy'])}, ECE {figure(cal['ece'])}"
+    )
+
+
 def _print_label_eval(report: EvalReport) -> None:
-    click.echo(f"{report.labelled} labelled images, {report.classes} classes (leave-one-out)")
+    click.echo(f"{report.labelled} labelled images, {report.classes} classes (leave-one-out; {report.transform}, T={report.temperature})")
     click.echo("accuracy: " + "  ".join(f"k={j} {a:.4f}" for j, a in report.accuracy_at_k.items()))
     click.echo(f"at k={report.k}: accuracy at 90% coverage {report.accuracy_at_90_coverage:.4f}, calibration error (ECE) {report.ece:.4f}")
     click.echo("min confidence  coverage  accuracy")

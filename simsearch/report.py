@@ -1,4 +1,4 @@
-"""Self-contained HTML pages of results: duplicates groups, query results, clusters.
+"""Self-contained HTML pages of results: duplicates groups, query results, clusters, classifications.
 
 One file per page, opening in any browser with no server and no internet: the thumbnails are
 inline (``data:`` URIs of the JPEGs cached by :mod:`simsearch.store.thumbnails`), the style is inline,
@@ -198,6 +198,69 @@ def write_cluster_html(index_dir: str | os.PathLike[str], result: Any, out: str 
             )
     summary = f"{result.k} clusters of {result.n} images (seed {result.seed}, {result.niter} iterations, {html.escape(str(result.created_at))})"
     return _write(out, _page("simsearch clusters", summary, sections))
+
+
+HTML_PER_CLASS = 100  # images shown per predicted class (the most confident); the page says how many more
+
+
+def write_classify_html(
+    index_dir: str | os.PathLike[str], result: Any, out: str | os.PathLike[str], per_class: int = HTML_PER_CLASS
+) -> Path:
+    """A :class:`simsearch.classify.ClassifyResult` as thumbnails grouped by predicted class (largest
+    class first, most confident first), then the images that abstained, with their best guess."""
+    import numpy as np
+
+    confident = result.confidence >= result.min_confidence
+    groups: list[tuple[str | None, np.ndarray]] = []
+    for c in np.argsort(-np.bincount(result.best[confident], minlength=len(result.classes)), kind="stable"):
+        members = np.flatnonzero(confident & (result.best == c))
+        if len(members):
+            groups.append((result.classes[int(c)], members))
+    abstained = np.flatnonzero(~confident)
+    if len(abstained):
+        groups.append((None, abstained))
+    with IndexStore.open(index_dir) as store:
+        thumbs = _Thumbs(store)
+        sections = []
+        for label, members in groups:
+            shown = members[np.argsort(-result.confidence[members], kind="stable")][:per_class]
+            indexed = thumbs.of_ids(int(result.ids[n]) for n in shown if result.ids[n] >= 0)
+            figures = []
+            for n in shown:
+                row_id = int(result.ids[n])
+                if row_id >= 0 and row_id in indexed:
+                    row, thumb = indexed[row_id]
+                    path, width, height, size = row.path, row.width, row.height, row.size
+                else:
+                    path = result.paths[n] if result.paths is not None else f"(id {row_id}, gone)"
+                    row, thumb = thumbs.of_path(path)
+                    width, height = (row.width, row.height) if row is not None else _pixel_size(path)
+                    size = row.size if row is not None else _file_size(path)
+                guess = [] if label is not None else [f"best guess: {result.classes[int(result.best[n])]}"]
+                figures.append(_figure(path, thumb, f"{float(result.confidence[n]):.4f}", width, height, size, tags=guess))
+            more = len(members) - len(shown)
+            title = html.escape(label) if label is not None else "Abstained"
+            note = (
+                f"{len(members)} image{'s' if len(members) != 1 else ''} (confidence shown)"
+                + (f", the {len(shown)} most confident shown, {more} more" if more else "")
+                + ("" if label is not None else f", below the minimum confidence {result.min_confidence}")
+            )
+            attribute = html.escape(label, quote=True) if label is not None else ""
+            sections.append(
+                f'<section class="class" data-label="{attribute}" data-abstained="{str(label is None).lower()}">'
+                f"<h2>{title} <small>&middot; {note}</small></h2>"
+                f'<div class="row">{"".join(figures)}</div></section>'
+            )
+    cal = result.calibration
+    how = (
+        f"kNN (k={result.k}, {html.escape(cal.transform)}, T={cal.temperature})" if result.method == "knn"
+        else f"the trained head ({html.escape(cal.transform)})"
+    )
+    summary = (
+        f"{len(result.ids)} images: {result.classified} classified into {len(groups) - bool(len(abstained))} classes, "
+        f"{result.abstained} abstained &middot; {how} &middot; {utc_now()}"
+    )
+    return _write(out, _page("simsearch classify", summary, sections))
 
 
 def _pixel_size(path: Any) -> tuple[int | None, int | None]:

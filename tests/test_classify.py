@@ -17,6 +17,8 @@ from click.testing import CliRunner
 
 from conftest import FAST_ARGS, make_image, run_index
 from simsearch.classify import (
+    GRID_K,
+    GRID_T,
     TEMPERATURE,
     Calibration,
     LabelledNeighbours,
@@ -25,6 +27,7 @@ from simsearch.classify import (
     expected_calibration_error,
     find_suspects,
     fit_isotonic,
+    fit_whitening,
     vote_shares,
 )
 from simsearch.cli import cli
@@ -60,10 +63,42 @@ def give(path: Path, ids, labels) -> None:
         store.import_labels({int(i): f"c{int(l)}" for i, l in zip(ids, labels)})
 
 
-def brute_shares(sims_row: np.ndarray, labels_row: np.ndarray, k: int, n_classes: int) -> np.ndarray:
+def anisotropic(n: int, classes: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded unit vectors whose classes differ only in low-variance directions, while a few
+    directions of large class-free variance dominate the plain cosine: what whitening is for."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((classes, dim))
+    centres[:, dim // 2 :] = rng.standard_normal((classes, dim - dim // 2))
+    y = rng.integers(0, classes, n)
+    scale = np.ones(dim)
+    scale[:3] = 8.0  # nuisance directions
+    x = 3.0 + centres[y] + 0.6 * rng.standard_normal((n, dim)) * scale
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x, y
+
+
+def brute_space(stored: np.ndarray, kind: str) -> np.ndarray:
+    """The vectors the cosine is taken on, with numpy only: for ``whitened`` (all dimensions kept, as
+    for d < 512) the Mahalanobis form of signed-square-root vectors, through the inverse covariance."""
+    if kind == "cosine":
+        return stored.astype(np.float64)
+    z = np.sign(stored) * np.sqrt(np.abs(stored.astype(np.float64)))
+    z -= z.mean(axis=0)
+    inv = np.linalg.inv(z.T @ z / len(z))
+    w = z @ np.linalg.cholesky(inv)  # w w^T = z inv z^T
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+def brute_loo_accuracy(space: np.ndarray, y: np.ndarray, k: int, temperature: float, n_classes: int) -> float:
+    full = space @ space.T
+    np.fill_diagonal(full, -np.inf)
+    return float(np.mean([brute_shares(full[i], y, k, n_classes, temperature).argmax() == y[i] for i in range(len(y))]))
+
+
+def brute_shares(sims_row: np.ndarray, labels_row: np.ndarray, k: int, n_classes: int, temperature: float = TEMPERATURE) -> np.ndarray:
     """The vote of one query from its full similarity row, with numpy only."""
     order = np.argsort(-sims_row, kind="stable")[:k]
-    w = np.exp(sims_row[order] / TEMPERATURE)
+    w = np.exp((sims_row[order] - sims_row[order].max()) / temperature)
     out = np.zeros(n_classes)
     for weight, label in zip(w, labels_row[order]):
         out[label] += weight
@@ -191,23 +226,69 @@ def test_suspects_find_planted_label_flips(tmp_path: Path) -> None:
     assert shares == sorted(shares)
 
 
-def test_eval_matches_numpy_leave_one_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["cosine", "whitened"])
+def test_eval_matches_numpy_leave_one_out(tmp_path: Path, kind: str) -> None:
     x, y = clustered(500, 5, spread=0.9, seed=9)
     ids = vector_index(tmp_path / "idx", x)
     give(tmp_path / "idx", ids, y)
-    report = evaluate_labels(tmp_path / "idx", k=10)
+    report = evaluate_labels(tmp_path / "idx", k=10, transform=kind)
+    assert report.transform == kind and report.temperature in GRID_T
     with IndexStore.open(tmp_path / "idx") as store:
         _, x = store.all_vectors()  # what the index holds (float16 on disk), in id order = x's order
-    full = x @ x.T
-    np.fill_diagonal(full, -np.inf)
+    space = brute_space(x, kind)
     for k in (1, 5, 10, 20):
-        want = np.mean([brute_shares(full[i], y, k, 5).argmax() == y[i] for i in range(500)])
+        want = brute_loo_accuracy(space, y, k, report.temperature, 5)
         assert report.accuracy_at_k[k] == pytest.approx(want, abs=1e-6)
     assert report.curve[0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": pytest.approx(report.accuracy_at_k[10])}
     coverages = [row["coverage"] for row in report.curve]
     assert coverages == sorted(coverages, reverse=True)
     assert report.accuracy_at_90_coverage >= report.accuracy_at_k[10] - 1e-9
     assert report.ece < 0.08
+
+
+def test_whitening_makes_the_sample_white() -> None:
+    x, _ = anisotropic(3000, 4, seed=20)
+    w = fit_whitening(x)
+    assert w is not None and w.kind == "whitened" and w.dims == 16
+    z = (np.sign(x) * np.sqrt(np.abs(x)) - w.mean) @ w.projection
+    np.testing.assert_allclose(z.T @ z / len(z), np.eye(16), atol=2e-3)
+    out = w(x)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert fit_whitening(x[:2]) is None  # too few vectors to fit one
+
+
+def test_settings_are_chosen_by_leave_one_out_as_numpy_finds(tmp_path: Path) -> None:
+    """Auto settings = the grid point of best leave-one-out accuracy (numpy brute force over every
+    transform, k and T); on this data it is the whitened space, and it classifies held-out images better."""
+    x, y = anisotropic(900, 4, seed=21)
+    ids = vector_index(tmp_path / "idx", x)
+    give(tmp_path / "idx", ids[:300], y[:300])
+    auto = classify_index(tmp_path / "idx")
+    info = auto.calibration
+    with IndexStore.open(tmp_path / "idx") as store:
+        _, stored = store.all_vectors()
+        assert store.meta["classifier"]["transform"] == info.transform  # recorded
+    best: dict[str, tuple[float, int, float]] = {}
+    for kind in ("cosine", "whitened"):
+        space = brute_space(stored, kind)[:300]  # the whitening is fitted on every indexed vector
+        for k in GRID_K:
+            for t in GRID_T:
+                acc = brute_loo_accuracy(space, y[:300], k, t, 4)
+                if kind not in best or acc > best[kind][0] + 1e-12:
+                    best[kind] = (acc, k, t)
+    assert [(s["transform"], s["k"], s["temperature"]) for s in info.selection] == [(t, best[t][1], best[t][2]) for t in best]
+    for s in info.selection:
+        assert s["loo_accuracy"] == pytest.approx(best[s["transform"]][0], abs=1e-6)
+    assert info.transform == "whitened" and best["whitened"][0] > best["cosine"][0]
+    assert (info.k, info.temperature) == best["whitened"][1:]
+    truth = dict(zip(ids, y))
+
+    def accuracy(result) -> float:
+        return float(np.mean([truth[int(i)] == int(result.classes[b][1:]) for i, b in zip(result.ids, result.best)]))
+
+    plain = classify_index(tmp_path / "idx", transform="cosine")
+    assert plain.calibration.transform == "cosine" and plain.calibration.selection[0]["transform"] == "cosine"
+    assert accuracy(auto) > accuracy(plain) + 0.05
 
 
 def test_no_labels_or_one_class_says_what_is_needed(tmp_path: Path) -> None:
@@ -375,3 +456,131 @@ def test_classify_of_stored_vectors_does_not_import_torch(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "False"
+
+
+# -- the trained head (--method head) ---------------------------------------------------------------
+def trained_checkpoint(tmp_path: Path, loss: str) -> tuple[Path, Path]:
+    """Generated shape images (3 classes) and a seeded random ResNet-18 with a head trained on them for one epoch."""
+    from simsearch.train import TrainConfig, train
+
+    data = tmp_path / "shapes"
+    for c, shape in enumerate(("ellipse", "rectangle", "triangle")):
+        for i in range(6):
+            make_image(data / shape / f"{i}.png", size=(64, 64), color=(60 + 30 * i, 200 - 20 * c, 90), shape=shape, seed=100 * c + i)
+    config = TrainConfig(
+        model="resnet18", weights="random", dim=16, epochs=1, batch_size=32, workers=0, image_size=64,
+        loss=loss, head_init="random", val_fraction=0.0, phases="head", device="cpu",
+    )
+    out = tmp_path / f"{loss}.pt"
+    train(data, out, config)
+    return data, out
+
+
+@pytest.mark.parametrize("loss", ["supcon", "arcface"])
+def test_method_head_classifies_by_the_checkpoints_class_proxies(tmp_path: Path, loss: str) -> None:
+    from simsearch.models.checkpoint import load_checkpoint
+
+    data, out = trained_checkpoint(tmp_path, loss)
+    state = load_checkpoint(out)
+    recorded = state["classifier"]
+    names = recorded["class_names"]
+    proxies = recorded["proxies"].numpy()
+    assert names == ["ellipse", "rectangle", "triangle"] and proxies.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, rtol=1e-5)
+    idx = tmp_path / "idx"
+    assert invoke("index", data, "--index", idx, "--weights", out, "--workers", "0", "--device", "cpu", "-q").exit_code == 0
+    with IndexStore.open(idx) as store:
+        ids, stored = store.all_vectors()
+        path_of = {int(i): r.path for i, r in store.catalog.rows_by_ids(ids.tolist()).items()}
+    truth = np.array([names.index(Path(path_of[int(i)]).parent.name) for i in ids])
+    if loss == "supcon":  # no proxies in the loss: the class means of the training embeddings
+        assert recorded["source"] == "class means of the training embeddings"
+        means = np.stack([stored[truth == c].mean(axis=0) for c in range(3)])
+        means /= np.linalg.norm(means, axis=1, keepdims=True)
+        assert np.all(np.sum(means * proxies, axis=1) > 0.99)
+    else:
+        assert recorded["source"] == "proxies of the arcface loss"
+
+    # no labels: the head needs none; every image goes to its nearest proxy (numpy), uncalibrated
+    result = classify_index(idx, method="head")
+    assert result.method == "head" and result.classes == names and list(result.ids) == list(ids)
+    cos = stored.astype(np.float64) @ proxies.T.astype(np.float64)
+    np.testing.assert_array_equal(result.best, cos.argmax(axis=1))
+    p = np.exp((cos - cos.max(axis=1, keepdims=True)) / 0.05)
+    np.testing.assert_allclose(result.vote_share, (p / p.sum(axis=1, keepdims=True)).max(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(result.confidence, result.vote_share, rtol=1e-6)
+    assert result.calibration.fitted_on == 0 and result.calibration.loo_accuracy is None
+    assert classify_index(idx, method="auto").method == "head"  # no labels to vote with
+
+    # with labels of half the images: calibrated on them, the other half classified
+    give_paths = {path_of[int(i)]: names[t] for n, (i, t) in enumerate(zip(ids, truth)) if n % 2 == 0}
+    with IndexStore.open(idx) as store:
+        store.import_labels({store.catalog.row_by_path(p).id: label for p, label in give_paths.items()})
+    result = classify_index(idx, method="head", write=True)
+    labelled = np.array([n % 2 == 0 for n in range(len(ids))])
+    assert sorted(result.ids.tolist()) == sorted(ids[~labelled].tolist()) and result.written == len(result.ids)
+    assert result.calibration.fitted_on == labelled.sum()
+    assert result.calibration.loo_accuracy == pytest.approx(float(np.mean(cos[labelled].argmax(axis=1) == truth[labelled])), abs=1e-6)
+    knn = classify_index(idx, method="knn")
+    auto = classify_index(idx, method="auto")
+    assert auto.method == ("head" if result.calibration.loo_accuracy >= knn.calibration.loo_accuracy else "knn")
+    r = invoke("classify", "--index", idx, "--method", "head", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["method"] == "head"
+    assert "head (" in invoke("classify", "--index", idx, "--method", "head").stderr
+
+
+def test_method_head_with_a_checkpoint_without_proxies(tmp_path: Path) -> None:
+    """A checkpoint written before the proxies were recorded: head is a clear error, auto is kNN."""
+    import torch
+
+    data, out = trained_checkpoint(tmp_path, "supcon")
+    state = torch.load(out, weights_only=True)
+    del state["classifier"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    idx = tmp_path / "idx"
+    assert invoke("index", data, "--index", idx, "--weights", old, "--workers", "0", "--device", "cpu", "-q").exit_code == 0
+    import_labels(data, idx)
+    with pytest.raises(InputError, match="does not record.*train again with this version, or use --method knn"):
+        classify_index(idx, method="head")
+    r = invoke("classify", "--index", idx, "--method", "head")
+    assert r.exit_code == 1 and "class proxies" in r.stderr
+    assert classify_index(idx, method="auto", k=3).method == "knn"
+
+
+def test_classify_html_groups_thumbnails_by_predicted_class(tmp_path: Path, pets: Path) -> None:
+    import html as html_lib
+    import re
+
+    from simsearch.report import write_classify_html
+
+    idx = tmp_path / "idx"
+    run_index(pets, idx)
+    labels_csv = tmp_path / "l.csv"
+    labels_csv.write_text("".join(f"{pets / c / f'{c}{i}.jpg'},{c}\n" for c in ("cat", "dog") for i in range(2)))
+    import_labels(labels_csv, idx)
+    page = tmp_path / "classes.html"
+    r = invoke("classify", "--index", idx, "--k", "3", "--html", page, "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    text = page.read_text()
+    sections = re.findall(r'<section class="class" data-label="([^"]*)" data-abstained="(\w+)">(.*?)</section>', text, re.S)
+    by_label = {label: body for label, abstained, body in sections if abstained == "false"}
+    assert set(by_label) == set(out["by_class"])  # one section per predicted class, named
+    for p in out["predictions"]:
+        body = by_label[p["label"]]
+        assert f'data-path="{html_lib.escape(p["path"], quote=True)}"' in body  # each image under its class
+        assert f'data-score="{p["confidence"]:.4f}"' in body
+    assert text.count("<figure") == len(out["predictions"]) == 4
+    assert text.count('src="data:image/jpeg;base64,') == 4  # thumbnails inline
+
+    # abstentions get their own section with the best guess; per_class caps what is shown
+    result = classify_index(idx, k=3)
+    result.min_confidence = float(np.median(result.confidence)) + 1e-6  # half of them, at least, abstain
+    assert result.abstained >= 2
+    write_classify_html(idx, result, page, per_class=1)
+    text = page.read_text()
+    assert 'data-abstained="true"' in text and "best guess: " in text and "Abstained" in text
+    assert text.count("<figure") == text.count('<section class="class"') == 1 + len(result.summary()["by_class"])
+    assert f"{result.abstained} images (confidence shown), the 1 most confident shown, {result.abstained - 1} more" in text
+    assert invoke("classify", "--index", idx, "--suspects", "--html", page).exit_code == 2

@@ -9,6 +9,10 @@ A plain dict (loadable with ``torch.load(weights_only=True)``: tensors, strings,
 * ``head``: its config (``in_dim``, ``dim``, ``bn``, ``dropout``) and ``state_dict``
 * ``dim``, ``preprocessing``, ``class_names``, ``config`` (the full TrainConfig),
   ``metrics`` (validation figures), ``history``, ``created_at``, versions.
+* ``classifier`` (checkpoints written since classification by the head exists): ``class_names``
+  (the training classes, in the order of) ``proxies``, a (classes, dim) tensor of unit class
+  vectors in the embedding space (the loss's learned proxies, or the class means of the training
+  embeddings for a loss without proxies), and ``source``, saying which.
 
 :func:`simsearch.models.create_model` recognises such a file given as ``--weights`` and calls
 :func:`model_from_checkpoint`; the model's ``weights_id`` names the file and its content digest, so
@@ -44,6 +48,24 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not is_checkpoint(state):
         raise WeightsError(f"{path} is not a simsearch checkpoint")
     return state
+
+
+def head_classes(state: dict[str, Any], path: str | os.PathLike[str]) -> tuple[list[str], Any, str] | None:
+    """(class names, (classes, dim) float32 numpy proxies, source) of a checkpoint; None when it records none."""
+    import numpy as np
+
+    entry = state.get("classifier")
+    if entry is None:
+        return None
+    try:
+        names = [str(c) for c in entry["class_names"]]
+        proxies = np.asarray(entry["proxies"].float().numpy(), dtype=np.float32)
+        source = str(entry.get("source", ""))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"{path}: the checkpoint's class proxies are damaged: {exc}") from exc
+    if proxies.ndim != 2 or proxies.shape[0] != len(names) or proxies.shape[1] != int(state.get("dim", proxies.shape[1])):
+        raise WeightsError(f"{path}: the checkpoint's class proxies have shape {proxies.shape} for {len(names)} classes")
+    return names, proxies, source
 
 
 def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> EmbeddingModel:

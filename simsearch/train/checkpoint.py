@@ -38,9 +38,17 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_checkpoint(
-    model: EmbeddingModel, config: Any, class_names: Sequence[str], record: MetricsRecord | None = None
+    model: EmbeddingModel,
+    config: Any,
+    class_names: Sequence[str],
+    record: MetricsRecord | None = None,
+    classifier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict for a trained EmbeddingModel (backbone + MetricHead)."""
+    """The checkpoint dict for a trained EmbeddingModel (backbone + MetricHead).
+
+    ``classifier``: the head's class vectors (``class_names``, ``proxies`` as a (classes, dim)
+    tensor, ``source``), what ``simsearch classify --method head`` classifies with.
+    """
     from .. import __version__
 
     head = model.head
@@ -67,6 +75,11 @@ def build_checkpoint(
         "config": _plain(config.to_dict() if hasattr(config, "to_dict") else dict(config)),
         "metrics": _plain(metrics),
         "history": _plain(history),
+        **({} if classifier is None else {"classifier": {
+            "class_names": [str(c) for c in classifier["class_names"]],
+            "proxies": classifier["proxies"].detach().float().cpu().contiguous(),
+            "source": str(classifier["source"]),
+        }}),
         "created_at": utc_now(),
         "versions": {"simsearch": str(__version__), "torch": str(torch.__version__)},
     }
@@ -78,10 +91,11 @@ def save_checkpoint(
     config: Any,
     class_names: Sequence[str],
     record: MetricsRecord | None = None,
+    classifier: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint atomically (temp file + rename): a crash never leaves half a file."""
     path = Path(path)
-    state = build_checkpoint(model, config, class_names, record)
+    state = build_checkpoint(model, config, class_names, record, classifier)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -24,10 +24,15 @@ def metric_key(metrics: dict[str, Any] | None) -> tuple[float, float]:
 
 
 class BestState:
-    """The best head (and, once fine-tuning, backbone top) state so far, and where it was reached."""
+    """The best head (and, once fine-tuning, backbone top) state so far, and where it was reached.
 
-    def __init__(self, head: nn.Module, top: nn.Module, per_phase: bool) -> None:
+    ``proxies``: the loss module when it has learnable class proxies; they are kept with the head,
+    so that the proxies a checkpoint records are those of the state it holds, not of the last epoch.
+    """
+
+    def __init__(self, head: nn.Module, top: nn.Module, per_phase: bool, proxies: nn.Module | None = None) -> None:
         self.head, self.top, self.per_phase = head, top, per_phase
+        self.proxies = proxies if proxies is not None and any(True for _ in proxies.parameters()) else None
         self.key: tuple[float, float] | None = None
         self.state: dict[str, Any] | None = None
         self.phase: str | None = None
@@ -44,6 +49,8 @@ class BestState:
 
     def snapshot(self) -> dict[str, Any]:
         state = {"head": copy.deepcopy(self.head.state_dict())}
+        if self.proxies is not None:
+            state["proxies"] = copy.deepcopy(self.proxies.state_dict())
         if self.finetuning:
             state["top"] = copy.deepcopy(self.top.state_dict())
         return state
@@ -67,6 +74,8 @@ class BestState:
         if state is None:
             return
         self.head.load_state_dict(state["head"])
+        if self.proxies is not None and "proxies" in state:
+            self.proxies.load_state_dict(state["proxies"])
         if self.finetuning:
             self.top.load_state_dict(state.get("top", self.top_initial))
 

@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,16 +39,17 @@ from torch import nn
 
 from ..embed import resolve_device
 from ..errors import InputError
-from ..labelled import check_classes, drop_items, load_labelled, split_by_class, split_by_image
+from ..labelled import LabelledSet, check_classes, drop_items, load_labelled, split_by_class, split_by_image
 from ..models import MetricHead, Preprocessing, create_model, split_backbone
 from .callbacks import TrainCallback
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .feature_cache import scan
-from .losses import init_proxies, make_loss
+from .feature_cache import FeatureCache, scan
+from .losses import class_proxies, init_proxies, make_loss
 from .phases import PhaseRunner
 from .results import EpochRecord, MetricsRecord, TrainSummary
 from .runtime import seed_everything, train_workers
+from .validation import embed_set, embed_trunk_activations
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,8 @@ def train(
             record = MetricsRecord(
                 frozen_metrics, head_metrics, None, best.metrics, best.phase, best.epoch, run.history
             )
-            save_checkpoint(head_checkpoint, model, config, dataset.class_names, record)
+            classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=False)
+            save_checkpoint(head_checkpoint, model, config, dataset.class_names, record, classifier)
     finetune_checkpoint = None
     if run_finetune:
         t0 = time.perf_counter()
@@ -166,8 +169,10 @@ def train(
             record = MetricsRecord(
                 frozen_metrics, head_metrics, finetune_metrics, finetune_metrics, "finetune", None, run.history
             )
-            save_checkpoint(finetune_checkpoint, model, config, dataset.class_names, record)
+            classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=True)
+            save_checkpoint(finetune_checkpoint, model, config, dataset.class_names, record, classifier)
     best.restore_best()
+    classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=best.phase == "finetune")
 
     summary = TrainSummary(
         out=str(out_path),
@@ -195,9 +200,41 @@ def train(
     model.head = head.cpu().eval()
     model.dim = config.dim
     model.cpu().eval()
-    save_checkpoint(out_path, model, config, dataset.class_names, summary.metrics_record())
+    save_checkpoint(out_path, model, config, dataset.class_names, summary.metrics_record(), classifier)
     summary.seconds = round(time.perf_counter() - t_start, 3)
     return summary
+
+
+def head_classifier(
+    run: PhaseRunner, train_set: LabelledSet, tr_cache: FeatureCache | None, workers: int, finetuned: bool
+) -> dict[str, Any]:
+    """The class vectors the checkpoint records for ``classify --method head``, in the current state.
+
+    A proxy loss (arcface, cosface, proxyanchor) has learned one vector per class: those. A pair
+    loss has none: the normalised class means of the training images' embeddings stand in (from the
+    cached features or trunk activations where they are still valid, else one pass over the images).
+    """
+    proxies = class_proxies(run.loss)
+    if proxies is not None:
+        return {"class_names": train_set.class_names, "proxies": proxies, "source": f"proxies of the {run.loss.name} loss"}
+    run.head.eval()
+    run.top.eval()
+    if not finetuned and tr_cache is not None and tr_cache.features is not None:
+        with torch.no_grad():
+            emb = nn.functional.normalize(run.head(tr_cache.features.to(run.device)).float(), dim=1).cpu()
+        labels = np.asarray(train_set.labels)
+    elif run.config.cache_trunk and tr_cache is not None and tr_cache.trunk is not None:
+        emb = embed_trunk_activations(run.top, run.head, tr_cache.trunk, run.device).cpu()
+        labels = np.asarray(train_set.labels)
+    else:
+        emb, labels = embed_set(run.model, run.trunk, run.top, run.head, train_set, run.device, workers, run.config)
+    index = torch.as_tensor(labels, dtype=torch.long)
+    sums = torch.zeros((len(train_set.class_names), emb.shape[1])).index_add_(0, index, emb.float())
+    return {
+        "class_names": train_set.class_names,
+        "proxies": nn.functional.normalize(sums, dim=1),
+        "source": "class means of the training embeddings",
+    }
 
 
 def _phase_checkpoint_path(out_path: Path, phase: str) -> Path:

@@ -81,6 +81,27 @@ def make_loss(name: str, num_classes: int, dim: int, miner: str | None = None, *
     return LossSetup(name, losses.SupConLoss(**params), m_per_class=4, params=params)
 
 
+def _proxy_weight(setup: LossSetup) -> tuple[Any, bool]:
+    """The loss's class weights and whether they are stored (dim, classes); (None, False) without proxies."""
+    weight = getattr(setup.loss, "proxies", None)
+    if weight is not None:
+        return weight, False
+    weight = getattr(setup.loss, "W", None)  # ArcFace / CosFace: (dim, num_classes)
+    return weight, weight is not None
+
+
+def class_proxies(setup: LossSetup) -> Any:
+    """The loss's learned class vectors as an L2-normalised (classes, dim) CPU tensor; None without proxies."""
+    import torch
+
+    weight, transposed = _proxy_weight(setup)
+    if weight is None:
+        return None
+    with torch.no_grad():
+        w = weight.detach().float().cpu()
+        return torch.nn.functional.normalize(w.T if transposed else w, dim=1).contiguous()
+
+
 def init_proxies(setup: LossSetup, embeddings: Any, labels: Any) -> bool:
     """Start a proxy loss's class weights at the (normalised) class means of ``embeddings``.
 
@@ -90,12 +111,7 @@ def init_proxies(setup: LossSetup, embeddings: Any, labels: Any) -> bool:
     """
     import torch
 
-    loss = setup.loss
-    weight = getattr(loss, "proxies", None)
-    transposed = False
-    if weight is None:
-        weight = getattr(loss, "W", None)  # ArcFace / CosFace: (dim, num_classes)
-        transposed = True
+    weight, transposed = _proxy_weight(setup)
     if weight is None:
         return False
     with torch.no_grad():
