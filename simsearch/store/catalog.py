@@ -8,7 +8,9 @@ repaired from there. Every write transaction bumps the catalog's ``generation`` 
 rows it writes with it (``gen``); a FAISS save records the generation it holds, so readers can
 tell rows the saved FAISS file does not reflect yet. Only this module writes SQL.
 
-Schema version 2 (this one) keeps no vectors in SQLite; version 1 kept float32 blobs in
+Tables are created through sqlite-utils; everything else is plain SQL on the connection, so that
+opening a catalog (``simsearch info``, a query) does not import sqlite-utils and its plugin
+machinery (about a tenth of a second). Schema version 2 (this one) keeps no vectors in SQLite; version 1 kept float32 blobs in
 ``images.vector`` and is migrated in place by the store (:meth:`Catalog.migrate_v1_rows`).
 """
 
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import sqlite_utils
 
 from ..errors import IndexCorruptError, IndexNotFoundError
 
@@ -126,12 +127,41 @@ class Clustering:
 
 
 _ROW_COLUMNS = "id, path, size, mtime_ns, hash, width, height, status, error, gen"
+_UPDATABLE = frozenset({"path", "size", "mtime_ns", "hash", "width", "height", "status", "error", "indexed_at"})
+
+
+class Database:
+    """The catalog's SQLite connection with the few helpers it needs (``execute``, ``table_names``).
+
+    ``db[name]`` hands out a sqlite-utils table, importing sqlite-utils then: only creating tables
+    needs it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, parameters: Any = None) -> sqlite3.Cursor:
+        return self.conn.execute(sql) if parameters is None else self.conn.execute(sql, parameters)
+
+    def table_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+
+    def enable_wal(self) -> None:
+        if str(self.conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            self.conn.execute("PRAGMA journal_mode=wal")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __getitem__(self, table: str) -> Any:
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)[table]
 
 
 class Catalog:
     """One index's SQLite database."""
 
-    def __init__(self, db: sqlite_utils.Database, path: Path, readonly: bool = False) -> None:
+    def __init__(self, db: Database, path: Path, readonly: bool = False) -> None:
         self.db = db
         self.path = path
         self.readonly = readonly
@@ -164,10 +194,10 @@ class Catalog:
             index_dir.mkdir(parents=True, exist_ok=True)
         try:
             if readonly:
-                db = sqlite_utils.Database(_connect_readonly(path))
+                db = Database(_connect_readonly(path))
             else:
                 conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-                db = sqlite_utils.Database(conn)
+                db = Database(conn)
                 db.enable_wal()
                 db.execute("PRAGMA synchronous=NORMAL")
             catalog = cls(db, path, readonly=readonly)
@@ -287,11 +317,12 @@ class Catalog:
 
     # -- description -----------------------------------------------------------------------
     def get_meta(self) -> dict[str, Any]:
-        return {row["key"]: json.loads(row["value"]) for row in self.db["meta"].rows}
+        return {key: json.loads(value) for key, value in self.db.execute("SELECT key, value FROM meta")}
 
     def _set_meta_raw(self, values: dict[str, Any]) -> None:
-        self.db["meta"].upsert_all(
-            [{"key": k, "value": json.dumps(v, sort_keys=True)} for k, v in values.items()], pk="key"
+        self.db.conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()],
         )
 
     def set_meta(self, values: dict[str, Any]) -> None:
@@ -459,7 +490,11 @@ class Catalog:
     def update_row(self, row_id: int, record: dict[str, Any]) -> None:
         """Change a row's metadata only (a move or a touch); its vector stays (call inside a transaction)."""
         values = dict(_storable_record(record), indexed_at=utc_now())
-        self.db["images"].update(row_id, values)
+        unknown = set(values) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not columns of a row: {sorted(unknown)}")
+        sets = ", ".join(f"{c} = ?" for c in values)
+        self.db.execute(f"UPDATE images SET {sets} WHERE id = ?", [*values.values(), int(row_id)])
 
     def mark_for_reembedding(self, ids: Iterable[int], error: str) -> None:
         """Rows whose stored vector is lost: failed, with no size, so the next index run re-embeds them."""
@@ -571,7 +606,7 @@ class Catalog:
     # -- migration from schema version 1 (float32 blobs in images.vector) -------------------
     def migrate_v1_prepare(self) -> None:
         """Add version 2's columns and tables to a version-1 catalog (idempotent)."""
-        columns = {c.name for c in self.db["images"].columns}
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(images)")}
         with self.transaction():
             for name in ("slot", "vcrc", "gen"):
                 if name not in columns:

@@ -177,7 +177,9 @@ class IndexStore:
         self._ann, self._ann_loaded, self._ann_mapped = value, True, False
 
     def _forget_mapped_ann(self) -> None:
-        """Drop a read-only mapped FAISS index, so that the next use loads one that can be changed."""
+        """From now on this store changes FAISS: drop a read-only mapped index, so that the next use
+        loads one into memory (FAISS aborts the process on a write to a mapped one)."""
+        self.map_faiss = False
         if self._ann_mapped:
             self._ann, self._ann_loaded, self._ann_mapped = None, False, False
 
@@ -250,7 +252,7 @@ class IndexStore:
     def _load_ann(self) -> None:
         dim = self.catalog.meta_value("dim")
         if self.ann_path.exists():
-            mapped = self.map_faiss and self._lock_fd is None
+            mapped = self.map_faiss
             ann = VectorIndex.load(self.ann_path, self.factory, mapped=mapped)
             if dim is not None and ann.dim != dim:
                 raise IndexCorruptError(f"{self.ann_path} holds {ann.dim}-d vectors, the catalog says {dim}")
