@@ -567,9 +567,10 @@ class IndexStore:
         """Vectors a FAISS index answers with (a layout that cannot delete keeps dead slots)."""
         if ann is None:
             return 0
-        from .tombstones import tombstone_count
+        from .tombstones import can_remove, tombstone_count
 
-        return len(ann) - tombstone_count(ann.index)
+        # (counting dead slots reads the whole id map: only for the layouts that have them)
+        return len(ann) if can_remove(ann.index) else len(ann) - tombstone_count(ann.index)
 
     def _faiss_file_problem(self, thorough: bool = True) -> str | None:
         """Why the FAISS file on disk is not the one last saved, or None (a missing file is not damage).
