@@ -416,7 +416,8 @@ def info(index_dir: Path | None, failed: bool, check: bool, as_json: bool) -> No
 
     index_dir = index_dir or default_index_dir()
     if failed:
-        from .indexer import failed_files  # (imports faiss: only here, not for the summary)
+        # the indexer imports faiss: only here, not for the summary
+        from .indexer import failed_files
 
         render(failed_files(index_dir), as_json, _print_failed)
         return

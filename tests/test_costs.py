@@ -16,8 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import (
+    DIM,
+    assert_consistent,
+    make_collection,
+    make_image,
+    run_index,
+    unit_vectors,
+)
 
-from conftest import DIM, assert_consistent, make_collection, make_image, run_index, unit_vectors
 from simsearch.cli import cli
 from simsearch.images import is_under
 from simsearch.indexer import repair_index
