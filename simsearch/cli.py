@@ -412,11 +412,13 @@ def _print_clustering(result: ClusterResult) -> None:
 @handle_errors
 def info(index_dir: Path | None, failed: bool, check: bool, as_json: bool) -> None:
     """Where the index is, what model made it, what it holds."""
-    from .indexer import failed_files
     from .store import index_info
 
     index_dir = index_dir or default_index_dir()
     if failed:
+        # the indexer imports faiss: only here, not for the summary
+        from .indexer import failed_files
+
         render(failed_files(index_dir), as_json, _print_failed)
         return
     data = index_info(index_dir, check=check)

@@ -8,6 +8,10 @@ which saves FAISS atomically every ``save_interval`` seconds and at the end. Thi
 and counts; it never writes SQLite or FAISS itself. A run killed at any point leaves the catalog
 consistent, and the next run first repairs FAISS from stored vectors, then carries on with what
 is left.
+
+A run costs what changed, not what is stored: it reads the catalog rows under the folders it was
+given (a range of the path index), and its start-of-run check is the store's
+:meth:`~simsearch.store.IndexStore.quick_check` (the full scan is ``index --repair``).
 """
 
 from __future__ import annotations
@@ -191,7 +195,7 @@ def _index_into(
         prepare_layout(store)
         store.set_meta({"weights_source": description["weights_source"], "seed": options.seed})
         summary = IndexSummary(index=str(index_dir))
-        found = store.repair()
+        found = store.repair(full=False)  # O(changed); the full scan is index --repair
         summary.repaired = found.count
 
         # Files refused under a lower --max-pixels get another chance when the limit is raised.
@@ -300,9 +304,10 @@ def _plan(
     """Classify files and apply the cheap changes (moves, touches, removals) before embedding.
 
     Rows are keyed by the real path (what the walk reports), never by its printable form: two
-    names that print alike are still two files.
+    names that print alike are still two files. Only the rows under ``roots`` are read (every
+    file the walk reports lies under one of them, and only those rows can be gone or moved).
     """
-    existing = {row.real_path: row for row in store.catalog.rows()}
+    existing = {row.real_path: row for root in roots for row in store.catalog.rows_under(root)}
     seen: set[str] = set()
     new: list[FileEntry] = []
     to_embed: list[FileEntry] = []

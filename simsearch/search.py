@@ -112,7 +112,7 @@ class Searcher:
         :func:`simsearch.embed.device_search.open_search`). ``exact``: brute force over the stored
         vectors whatever the index's layout (:mod:`simsearch.store.exact`).
         """
-        self.store = IndexStore.open(index_dir)
+        self.store = IndexStore.open(index_dir, map_faiss=True)  # FAISS memory-mapped: opening reads none of it
         # Readers use the last saved FAISS file as it is (no consistency scan: a writer may be
         # running); hits on rows changed or deleted since that save are dropped (_neighbours).
         try:

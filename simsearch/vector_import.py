@@ -111,7 +111,7 @@ def import_vector_file(
             if identity is None:
                 raise InputError("a new index needs the vectors' model: give --model (and --weights, --seed)")
             identity = dict(identity, **{k: store.meta[k] for k in ("weights_source", "seed") if k in store.meta})
-        store.repair()
+        store.repair(full=False)  # what a crash left, at the cost of what changed (see IndexStore.quick_check)
         store.import_vectors(records, vectors, identity)
         extra = {k: identity[k] for k in ("weights_source", "seed") if k in identity}
         if extra:

@@ -156,7 +156,7 @@ class ServeIndex:
             if key is None:
                 raise Unavailable(f"the index at {self.path} has no vectors file yet (being built or rebuilt); try again shortly")
             try:
-                with IndexStore.open(self.path) as store:
+                with IndexStore.open(self.path, map_faiss=True) as store:  # a read-only map: no full read
                     meta, ann = store.meta, store.ann
                     search = open_layout_search(store) if ann is not None and len(ann) else None
             except SimsearchError as exc:

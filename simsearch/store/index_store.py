@@ -10,13 +10,22 @@ and ``store.ann`` directly.
 
 The catalog and the vector file are the source of truth; the FAISS file is derived from them.
 Opening is O(1): nothing is scanned. Each FAISS save records in the catalog the generation it
-holds and the file's size and CRC-32 (``faiss_saved``), so readers use the last saved state while
-a writer runs (:meth:`IndexStore.searchable_row`), and :meth:`IndexStore.check` (``simsearch
-info --check``, ``index --repair`` and the start of every index run) finds what a crash or damage
-left: FAISS behind the catalog, a FAISS file that is unreadable or not the one saved, stored
-vectors whose CRC fails. :meth:`IndexStore.repair` fixes what the stored vectors allow, and marks
-rows whose own vector is damaged for re-embedding. A version-1 index (vectors as SQLite blobs) is
-migrated on open, crash-safe, without re-embedding.
+holds, the file's size, CRC-32 and stat stamp (``faiss_saved``), so readers use the last saved
+state while a writer runs (:meth:`IndexStore.searchable_row`). Two checks find what a crash or
+damage left: :meth:`IndexStore.check`, the full one (``simsearch info --check`` and ``index
+--repair``: every id in FAISS against every ok row, every checksum), and
+:meth:`IndexStore.quick_check`, which costs what changed and starts every index run: the ids
+changed since the last save (``ann_pending``, written in the same transaction as each change),
+rows whose slot lies past the vector file's end (a seek on the slot index), the FAISS file
+against its record (size and stat stamp; its CRC-32 only when the stamp differs) and its vector
+count against the catalog's ok rows (a disagreement falls back to the full check).
+:meth:`IndexStore.repair` fixes what the stored vectors allow, and marks rows whose own vector is
+damaged for re-embedding. A version-1 index (vectors as SQLite blobs) is migrated on open,
+crash-safe, without re-embedding.
+
+Readers that only search may open the store with ``map_faiss=True``: the FAISS file is then
+memory-mapped read-only (opening costs no read of it; pages come in as searches touch them). A
+writer never changes a mapped index: taking the write lock, or any write, loads it into memory.
 """
 
 from __future__ import annotations
@@ -107,28 +116,33 @@ class Consistency:
 class IndexStore:
     """Catalog + vector index of one index directory, and the only writer of both."""
 
-    def __init__(self, path: Path, catalog: Catalog, ann: VectorIndex | None) -> None:
+    def __init__(self, path: Path, catalog: Catalog, ann: VectorIndex | None, map_faiss: bool = False) -> None:
         self.path = path
         self.catalog = catalog
         self._ann = ann
         self._ann_loaded = ann is not None
+        self._ann_mapped = False  # the loaded FAISS index is a read-only memory map of the file
+        self.map_faiss = map_faiss
         self._vectors: VectorFile | None = None
         self._lock_fd: int | None = None
         self.saved: dict[str, Any] | None = None  # faiss_saved as of opening / the last save
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], create: bool = False, readonly: bool | None = None) -> "IndexStore":
+    def open(
+        cls, path: str | os.PathLike[str], create: bool = False, readonly: bool | None = None, map_faiss: bool = False
+    ) -> "IndexStore":
         """Open an index directory: O(1), nothing is read but the description.
 
         ``readonly``: None opens read-only when the directory or its catalog is not writable by
-        this user (``info`` and ``query`` still work); True always. A version-1 index is migrated
-        here when it can be written.
+        this user (``info`` and ``query`` still work); True always. ``map_faiss``: memory-map the
+        FAISS file read-only when it is first used (for searching; see the module's docstring).
+        A version-1 index is migrated here when it can be written.
         """
         path = Path(path)
         if readonly is None:
             readonly = (path / "catalog.db").exists() and not _writable(path)
         catalog = Catalog.open(path, create=create, readonly=readonly)
-        store = cls(path, catalog, None)
+        store = cls(path, catalog, None, map_faiss=map_faiss)
         try:
             if catalog.schema_version == 1:
                 if readonly:
@@ -160,7 +174,14 @@ class IndexStore:
 
     @ann.setter
     def ann(self, value: VectorIndex | None) -> None:
-        self._ann, self._ann_loaded = value, True
+        self._ann, self._ann_loaded, self._ann_mapped = value, True, False
+
+    def _forget_mapped_ann(self) -> None:
+        """From now on this store changes FAISS: drop a read-only mapped index, so that the next use
+        loads one into memory (FAISS aborts the process on a write to a mapped one)."""
+        self.map_faiss = False
+        if self._ann_mapped:
+            self._ann, self._ann_loaded, self._ann_mapped = None, False, False
 
     @property
     def vectors(self) -> VectorFile | None:
@@ -192,6 +213,8 @@ class IndexStore:
         try:
             import fcntl
         except ImportError:  # no POSIX locks (Windows): concurrent writers are the caller's business
+            self._forget_mapped_ann()
+            self.catalog.ensure_write_indexes()
             return
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -203,6 +226,8 @@ class IndexStore:
                 "wait for it to finish"
             ) from None
         self._lock_fd = fd
+        self._forget_mapped_ann()
+        self.catalog.ensure_write_indexes()
 
     def __enter__(self) -> "IndexStore":
         return self
@@ -227,14 +252,17 @@ class IndexStore:
     def _load_ann(self) -> None:
         dim = self.catalog.meta_value("dim")
         if self.ann_path.exists():
-            ann = VectorIndex.load(self.ann_path, self.factory)
+            mapped = self.map_faiss
+            ann = VectorIndex.load(self.ann_path, self.factory, mapped=mapped)
             if dim is not None and ann.dim != dim:
                 raise IndexCorruptError(f"{self.ann_path} holds {ann.dim}-d vectors, the catalog says {dim}")
-            self._ann = ann
+            self._ann, self._ann_mapped = ann, mapped
         elif dim is not None:
             self._ann = VectorIndex(int(dim), self.factory)
 
     def _require_ann(self) -> VectorIndex:
+        """The FAISS index, to change it (loaded into memory if it was mapped read-only)."""
+        self._forget_mapped_ann()
         if self.ann is None:
             raise IndexCorruptError(f"{self.path} has rows but no recorded dim; rebuild it with --rebuild")
         return self.ann
@@ -440,9 +468,11 @@ class IndexStore:
         pending = self.catalog.pending_ids()
         if resync:
             self._resync(pending)
+        if not ann.changed and len(pending) == 0 and self._faiss_file_matches_stamp():
+            return  # nothing changed since this file was written: rewriting it would cost its whole size
         generation = self.catalog.generation
         size, crc = ann.save(self.ann_path)
-        saved = {"generation": generation, "size": size, "crc32": crc, "ntotal": len(ann)}
+        saved = {"generation": generation, "size": size, "crc32": crc, "ntotal": len(ann), "stamp": _stamp(self.ann_path)}
         with self.catalog.transaction():
             self.catalog._set_meta_raw({"faiss_saved": saved})
             if len(pending):
@@ -458,7 +488,7 @@ class IndexStore:
         old layout in use and an orphan file the next run removes (:mod:`simsearch.store.layouts`)."""
         generation = self.catalog.generation
         size, crc = ann.save(self.path / name)
-        saved = {"generation": generation, "size": size, "crc32": crc, "ntotal": len(ann)}
+        saved = {"generation": generation, "size": size, "crc32": crc, "ntotal": len(ann), "stamp": _stamp(self.path / name)}
         with self.catalog.transaction():
             self.catalog._set_meta_raw({"ann_file": name, "faiss_factory": factory, "ann_layout": layout, "faiss_saved": saved})
         self.saved = saved
@@ -494,16 +524,76 @@ class IndexStore:
             catalog_errors=catalog_errors,
         )
 
-    def _faiss_file_problem(self) -> str | None:
-        """Why the FAISS file on disk is not the one last saved, or None (a missing file is not damage)."""
+    def quick_check(self) -> Consistency:
+        """What the start of a run must find, at the cost of what changed since the last save.
+
+        No id or row is read but those changed: the ids changed since the last save (pending:
+        each change records its id in the same transaction, and the save that mirrors it clears
+        it), ok rows whose slot lies past the vector file's end (one seek on the slot index), and
+        whether the FAISS file is the one last saved (size and stat stamp; the CRC-32 of the whole
+        file only when the stamp differs, e.g. after a copy) holding the vector count recorded.
+        With nothing pending, FAISS must hold as many live vectors as the catalog has ok rows; when
+        it does not (a file put back from elsewhere), this falls back to the full :meth:`check`."""
+        empty = np.zeros(0, np.int64)
+        faiss_damaged = self._faiss_file_problem(thorough=False)
+        ann: VectorIndex | None = None
+        try:
+            ann = self.ann
+        except IndexCorruptError as exc:
+            faiss_damaged = str(exc)
+        if faiss_damaged is None and ann is not None and self.saved and len(ann) != self.saved.get("ntotal", len(ann)):
+            faiss_damaged = f"{self.ann_path} holds {len(ann)} vectors, {self.saved.get('ntotal')} were saved"
+        pending = self.catalog.pending_ids()
+        if faiss_damaged is None and len(pending) == 0:
+            live, ok = self._live_vectors(ann), self.catalog.counts()["ok"]
+            if live != ok:
+                log.warning(
+                    "%s: FAISS holds %d vectors, the catalog %d ok rows: checking every id", self.path, live, ok
+                )
+                return self.check()
+        damaged = self._vectors_past_end()
+        rows = self.catalog.rows_by_ids(damaged)
+        return Consistency(
+            missing=empty,
+            extra=empty,
+            stale=pending,
+            faiss_damaged=faiss_damaged,
+            damaged=damaged,
+            damaged_paths=[rows[int(i)].path for i in damaged if int(i) in rows],
+        )
+
+    @staticmethod
+    def _live_vectors(ann: VectorIndex | None) -> int:
+        """Vectors a FAISS index answers with (a layout that cannot delete keeps dead slots)."""
+        if ann is None:
+            return 0
+        from .tombstones import can_remove, tombstone_count
+
+        # (counting dead slots reads the whole id map: only for the layouts that have them)
+        return len(ann) if can_remove(ann.index) else len(ann) - tombstone_count(ann.index)
+
+    def _faiss_file_problem(self, thorough: bool = True) -> str | None:
+        """Why the FAISS file on disk is not the one last saved, or None (a missing file is not damage).
+
+        ``thorough``: compare the whole file's CRC-32 with the record; else only when its stat
+        stamp (mtime, ctime, inode) is not the one recorded at the save (any write, copy or
+        replacement of the file changes it)."""
         if not self.ann_path.exists() or not self.saved:
             return None
         size = self.ann_path.stat().st_size
         if size != self.saved.get("size"):
             return f"{self.ann_path} is {size} bytes, {self.saved.get('size')} were saved"
+        if not thorough and self._faiss_file_matches_stamp():
+            return None
         if file_crc(self.ann_path) != self.saved.get("crc32"):
             return f"{self.ann_path} does not match the checksum recorded when it was saved"
         return None
+
+    def _faiss_file_matches_stamp(self) -> bool:
+        """Whether the FAISS file is, by its stat, the very file the last save recorded."""
+        if not self.saved or "stamp" not in self.saved or not self.ann_path.exists():
+            return False
+        return bool(_stamp(self.ann_path) == self.saved["stamp"] and self.ann_path.stat().st_size == self.saved.get("size"))
 
     def _vectors_past_end(self) -> np.ndarray:
         vf = self.vectors
@@ -526,15 +616,18 @@ class IndexStore:
                 bad.append(ids[inside][got != crcs[inside]])
         return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
-    def repair(self, verify_vectors: bool = False) -> Consistency:
+    def repair(self, verify_vectors: bool = False, full: bool = True) -> Consistency:
         """Make FAISS match the catalog from the stored vectors; returns what was found.
 
         A FAISS file that is unreadable or not the one saved is rebuilt from the vector file.
         Rows whose stored vector is damaged (``verify_vectors``) cannot be recovered here: they
         are marked failed, with the size cleared, so the next index run re-embeds their files.
+        ``full``: find what to repair with the full :meth:`check` (``index --repair``); else with
+        :meth:`quick_check` (the start of a run), and once the ids it found are repaired, a count
+        of FAISS's vectors that still disagrees with the catalog's ok rows falls back to the full check.
         """
         self._trim_vectors()
-        found = self.check(verify_vectors=verify_vectors)
+        found = self.check(verify_vectors=verify_vectors) if full else self.quick_check()
         if found.ok:
             self._repaired()
             return found
@@ -558,6 +651,11 @@ class IndexStore:
             ann = self._require_ann()
             ann.remove(found.extra)
             self._resync(np.union1d(np.union1d(found.missing, found.stale), found.damaged))
+        if not full and found.faiss_damaged is None:
+            live, ok = self._live_vectors(self.ann), self.catalog.counts()["ok"]
+            if live != ok:  # something besides the changed ids is out of step
+                log.warning("%s: FAISS holds %d vectors, the catalog %d ok rows: checking every id", self.path, live, ok)
+                return self.repair(verify_vectors=verify_vectors, full=True)
         self.save()
         self._repaired()
         return found
@@ -572,7 +670,7 @@ class IndexStore:
         vf = self.vectors
         if vf is None or self.readonly:
             return
-        top, _ = self.catalog.slot_bounds()
+        top = self.catalog.slot_top()
         count = vf.count
         if count > top:
             vf.truncate(top)
@@ -625,8 +723,7 @@ class IndexStore:
         self.catalog.migrate_v1_prepare()
         vf = self.vectors
         if vf is not None:
-            top, _ = self.catalog.slot_bounds()
-            vf.truncate(top)  # slots written by an interrupted step that no row references
+            vf.truncate(self.catalog.slot_top())  # slots written by an interrupted step that no row references
             while True:
                 rows = self.catalog.migrate_v1_rows(MIGRATE_CHUNK)
                 if not rows:
@@ -638,6 +735,7 @@ class IndexStore:
                 vf.write(np.array(slots, dtype=np.int64), rows16)
                 self.catalog.migrate_v1_set_slots(ids, list(zip(slots, row_crcs(rows16))))
         self.catalog.migrate_v1_finish()
+        self.catalog.ensure_write_indexes()
         self.repair()
 
     def _finish_migration(self) -> None:
@@ -721,6 +819,12 @@ class IndexStore:
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+
+def _stamp(path: Path) -> list[int]:
+    """A file's stat stamp (mtime, ctime, inode): any write, copy or replacement of it changes one."""
+    st = path.stat()
+    return [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _writable(index_dir: Path) -> bool:

@@ -6,7 +6,11 @@ catalog's row ids. The layout is a faiss ``index_factory`` string (default ``IDM
 search), recorded in the catalog as ``faiss_factory``; the store builds every index from that
 record. :meth:`VectorIndex.ids` and :meth:`VectorIndex.stored` read a layout with or without
 an ID map. Saving writes a temporary file, fsyncs it and renames it over the old one, so a crash
-never leaves a torn file.
+never leaves a torn file; a reader may load the file memory-mapped (``mapped=True``: FAISS's
+``IO_FLAG_MMAP_IFC``, read-only; never changed: adding to it would abort inside FAISS).
+
+faiss is imported on first use, not with this module: ``simsearch info`` and other commands that
+open an index without searching it do not pay for it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,26 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 
 from ..errors import IndexCorruptError
-from .tombstones import TOMBSTONE, can_remove, tombstone
 from .vector_file import file_crc
 
+if TYPE_CHECKING:
+    import faiss
+
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    """``vector_index.faiss``: the faiss module, imported when first asked for."""
+    if name == "faiss":
+        import faiss
+
+        return faiss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 FAISS_FILE = "vectors.faiss"
 DEFAULT_FACTORY = "IDMap2,Flat"
@@ -34,9 +49,14 @@ class VectorIndex:
     """Cosine-similarity search over id-tagged vectors."""
 
     def __init__(self, dim: int, factory: str = DEFAULT_FACTORY, index: faiss.Index | None = None) -> None:
+        import faiss
+
         self.dim = dim
         self.factory = factory
         self.index = index if index is not None else faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        # changed since it was read from or written to its file (a new index has no file yet);
+        # the store skips rewriting a file nothing changed
+        self.changed = True
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -48,23 +68,34 @@ class VectorIndex:
     def train(self, vectors: np.ndarray) -> None:
         """Only needed for trainable layouts (IVF, PQ); a no-op for Flat."""
         if not self.index.is_trained:
+            self.changed = True
             self.index.train(_as_f32(vectors))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
+        self.changed = True
         self.index.add_with_ids(_as_f32(vectors), np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
+        import faiss
+
+        from .tombstones import can_remove, tombstone
+
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return 0
+        self.changed = True
         if not can_remove(self.index):  # HNSW: dead slots stay in the graph, marked (see tombstones)
             return tombstone(self.index, ids)
         return int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
 
     def ids(self) -> np.ndarray:
         """Every id held: in storage order for an ID map, list by list for an IVF layout, else 0..n-1."""
+        import faiss
+
+        from .tombstones import TOMBSTONE
+
         outer = faiss.downcast_index(self.index)
         if hasattr(outer, "id_map"):
             held = faiss.vector_to_array(outer.id_map).astype(np.int64)
@@ -82,6 +113,8 @@ class VectorIndex:
 
     def _flat(self) -> tuple[faiss.Index, faiss.IndexFlat | None]:
         """(the outer index, downcast; its flat storage, or None when the layout is not flat)."""
+        import faiss
+
         outer = faiss.downcast_index(self.index)
         inner = faiss.downcast_index(outer.index) if hasattr(outer, "id_map") else outer
         return outer, inner if isinstance(inner, faiss.IndexFlat) else None
@@ -105,15 +138,26 @@ class VectorIndex:
 
     def save(self, path: str | os.PathLike[str]) -> tuple[int, int]:
         """Write the index atomically; returns the file's (size, CRC-32) for the catalog to record."""
-        return write_atomic(self.index, Path(path))
+        written = write_atomic(self.index, Path(path))
+        self.changed = False
+        return written
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], factory: str = DEFAULT_FACTORY) -> "VectorIndex":
+    def load(cls, path: str | os.PathLike[str], factory: str = DEFAULT_FACTORY, mapped: bool = False) -> "VectorIndex":
+        """Read a FAISS file. ``mapped``: memory-map it read-only (every layout here supports it; loading
+        costs no read, searches read the pages they touch); such an index must never be changed."""
+        import faiss
+
+        flags = 0
+        if mapped:
+            flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
         try:
-            index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             raise IndexCorruptError(f"cannot read FAISS index {path}: {exc}") from exc
-        return cls(index.d, factory, index)
+        loaded = cls(index.d, factory, index)
+        loaded.changed = False
+        return loaded
 
 
 def clamp_k(k: int, n: int) -> int:
@@ -127,6 +171,8 @@ def write_atomic(index: faiss.Index, path: Path) -> tuple[int, int]:
     Any failure (a full disk, a read-only folder) removes the temporary file and leaves ``path``
     as it was, and comes out as an :class:`OSError` (FAISS reports write errors as RuntimeError).
     """
+    import faiss
+
     tmp = path.with_name(path.name + ".tmp")
     try:
         try:
