@@ -163,7 +163,7 @@ def test_automatic_choice_follows_size_and_budget():
     assert choose_layout(1_000_000, 512, AnnRequest(memory=3 << 30))[0] == "hnsw"
     assert choose_layout(1_000_000, 512, AnnRequest(memory=int(2.1 * (1 << 30))))[0] == "ivf"
     name, factory, _ = choose_layout(1_000_000, 512, AnnRequest())
-    assert factory == "IVF1024,PQ64x8"
+    assert factory == "IVF1024,PQ128x8"
     assert choose_layout(5, 8, AnnRequest("OPQ4,IVF2,PQ4x2"))[1] == "OPQ4,IVF2,PQ4x2"
     assert choose_layout(5, 8, AnnRequest("HNSW16"))[1] == "IDMap2,HNSW16"
     with pytest.raises(InputError):

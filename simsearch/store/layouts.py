@@ -7,7 +7,7 @@ run has saved, and the query layer searches through :func:`open_layout_search`.
 **Choice** (:func:`choose_layout`), after the FAISS wiki's "Guidelines to choose an index" and
 autofaiss: exact ``Flat`` below :data:`FLAT_MAX` vectors; above it HNSW (``HNSW32,Flat``) if its graph
 and vectors fit in the memory budget, else IVF-Flat (``IVF{nlist},Flat``, nlist the power of two
-nearest sqrt(n)), else IVF-PQ (``IVF{nlist},PQ{dim/8}``) whose candidates are re-ranked with the
+nearest sqrt(n)), else IVF-PQ (``IVF{nlist},PQ{dim/4}``) whose candidates are re-ranked with the
 exact stored vectors. ``flat``, ``hnsw``, ``ivf``, ``ivfpq`` or any FAISS factory string override it.
 
 **Build and tuning** (:func:`build_layout`): trainable layouts train on a random sample of the
@@ -100,8 +100,12 @@ def nlist_for(n: int) -> int:
 
 
 def pq_shape(dim: int, n_train: int) -> tuple[int, int]:
-    """(sub-quantizers, bits each) of a PQ code: dim/8 bytes-ish, fewer bits when training data is short."""
-    m = max(1, dim // 8, min(dim // 2, 16))  # 8 dims per byte-code; finer for small dims
+    """(sub-quantizers, bits each) of a PQ code: dim/4 bytes-ish, fewer bits when training data is short.
+
+    4 dims per byte: at 1M x 512 on clusters spread like real embeddings, 64-byte codes (8 dims per
+    byte) needed nprobe 256 of 1024 and 704 re-ranked candidates for recall@10 0.95; 128-byte codes
+    reach it at nprobe 16 with ~200 candidates (``benchmarks/README.md``, bench_scale)."""
+    m = max(1, dim // 4, min(dim // 2, 16))  # 4 dims per byte-code; finer for small dims
     while dim % m:
         m -= 1
     nbits = int(max(1, min(8, math.floor(math.log2(max(2, n_train // 39))))))
