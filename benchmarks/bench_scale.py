@@ -120,7 +120,7 @@ def cli_measure(args: list[str]) -> dict:
 
 def pick_images(folder: str | None, tmp: Path) -> list[Path]:
     out = tmp / "images"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     if folder:
         found = sorted(p for p in Path(folder).rglob("*.jpg"))[:3]
         for i, p in enumerate(found):
