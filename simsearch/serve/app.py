@@ -29,7 +29,7 @@ from simsearch.errors import (
 )
 from simsearch.images import DEFAULT_MAX_PIXELS
 
-from .routes import clusters, images, info, page, search
+from .routes import clusters, duplicates, images, info, labels, page, search
 from .state import DEFAULT_MAX_UPLOAD_BYTES, NotFound, ServeIndex, TooLarge, Unavailable
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def create_app(
         openapi_url="/api/openapi.json",
     )
     app.state.index = state
-    for feature in (search, images, clusters, info, page):
+    for feature in (search, images, clusters, duplicates, labels, info, page):
         app.include_router(feature.router)
 
     @app.exception_handler(SimsearchError)

@@ -119,6 +119,8 @@ class ServeIndex:
         self._embedder_identity: dict[str, Any] | None = None
         self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
+        self._dups: dict[tuple[Any, ...], dict[str, Any]] = {}  # the groups of the last state asked for
+        self._dups_lock = threading.Lock()
         self.searches = Batcher(self._search_group, "search", max_batch=MAX_BATCH, on_start=_one_openmp_thread)
         self.model_runs = Batcher(self._embed_group, "model", max_batch=model_batch)
 
@@ -418,6 +420,89 @@ class ServeIndex:
             "members": [dict(_row_dict(r), distance=round(d, 6)) for r, d in members],
         }
 
+    # -- labels and duplicates ----------------------------------------------------------------
+    def labels(self) -> dict[str, Any]:
+        """Every class with its given and predicted counts (as ``simsearch labels``) and one image to show it by."""
+        from simsearch.labels import list_labels
+
+        listing = list_labels(self.path).to_dict()
+        examples = self.catalog.label_examples()
+        for c in listing["classes"]:
+            example = examples.get(c["label"])
+            c["example"] = None if example is None else example
+        return listing
+
+    def label_members(self, label: str, source: str | None = None, offset: int = 0, limit: int = 60) -> dict[str, Any]:
+        """One page of the images carrying ``label`` (given first, then predictions by confidence)."""
+        if source not in (None, "given", "predicted"):
+            raise InputError(f"source must be given or predicted, not {source!r}")
+        total, members = self.catalog.label_members(label, source, limit=limit, offset=offset)
+        if total == 0 and offset == 0:
+            raise NotFound(f"no indexed image is labelled {label!r}" + (f" ({source})" if source else ""))
+        return {
+            "label": label,
+            "source": source,
+            "total": total,
+            "offset": offset,
+            "limit": limit,
+            "members": [
+                dict(_row_dict(r), source=src, confidence=None if conf is None else round(float(conf), 6))
+                for r, src, conf in members
+            ],
+        }
+
+    def duplicates(self, threshold: float | None = None, offset: int = 0, limit: int = 20) -> dict[str, Any]:
+        """Groups of near-duplicates as ``simsearch duplicates`` finds them (read-only: nothing is moved).
+
+        The threshold is the one ``simsearch duplicates`` calibrated and recorded for this model,
+        unless given; the server never calibrates (that embeds a sample of edited images) and does
+        not verify candidate pairs with local features (``--verify off``). Groups are found once
+        per saved state of the vectors and threshold, then served from memory, page by page."""
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise InputError("threshold must be a cosine similarity between -1 and 1")
+        snap = self.snapshot()
+        source = "given"
+        if threshold is None:
+            threshold, source = self._recorded_duplicates_threshold(), "calibrated"
+        key = (snap.key, self.catalog.generation, round(float(threshold), 6))
+        with self._dups_lock:
+            cached = self._dups.get(key)
+        if cached is None:
+            from simsearch.duplicates import find_duplicates
+
+            result = find_duplicates(self.path, threshold=threshold, verify="off")
+            cached = {
+                "images": result.images,
+                "threshold": result.threshold,
+                "threshold_source": source,
+                "keep": result.keep,
+                "duplicates": result.duplicates,
+                "groups": [
+                    [dict(_member_dict(g.keeper), keeper=True)] + [dict(_member_dict(m), keeper=False) for m in g.duplicates]
+                    for g in result.groups
+                ],
+            }
+            with self._dups_lock:
+                self._dups.clear()  # one state at a time: an older one is of no use any more
+                self._dups[key] = cached
+        groups = cached["groups"]
+        return {
+            **{k: v for k, v in cached.items() if k != "groups"},
+            "total": len(groups),
+            "offset": offset,
+            "limit": limit,
+            "groups": [{"keeper": g[0]["id"], "members": g} for g in groups[offset : offset + limit]],
+        }
+
+    def _recorded_duplicates_threshold(self) -> float:
+        cal = self.catalog.meta_value("duplicates_calibration")
+        if not cal or cal.get("identity") != self.catalog.identity():
+            raise NotFound(
+                f"no duplicates threshold is recorded for the index at {self.path}: run simsearch duplicates "
+                "once (it calibrates one), or give ?threshold="
+            )
+        return float(cal["threshold"])
+
     def info(self) -> dict[str, Any]:
         out = index_info(self.path)
         snap = self._snapshot
@@ -444,6 +529,14 @@ def _one_openmp_thread() -> None:
     import faiss
 
     faiss.omp_set_num_threads(1)
+
+
+def _member_dict(m: Any) -> dict[str, Any]:
+    """A duplicates group's member (:class:`simsearch.duplicates.DuplicateMember`) as the API shows it."""
+    return {
+        "id": m.id, "path": m.path, "name": os.path.basename(m.path), "width": m.width, "height": m.height,
+        "size": m.size, "score": round(float(m.score), 6), "identical": m.identical,
+    }
 
 
 def _row_dict(row: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""One router per feature of ``simsearch serve``; a new feature (duplicates, labels) adds a module here
-and one line in :func:`simsearch.serve.app.create_app`."""
+"""One router per feature of ``simsearch serve``; a new feature adds a module here and
+one line in :func:`simsearch.serve.app.create_app`."""
 
 from __future__ import annotations
 
