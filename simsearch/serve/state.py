@@ -428,8 +428,7 @@ class ServeIndex:
         listing = list_labels(self.path).to_dict()
         examples = self.catalog.label_examples()
         for c in listing["classes"]:
-            example = examples.get(c["label"])
-            c["example"] = None if example is None else example
+            c["example"] = examples.get(c["label"])  # None: every image of the class was deleted meanwhile
         return listing
 
     def label_members(self, label: str, source: str | None = None, offset: int = 0, limit: int = 60) -> dict[str, Any]:
