@@ -2,14 +2,24 @@
 
 Builds an index once (at ``--index``, from ``--data``; ``--synthetic N`` first writes N photo-like
 JPEGs there), starts ``simsearch serve`` on a free loopback port in a subprocess, and sends
-bounded loops of requests from client threads (one keep-alive connection each):
+bounded loops of requests over keep-alive connections, one per client:
 
 - **id**: ``GET /api/search?id=N`` (stored vector, no model);
 - **upload**: ``POST /api/search`` with an indexed image's bytes (decode + model + search).
 
+The clients (``--client process``, the default) are asyncio connections in a separate process
+that write prepared requests and read the responses by Content-Length: about 0.1 ms of Python per
+request, so the server keeps the CPU it would have with real, remote clients. ``--client threads``
+is the earlier client: Python threads with ``http.client`` in this process (several times the
+client-side work per request, on the same cores as the server).
+
+``--baseline-src DIR`` also starts a server from another checkout of simsearch (e.g. the commit
+before a change, ``git worktree add ../before COMMIT``) and runs every load against both, one after
+the other, so that before and after are compared in one run on the same machine load.
+
 In the same run, with the server idle, it times the bare library call the upload path is measured
 against: ``Searcher.query([file])`` in this process (decode + model + search, no HTTP). Only
-loopback traffic; every loop is bounded by ``--requests`` / ``--uploads``.
+loopback traffic; every loop is bounded by ``--requests`` / ``--uploads`` and by time-outs.
 
     # 9,144 Caltech-101 photos + 856 synthetic = a 10,000-image index, built on the first run
     python benchmarks/bench_serve.py --index /tmp/serve-idx --data path/to/caltech101 \
@@ -36,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_index import cpu_name, percentile  # noqa: E402
+from bench_index import cpu_name, percentile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP/torch threads for the server and the bare query alike [torch's default]")
     p.add_argument("-k", type=int, default=10, help="neighbours per query [10]")
+    p.add_argument("--kinds", nargs="+", default=["id", "upload"], choices=["id", "upload"], help="what to query [id upload]")
+    p.add_argument("--client", nargs="+", default=["process"], choices=["process", "threads"],
+                   help="load generator(s): asyncio connections in a separate process, or http.client threads here [process]")
+    p.add_argument("--baseline-src", default=None,
+                   help="also run every load against a server started from this simsearch checkout (before/after in one run)")
+    p.add_argument("--baseline-args", default="", help="extra 'simsearch serve' options for the baseline server, e.g. '--model-batch 1'")
+    p.add_argument("--src", default=None, help="the simsearch checkout to serve from [this one]")
+    p.add_argument("--server-args", default="", help="extra 'simsearch serve' options for the server under test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
@@ -87,14 +105,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: str, port: int, precision: str, threads: int | None) -> subprocess.Popen:
-    root = Path(__file__).resolve().parents[1]
+def start_server(
+    index: str, port: int, precision: str, threads: int | None, src: str | None = None, extra: str = ""
+) -> subprocess.Popen:
+    root = Path(src).resolve() if src else Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(
         [sys.executable, "-m", "simsearch", "serve", "--index", index, "--port", str(port), "--device", "cpu",
-         "--precision", precision],
+         "--precision", precision, *extra.split()],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 300
@@ -111,6 +131,15 @@ def start_server(index: str, port: int, precision: str, threads: int | None) -> 
     sys.exit("simsearch serve did not start in 300 s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def multipart(data: bytes, name: str) -> tuple[bytes, str]:
     boundary = "simsearchbench" + os.urandom(8).hex()
     body = (
@@ -120,8 +149,76 @@ def multipart(data: bytes, name: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def load(port: int, clients: int, total: int, make_request) -> dict[str, float]:
-    """``total`` requests from ``clients`` threads; (qps, p50, p99 in ms, errors)."""
+def raw_request(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
+    """One HTTP/1.1 request as bytes, ready to write to a keep-alive connection."""
+    lines = [f"{method} {url} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def raw_load(port: int, clients: int, requests: list[bytes], check: bytes = b'"results"', timeout: float = 120.0) -> dict[str, float]:
+    """Send ``requests`` over ``clients`` keep-alive connections (asyncio, one process), each
+    connection taking the next request when its previous answer is in; (qps, p50, p99 in ms, errors).
+
+    Runs in a child process of its own (see :func:`process_load`): the only work per request is
+    writing prepared bytes and reading the answer by its Content-Length."""
+    import asyncio
+
+    async def main() -> dict[str, float]:
+        latencies: list[float] = []
+        errors = 0
+        todo = iter(requests)
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, limit=1 << 22), timeout)
+
+        async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bool:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(
+                (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                0,
+            )
+            payload = await reader.readexactly(length)
+            return status == 200 and check in payload
+
+        async def client(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+            nonlocal errors
+            reader, writer = conn
+            for request in todo:  # one shared iterator: the loop is bounded by len(requests)
+                t0 = time.perf_counter()
+                try:
+                    ok = await asyncio.wait_for(exchange(reader, writer, request), timeout)
+                except (OSError, EOFError, ValueError, StopIteration, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                        asyncio.LimitOverrunError):
+                    ok = False
+                    writer.close()
+                    reader, writer = await connect()
+                latencies.append(time.perf_counter() - t0)
+                errors += not ok
+            writer.close()
+
+        conns = [await connect() for _ in range(clients)]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in conns))
+        wall = time.perf_counter() - t0
+        ms = [x * 1000 for x in latencies]
+        return {"qps": len(requests) / wall, "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "errors": errors}
+
+    return asyncio.run(main())
+
+
+def process_load(pool, port: int, clients: int, total: int, make_request) -> dict[str, float]:
+    """``total`` requests from ``clients`` connections of the client process ``pool``."""
+    requests = [raw_request(*make_request(n)) for n in range(total)]
+    return pool.submit(raw_load, port, clients, requests).result()
+
+
+def thread_load(port: int, clients: int, total: int, make_request) -> dict[str, float]:
+    """``total`` requests from ``clients`` threads of this process (http.client); (qps, p50, p99 in ms, errors)."""
     latencies: list[float] = []
     errors = [0]
     counter = iter(range(total))
@@ -195,51 +292,77 @@ def main(argv: list[str] | None = None) -> int:
         rows = store.catalog.rows("status = 'ok'")
         meta = store.meta
     rng = random.Random(args.seed)
-    ids = [r.id for r in rng.sample(rows, min(len(rows), 500))]
+    # distinct ids, as many as one load sends: no answer is a repeat of an earlier one
+    ids = [r.id for r in rng.sample(rows, min(len(rows), max(args.requests, 500)))]
     files = [r.path for r in rng.sample(rows, min(len(rows), 32))]
     blobs = [(Path(f).read_bytes(), os.path.basename(f)) for f in files]
     print(f"{len(rows)} images, {meta['model']} ({meta['weights']}), k={args.k}, CPU: {cpu_name()} x{os.cpu_count()}, "
           f"threads: {args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}")
 
-    port = free_port()
-    server = start_server(args.index, port, args.precision, args.threads)
+    # name -> (source tree, extra serve options); "before" runs first in each pair
+    servers = {"after": (args.src, args.server_args)}
+    if args.baseline_src or args.baseline_args:
+        servers = {"before": (args.baseline_src, args.baseline_args), **servers}
+    ports = {name: free_port() for name in servers}
+    procs = {}
     figures: dict[str, object] = {"images": len(rows), "model": meta["model"], "cpu": cpu_name(), "k": args.k,
-                                  "threads": args.threads}
+                                  "threads": args.threads, "load_average_start": os.getloadavg()[0],
+                                  "servers": {n: {"src": s or "this tree", "args": a} for n, (s, a) in servers.items()}}
+    uploads = [multipart(data, name) for data, name in blobs]
+
+    def by_id(n: int):
+        return "GET", f"/api/search?id={ids[n % len(ids)]}&k={args.k}", None, {}
+
+    def by_upload(n: int):
+        body, ctype = uploads[n % len(uploads)]
+        return "POST", f"/api/search?k={args.k}", body, {"Content-Type": ctype}
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    rows_out = []
     try:
-        # warm the server's model and vectors before timing
-        body, ctype = multipart(*blobs[0])
-        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        warm.request("POST", f"/api/search?k={args.k}", body=body, headers={"Content-Type": ctype})
-        warm.getresponse().read()
-        warm.close()
+        for name, (src, extra) in servers.items():
+            procs[name] = start_server(args.index, ports[name], args.precision, args.threads, src, extra)
+            # warm each server's model and vectors before timing
+            body, ctype = multipart(*blobs[0])
+            warm = http.client.HTTPConnection("127.0.0.1", ports[name], timeout=300)
+            warm.request("POST", f"/api/search?k={args.k}", body=body, headers={"Content-Type": ctype})
+            warm.getresponse().read()
+            warm.close()
+        pool.submit(percentile, [1.0], 50).result()  # start the client process before timing
 
         bare_before = bare_query(args.index, files, args.bare, args.k, args.precision)
-
-        def by_id(n: int):
-            return "GET", f"/api/search?id={ids[n % len(ids)]}&k={args.k}", None, {}
-
-        uploads = [multipart(data, name) for data, name in blobs]
-
-        def by_upload(n: int):
-            body, ctype = uploads[n % len(uploads)]
-            return "POST", f"/api/search?k={args.k}", body, {"Content-Type": ctype}
-
-        rows_out = []
-        for kind, fn, total in (("id", by_id, args.requests), ("upload", by_upload, args.uploads)):
-            for c in args.clients:
-                r = load(port, c, total, fn)
-                rows_out.append({"query": kind, "clients": c, "requests": total, **r})
-                print(f"  {kind:<7} {c:>3} clients: {r['qps']:8.1f} q/s  p50 {r['p50_ms']:8.1f} ms  "
-                      f"p99 {r['p99_ms']:8.1f} ms  errors {r['errors']}", flush=True)
+        plan = [("id", by_id, args.requests), ("upload", by_upload, args.uploads)]
+        for kind, fn, total in [p for p in plan if p[0] in args.kinds]:
+            for client in args.client:
+                for c in args.clients:
+                    for name in servers:  # before and after back to back, on the same machine load
+                        cpu0 = cpu_seconds(procs[name].pid)
+                        if client == "process":
+                            r = process_load(pool, ports[name], c, total, fn)
+                        else:
+                            r = thread_load(ports[name], c, total, fn)
+                        # the server's CPU time per request: what a query costs, whatever else the machine runs
+                        r["server_cpu_ms"] = (cpu_seconds(procs[name].pid) - cpu0) / total * 1000
+                        rows_out.append({"server": name, "query": kind, "client": client, "clients": c, "requests": total, **r})
+                        print(f"  {name:<6} {kind:<7} {client:<7} {c:>3} clients: {r['qps']:8.1f} q/s  p50 {r['p50_ms']:8.1f} ms  "
+                              f"p99 {r['p99_ms']:8.1f} ms  server CPU {r['server_cpu_ms']:6.2f} ms/query  errors {r['errors']}",
+                              flush=True)
         bare_after = bare_query(args.index, files, args.bare, args.k, args.precision)
     finally:
-        server.terminate()
-        server.wait(30)
+        pool.shutdown()
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(30)
     bare = float(np.mean([bare_before["p50_ms"], bare_after["p50_ms"]]))
-    upload1 = next(r for r in rows_out if r["query"] == "upload" and r["clients"] == min(args.clients))
     print(f"bare Searcher.query p50: {bare_before['p50_ms']:.1f} ms before, {bare_after['p50_ms']:.1f} ms after "
-          f"(mean {bare:.1f} ms); upload p50 at {upload1['clients']} client(s) = {upload1['p50_ms'] / bare:.2f} x bare")
-    figures.update(serve=rows_out, bare_before=bare_before, bare_after=bare_after, upload_over_bare=upload1["p50_ms"] / bare)
+          f"(mean {bare:.1f} ms); load average at the end {os.getloadavg()[0]:.1f}")
+    for r in rows_out:
+        if r["query"] == "upload" and r["clients"] == min(args.clients):
+            print(f"  {r['server']} upload p50 at {r['clients']} client(s), {r['client']} client = {r['p50_ms'] / bare:.2f} x bare")
+    figures.update(serve=rows_out, bare_before=bare_before, bare_after=bare_after, load_average_end=os.getloadavg()[0])
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
     return 0

@@ -482,3 +482,156 @@ def test_server_follows_a_layout_rebuild(tmp_path) -> None:
         assert response.status_code == 200, response.text
         assert [r["id"] for r in response.json()["results"]] == want
         assert c.get("/api/info").json()["serve"]["vectors_loaded"] == 12
+
+
+# -- labels and duplicates ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    """An index with given and predicted labels, a byte-identical copy and a re-encoded copy."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("curated")
+    paths = make_collection(base / "photos", n=8)
+    shutil.copy(paths[0], base / "photos" / "a" / "copy-of-0.jpg")
+    Image.open(paths[2]).resize((150, 112)).save(base / "photos" / "b" / "smaller-2.jpg", quality=80)
+    run_index(base / "photos", base / "index")
+    with IndexStore.open(base / "index") as store:
+        rows = {Path(r.path).name: r.id for r in store.catalog.rows("status = 'ok'")}
+        store.import_labels({rows["img000.jpg"]: "cat", rows["img001.jpg"]: "cat", rows["img002.jpg"]: "dog"})
+        store.write_predictions(
+            {rows["img003.jpg"]: "cat", rows["img004.jpg"]: "cat", rows["img005.jpg"]: "dog"},
+            {rows["img003.jpg"]: 0.6, rows["img004.jpg"]: 0.9, rows["img005.jpg"]: 0.7},
+        )
+    return base, rows
+
+
+def test_labels_classes_and_members(curated) -> None:
+    base, rows = curated
+    with TestClient(create_app(base / "index", device="cpu")) as c:
+        body = c.get("/api/labels").json()
+        assert (body["given"], body["predicted"], body["indexed"]) == (3, 3, 10)
+        classes = {x["label"]: x for x in body["classes"]}
+        assert [x["label"] for x in body["classes"]] == ["cat", "dog"]  # largest first
+        assert (classes["cat"]["given"], classes["cat"]["predicted"]) == (2, 2)
+        assert classes["cat"]["example"] == rows["img000.jpg"] and classes["dog"]["example"] == rows["img002.jpg"]
+
+        cats = c.get("/api/labels/images", params={"label": "cat"}).json()
+        assert cats["total"] == 4
+        # given first (by id), then predictions by confidence
+        assert [m["id"] for m in cats["members"]] == [rows["img000.jpg"], rows["img001.jpg"], rows["img004.jpg"], rows["img003.jpg"]]
+        assert [m["source"] for m in cats["members"]] == ["given", "given", "predicted", "predicted"]
+        assert [m["confidence"] for m in cats["members"][2:]] == [0.9, 0.6]
+        page = c.get("/api/labels/images", params={"label": "cat", "offset": 1, "limit": 2}).json()
+        assert [m["id"] for m in page["members"]] == [m["id"] for m in cats["members"][1:3]] and page["total"] == 4
+        predicted = c.get("/api/labels/images", params={"label": "cat", "source": "predicted"}).json()
+        assert [m["id"] for m in predicted["members"]] == [rows["img004.jpg"], rows["img003.jpg"]]
+
+        for params, status, fragment in [
+            ({"label": "horse"}, 404, "horse"),
+            ({"label": "cat", "source": "guessed"}, 400, "source"),
+            ({}, 400, "label"),
+            ({"label": "cat", "limit": 0}, 400, "limit"),
+        ]:
+            r = c.get("/api/labels/images", params=params)
+            assert r.status_code == status and fragment in r.json()["error"], r.text
+
+
+def test_labels_of_an_unlabelled_index_is_an_empty_listing(site, client) -> None:
+    body = client.get("/api/labels").json()
+    assert body["classes"] == [] and body["given"] == 0 and body["indexed"] == 12
+
+
+def test_duplicates_groups_match_the_library_and_follow_the_recorded_threshold(curated) -> None:
+    from simsearch.duplicates import find_duplicates
+
+    base, rows = curated
+    with TestClient(create_app(base / "index", device="cpu")) as c:
+        r = c.get("/api/duplicates")
+        assert r.status_code == 404 and "simsearch duplicates" in r.json()["error"]  # nothing recorded, never calibrated here
+
+        body = c.get("/api/duplicates", params={"threshold": 0.999}).json()
+        want = find_duplicates(base / "index", threshold=0.999, verify="off")
+        assert body["threshold_source"] == "given" and body["total"] == len(want.groups) >= 1
+        assert [[m["id"] for m in g["members"]] for g in body["groups"]] == [
+            [g.keeper.id] + [m.id for m in g.duplicates] for g in want.groups
+        ]
+        groups = [{m["id"] for m in g["members"]} for g in body["groups"]]
+        assert any({rows["img000.jpg"], rows["copy-of-0.jpg"]} <= g for g in groups)  # byte-identical: always together
+        first = body["groups"][0]
+        assert first["keeper"] == first["members"][0]["id"] and first["members"][0]["keeper"] is True
+        assert all(not m["keeper"] for m in first["members"][1:])
+
+        with IndexStore.open(base / "index") as store:
+            store.record_duplicates_calibration({"threshold": 0.999, "identity": store.catalog.identity(), "precision_target": 0.99})
+        recorded = c.get("/api/duplicates", params={"limit": 1}).json()
+        assert recorded["threshold_source"] == "calibrated" and recorded["threshold"] == 0.999
+        assert recorded["total"] == body["total"] and len(recorded["groups"]) == 1
+        assert recorded["groups"][0] == body["groups"][0]
+        assert c.get("/api/duplicates", params={"threshold": 1.5}).status_code == 400
+        assert c.get("/api/duplicates", params={"offset": -1}).status_code == 400
+
+
+def test_concurrent_id_queries_are_batched_and_each_gets_its_own_answer(site) -> None:
+    """Many threads query at once: the searches share FAISS calls, and every answer is brute force's."""
+    ids, vectors, _ = _stored(site / "index")
+    app = create_app(site / "index", device="cpu")
+    state = app.state.index
+    answers: dict[int, list[int]] = {}
+    errors: list[str] = []
+
+    def ask(c: TestClient, row: int) -> None:
+        for _ in range(4):
+            r = c.get("/api/search", params={"id": int(ids[row]), "k": 3})
+            if r.status_code != 200:
+                errors.append(r.text)
+                return
+            got = [h["id"] for h in r.json()["results"]]
+            if answers.setdefault(row, got) != got:
+                errors.append(f"row {row}: {got} then {answers[row]}")
+
+    with TestClient(app) as c:
+        threads = [threading.Thread(target=ask, args=(c, row)) for row in range(len(ids))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        served = c.get("/api/info").json()["serve"]["searches"]
+    assert not errors, errors[:3]
+    for row, got in answers.items():
+        assert got == _brute_force(ids, vectors, vectors[row], 3, {int(ids[row])})
+    assert served["queries"] == 4 * len(ids)
+    assert state.searches.calls <= served["queries"]
+
+
+def test_batcher_groups_by_target_and_key_and_passes_errors_to_their_callers() -> None:
+    from simsearch.serve.batching import Batcher
+
+    release = threading.Event()
+    seen: list[tuple[str, object, list[int]]] = []
+
+    def run(target: str, key: object, items: list[int]) -> list[int]:
+        if target == "slow":
+            release.wait(10)  # hold the thread so that the others queue up behind it
+        if target == "bad":
+            raise ValueError("no good")
+        seen.append((target, key, items))
+        return [i * 10 for i in items]
+
+    b = Batcher(run, "test", max_batch=64)
+    try:
+        first = b.submit("slow", 0)
+        a = [b.submit("x", i, key=1) for i in (1, 2, 3)]
+        other = b.submit("x", 4, key=2)
+        bad = b.submit("bad", 5)
+        release.set()
+        assert first.result(10) == 0
+        assert [f.result(10) for f in a] == [10, 20, 30] and other.result(10) == 40
+        with pytest.raises(ValueError, match="no good"):
+            bad.result(10)
+    finally:
+        b.close()
+    assert ("x", 1, [1, 2, 3]) in seen and ("x", 2, [4]) in seen  # one call for the three waiting together
+    with pytest.raises(RuntimeError):
+        b.submit("x", 1)

@@ -6,8 +6,10 @@ or Playwright the test is skipped, except on CI (``CI=true``), where that is a f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_collection, run_index
+
 from simsearch.store import IndexStore
 
 LOADED = "[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
@@ -39,15 +41,9 @@ def _nearest(index_dir: Path, query_id: int) -> list[int]:
     return [int(ids[i]) for i in order if int(ids[i]) != query_id]
 
 
-@pytest.fixture
-def server(tmp_path):
-    pytest.importorskip("fastapi")
-    root, index_dir = tmp_path / "photos", tmp_path / "index"
-    make_collection(root, n=16)
-    run_index(root, index_dir)
-    from simsearch.cluster import cluster_index
-
-    cluster_index(index_dir, 3, device="cpu")
+@contextlib.contextmanager
+def _serving(index_dir: Path):
+    """``simsearch serve`` over ``index_dir`` in a subprocess; yields its base URL."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen(
@@ -68,13 +64,48 @@ def server(tmp_path):
                     out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
                     pytest.fail(f"simsearch serve did not start: {out}")
                 time.sleep(0.2)
-        yield base, index_dir
+        yield base
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def server(tmp_path):
+    pytest.importorskip("fastapi")
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    make_collection(root, n=16)
+    run_index(root, index_dir)
+    from simsearch.cluster import cluster_index
+
+    cluster_index(index_dir, 3, device="cpu")
+    with _serving(index_dir) as base:
+        yield base, index_dir
+
+
+@pytest.fixture
+def curated_server(tmp_path):
+    """An index with byte-identical copies, given and predicted labels, and a recorded duplicates threshold."""
+    pytest.importorskip("fastapi")
+    root, index_dir = tmp_path / "photos", tmp_path / "index"
+    paths = make_collection(root, n=12)
+    for n in (0, 3):
+        shutil.copy(paths[n], paths[n].with_name(f"copy-{paths[n].name}"))
+    shutil.copy(paths[3], paths[3].with_name(f"second-copy-{paths[3].name}"))
+    run_index(root, index_dir)
+    with IndexStore.open(index_dir) as store:
+        ids = {Path(r.path).name: r.id for r in store.catalog.rows("status = 'ok'")}
+        store.import_labels({ids[f"img{n:03d}.jpg"]: ("circle" if n % 2 else "square") for n in range(6)})
+        store.write_predictions(
+            {ids[f"img{n:03d}.jpg"]: ("circle" if n % 2 else "square") for n in range(6, 12)},
+            {ids[f"img{n:03d}.jpg"]: 0.5 + n / 30 for n in range(6, 12)},
+        )
+        store.record_duplicates_calibration({"threshold": 0.9999, "identity": store.catalog.identity(), "precision_target": 0.99})
+    with _serving(index_dir) as base:
+        yield base, index_dir, ids
 
 
 def test_search_click_back_and_clusters_in_a_real_browser(browser, server, tmp_path) -> None:
@@ -148,3 +179,64 @@ def test_search_click_back_and_clusters_in_a_real_browser(browser, server, tmp_p
     finally:
         page.close()
     assert len(list(shots.glob("*.png"))) == 6
+
+
+def test_duplicates_and_labels_views_in_a_real_browser(browser, curated_server, tmp_path) -> None:
+    from playwright.sync_api import expect
+
+    base, index_dir, ids = curated_server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with urllib.request.urlopen(base + "/api/duplicates?limit=200") as r:
+        dups = json.load(r)
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    try:
+        page.goto(base + "/")
+        expect(page.locator("#info")).to_contain_text("15 images")
+
+        # 1. duplicates: one group per set of copies, the keeper first and marked
+        page.get_by_role("link", name="Duplicates").click()
+        page.wait_for_url("**/?view=duplicates")
+        groups = page.locator("#grid li.group")
+        expect(groups).to_have_count(dups["total"])
+        assert dups["total"] >= 2
+        shown = [[int(x) for x in g.locator("li a").evaluate_all("els => els.map(e => e.dataset.id)")] for g in groups.all()]
+        assert shown == [[m["id"] for m in g["members"]] for g in dups["groups"]]
+        assert {ids["img003.jpg"], ids["copy-img003.jpg"], ids["second-copy-img003.jpg"]} in [set(g) for g in shown]
+        expect(groups.first.locator("li").first).to_have_class("member keeper")
+        page.wait_for_function(LOADED)
+        page.screenshot(path=str(shots / "1-duplicates.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(shots / "2-duplicates-phone.png"), full_page=True)
+        page.set_viewport_size({"width": 1100, "height": 760})
+
+        # 2. labels: the classes, then one class's images (given first), then only its predictions
+        page.get_by_role("link", name="Labels").click()
+        page.wait_for_url("**/?view=labels")
+        classes = page.locator("#grid li.class a")
+        expect(classes).to_have_count(2)
+        page.wait_for_function(LOADED)
+        page.screenshot(path=str(shots / "3-labels.png"), full_page=True)
+        page.locator('#grid li.class a[href*="label=circle"]').focus()
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/?label=circle")
+        members = page.locator("#grid li.member a")
+        expect(members).to_have_count(6)
+        with IndexStore.open(index_dir) as store:
+            _, want = store.catalog.label_members("circle")
+        assert [int(x) for x in members.evaluate_all("els => els.map(e => e.dataset.id)")] == [r.id for r, _, _ in want]
+        expect(page.locator("#grid li.given")).to_have_count(3)
+        page.wait_for_function(LOADED)
+        page.screenshot(path=str(shots / "4-label.png"), full_page=True)
+        page.get_by_role("link", name="predicted", exact=True).click()
+        page.wait_for_url("**/?label=circle&source=predicted")
+        expect(page.locator("#grid li.predicted")).to_have_count(3)
+        expect(page.locator("#grid li.given")).to_have_count(0)
+        page.set_viewport_size({"width": 390, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.wait_for_function(LOADED)
+        page.screenshot(path=str(shots / "5-label-phone.png"), full_page=True)
+    finally:
+        page.close()
+    assert len(list(shots.glob("*.png"))) == 5

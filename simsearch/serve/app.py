@@ -29,7 +29,7 @@ from simsearch.errors import (
 )
 from simsearch.images import DEFAULT_MAX_PIXELS
 
-from .routes import clusters, images, info, page, search
+from .routes import clusters, duplicates, images, info, labels, page, search
 from .state import DEFAULT_MAX_UPLOAD_BYTES, NotFound, ServeIndex, TooLarge, Unavailable
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,18 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     warm: bool = False,
+    model_batch: int = 8,
 ) -> FastAPI:
     """A FastAPI app serving the index at ``index_dir`` (see the README's ``simsearch serve``).
 
     ``token``: when set, every API request must carry it (``Authorization: Bearer TOKEN`` or
     ``?token=TOKEN``). ``warm``: load the vectors and build the model now, not on first use.
+    ``model_batch``: most concurrent uploads embedded in one forward pass.
     """
-    state = ServeIndex(index_dir, device=device, precision=precision, max_pixels=max_pixels, max_upload_bytes=max_upload_bytes)
+    state = ServeIndex(
+        index_dir, device=device, precision=precision, max_pixels=max_pixels, max_upload_bytes=max_upload_bytes,
+        model_batch=model_batch,
+    )
     if warm:
         state.warm_up()
     app = FastAPI(
@@ -85,7 +90,7 @@ def create_app(
         openapi_url="/api/openapi.json",
     )
     app.state.index = state
-    for feature in (search, images, clusters, info, page):
+    for feature in (search, images, clusters, duplicates, labels, info, page):
         app.include_router(feature.router)
 
     @app.exception_handler(SimsearchError)

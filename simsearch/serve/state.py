@@ -2,15 +2,22 @@
 
 What it owns and why:
 
-- **The model, built once** (on the first upload query) and run behind a lock: one forward pass
-  at a time is what a CPU can do anyway, and it keeps torch's threads from fighting each other.
+- **The model, built once** (on the first upload query) and run on one thread of its own
+  (:mod:`simsearch.serve.batching`): uploads are decoded in the request threads side by side, and
+  the crops waiting when the model is free go through it as one batch. One forward pass at a time
+  keeps torch's threads from fighting each other (what a lock around the model gave), and a batch
+  costs far less per image than one pass each. ``model_batch=1`` is one image per pass.
+- **Searches batched across requests** (the same module): the vector searches of
+  concurrent queries run as one FAISS call on one search thread, so many clients share each pass
+  over the vectors; a query by indexed id never waits for the model or a thread of the pool.
 - **The vectors, reloaded when a writer saves.** Each request stats the FAISS file (inode, mtime,
   size; the writer always replaces it by an atomic rename). When that changed, the file is loaded
   again and swapped in as a whole: a request uses one loaded index from start to end, so it never
   sees a half-written state. Rows a writer deleted after the last save are dropped from results.
   No vectors file (an index being built or rebuilt) is a :class:`Unavailable` error (HTTP 503).
-- **SQLite connections per thread** (sqlite3 connections must stay in the thread that made them);
-  the web framework runs handlers in a pool of threads, each gets its own read connection.
+- **SQLite connections per thread** (sqlite3 connections must stay in the thread that made them):
+  the event loop's thread (queries by id run there, see :meth:`ServeIndex.query_id_async`), each
+  thread of the web framework's pool and the search thread get their own read connection.
 - **Which files may be read**: only a catalog row's own file, found by row id, lexically under a
   root the index recorded, a regular file whose bytes still hash to the catalog's hash. A client
   never names a file to open; a path given in a query is only a key looked up in the catalog.
@@ -18,10 +25,12 @@ What it owns and why:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +42,10 @@ from simsearch.images import DEFAULT_MAX_PIXELS, content_hash, is_under
 from simsearch.store import IndexStore, index_info
 from simsearch.store.catalog import identity_of
 from simsearch.store.index_store import searchable
-from simsearch.store.thumbnails import thumbnail_of
 from simsearch.store.layouts import LayoutSearch, open_layout_search
+from simsearch.store.thumbnails import thumbnail_of
+
+from .batching import MAX_BATCH, Batcher
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +97,10 @@ class ServeIndex:
         precision: str = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        model_batch: int = 8,
     ) -> None:
+        if model_batch < 1:
+            raise InputError("the model batch must be at least 1")
         self.path = Path(index_dir)
         self.device = device
         self.precision = precision
@@ -96,6 +110,7 @@ class ServeIndex:
             pass
         self._local = threading.local()
         self._stores: list[IndexStore] = []
+        self._stores_lock = threading.Lock()  # not _swap_lock: a reload (holding that) opens its thread's store
         self._swap_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -104,8 +119,14 @@ class ServeIndex:
         self._embedder_identity: dict[str, Any] | None = None
         self._thumbs: OrderedDict[tuple[int, str, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
+        self._dups: dict[tuple[Any, ...], dict[str, Any]] = {}  # the groups of the last state asked for
+        self._dups_lock = threading.Lock()
+        self.searches = Batcher(self._search_group, "search", max_batch=MAX_BATCH, on_start=_one_openmp_thread)
+        self.model_runs = Batcher(self._embed_group, "model", max_batch=model_batch)
 
     def close(self) -> None:
+        self.model_runs.close()
+        self.searches.close()
         for store in self._stores:
             try:
                 store.close()
@@ -121,7 +142,7 @@ class ServeIndex:
         if store is None:
             store = IndexStore.open(self.path)
             self._local.store = store
-            with self._swap_lock:
+            with self._stores_lock:
                 self._stores.append(store)
         return store
 
@@ -142,11 +163,16 @@ class ServeIndex:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def current_snapshot(self) -> Snapshot | None:
+        """The loaded vectors if the file is still the one they came from, else None (cheap: one
+        catalog read and a stat, so it may run on the event loop; loading is :meth:`snapshot`'s job)."""
+        snap = self._snapshot
+        return snap if snap is not None and snap.key == self._file_key() else None
+
     def snapshot(self) -> Snapshot:
         """The vectors as last saved by a writer (loaded again when the file changed)."""
-        key = self._file_key()
-        snap = self._snapshot
-        if snap is not None and snap.key == key:
+        snap = self.current_snapshot()
+        if snap is not None:
             return snap
         with self._swap_lock:
             key = self._file_key()  # stat before loading: what is loaded is at least this new
@@ -202,10 +228,10 @@ class ServeIndex:
         if not data:
             raise ImageError("the upload is empty (0 bytes)")
         snap = self.snapshot()
-        with self._model_lock:
+        with self._model_lock:  # builds the model once; the forward passes are the model thread's
             embedder = self._embedder_for(snap)
-            crop, _ = embedder.crop_decoder.decode(data, name)  # the one decode-to-crop path, as indexing and queries
-            vector = embedder.embed_crops([crop])
+        crop, _ = embedder.crop_decoder.decode(data, name)  # the one decode-to-crop path, as indexing and queries
+        vector = self.model_runs.submit(embedder, crop).result()
         skip = set() if include_self else set(self.catalog.ok_ids_by_hash(content_hash(data)))
         return {"query": {"upload": name}, "results": self._search(snap, vector, k, threshold, skip)}
 
@@ -213,29 +239,68 @@ class ServeIndex:
         """Neighbours of an indexed image, from its stored vector (no decoding, no model)."""
         _check_k(k)
         snap = self.snapshot()
-        row = self.row(image_id)
-        found, vectors = self.store.vectors_of([row.id])
-        if len(found) == 0:
-            raise NotFound(f"image {image_id} has no stored vector")
-        vector = vectors[0]
-        skip = set() if include_self else {row.id}
-        return {"query": _row_dict(row), "results": self._search(snap, vector[None, :], k, threshold, skip)}
+        row, vector, skip = self._query_of(image_id, include_self)
+        return {"query": _row_dict(row), "results": self._search(snap, vector, k, threshold, skip)}
+
+    async def query_id_async(
+        self, image_id: int, k: int = 10, threshold: float | None = None, include_self: bool = False
+    ) -> dict[str, Any]:
+        """:meth:`query_id` for the event loop: the catalog reads run inline (each well under a
+        millisecond), the search is awaited on the search thread, and only a (re)load of the
+        vectors goes to a worker thread. No hop through the thread pool for a warm query."""
+        _check_k(k)
+        snap = self.current_snapshot() or await asyncio.to_thread(self.snapshot)
+        row, vector, skip = self._query_of(image_id, include_self)
+        steps = self._search_steps(snap, k, threshold, skip)
+        depth = next(steps)
+        while True:
+            found = await asyncio.wrap_future(self.searches.submit(snap, vector, key=depth))
+            try:
+                depth = steps.send(found)
+            except StopIteration as done:
+                return {"query": _row_dict(row), "results": done.value}
 
     def query_path(self, path: str, k: int = 10, threshold: float | None = None, include_self: bool = False) -> dict[str, Any]:
         """Neighbours of the indexed image stored under ``path`` (a catalog key, never opened)."""
         return self.query_id(self.row_by_path(path).id, k=k, threshold=threshold, include_self=include_self)
 
+    async def query_path_async(
+        self, path: str, k: int = 10, threshold: float | None = None, include_self: bool = False
+    ) -> dict[str, Any]:
+        return await self.query_id_async(self.row_by_path(path).id, k=k, threshold=threshold, include_self=include_self)
+
+    def _query_of(self, image_id: int, include_self: bool) -> tuple[Any, np.ndarray, set[int]]:
+        """(row, stored vector, ids to leave out) of an indexed image used as a query."""
+        row = self.row(image_id)
+        found, vectors = self.store.vectors_of([row.id])
+        if len(found) == 0:
+            raise NotFound(f"image {image_id} has no stored vector")
+        return row, vectors[0], (set() if include_self else {row.id})
+
     def _search(
         self, snap: Snapshot, vector: np.ndarray, k: int, threshold: float | None, skip: set[int]
     ) -> list[dict[str, Any]]:
+        """Results of one query vector, waiting in this thread for the batched searches it needs."""
+        steps = self._search_steps(snap, k, threshold, skip)
+        depth = next(steps)
+        while True:
+            found = self.searches.submit(snap, vector, key=depth).result()
+            try:
+                depth = steps.send(found)
+            except StopIteration as done:
+                return done.value
+
+    def _search_steps(
+        self, snap: Snapshot, k: int, threshold: float | None, skip: set[int]
+    ) -> Generator[int, tuple[np.ndarray, np.ndarray], list[dict[str, Any]]]:
+        """The search of one query as steps: yields the depth to search to, is sent that search's
+        (scores, ids), and returns the results; it asks for more depth only when hits were left
+        out (the query itself, rows deleted or changed since the save, a threshold) and fewer
+        than ``k`` remain. Whoever drives it runs the searches (waiting in a thread, or awaiting)."""
         total = len(snap.search)
         depth = k + len(skip)
-        store = self.store
         while True:
-            if isinstance(snap.search, LayoutSearch):  # re-ranks from this thread's stored vectors
-                scores, ids = snap.search.search(vector, depth, store=store)
-            else:
-                scores, ids = snap.search.search(vector, depth)
+            scores, ids = yield depth
             found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
             rows = self.catalog.rows_by_ids(i for _, i in found)
             # a row the writer deleted, marked failed or changed since the vectors were saved is not a result
@@ -247,6 +312,21 @@ class ServeIndex:
                 break
             depth = min(total, depth * 2)
         return [dict(_row_dict(rows[i]), rank=r + 1, score=round(s, 6)) for r, (s, i) in enumerate(found[:k])]
+
+    def _search_group(self, snap: Snapshot, depth: Any, vectors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One FAISS search of the query vectors waiting for ``snap`` at ``depth`` (on the search
+        thread; see :class:`Batcher`); each query's (scores, ids), of shape (1, depth)."""
+        queries = np.ascontiguousarray(np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]))
+        if isinstance(snap.search, LayoutSearch):  # re-ranks from this thread's stored vectors
+            scores, ids = snap.search.search(queries, int(depth), store=self.store)
+        else:
+            scores, ids = snap.search.search(queries, int(depth))
+        return [(scores[r : r + 1], ids[r : r + 1]) for r in range(len(vectors))]
+
+    def _embed_group(self, embedder: Any, _key: Any, crops: list[Any]) -> list[np.ndarray]:
+        """One forward pass over the crops of the uploads waiting (on the model thread)."""
+        vectors = embedder.embed_crops(crops)
+        return [vectors[r : r + 1] for r in range(len(crops))]
 
     # -- images ----------------------------------------------------------------------------
     def row(self, image_id: int) -> Any:
@@ -340,6 +420,88 @@ class ServeIndex:
             "members": [dict(_row_dict(r), distance=round(d, 6)) for r, d in members],
         }
 
+    # -- labels and duplicates ----------------------------------------------------------------
+    def labels(self) -> dict[str, Any]:
+        """Every class with its given and predicted counts (as ``simsearch labels``) and one image to show it by."""
+        from simsearch.labels import list_labels
+
+        listing = list_labels(self.path).to_dict()
+        examples = self.catalog.label_examples()
+        for c in listing["classes"]:
+            c["example"] = examples.get(c["label"])  # None: every image of the class was deleted meanwhile
+        return listing
+
+    def label_members(self, label: str, source: str | None = None, offset: int = 0, limit: int = 60) -> dict[str, Any]:
+        """One page of the images carrying ``label`` (given first, then predictions by confidence)."""
+        if source not in (None, "given", "predicted"):
+            raise InputError(f"source must be given or predicted, not {source!r}")
+        total, members = self.catalog.label_members(label, source, limit=limit, offset=offset)
+        if total == 0 and offset == 0:
+            raise NotFound(f"no indexed image is labelled {label!r}" + (f" ({source})" if source else ""))
+        return {
+            "label": label,
+            "source": source,
+            "total": total,
+            "offset": offset,
+            "limit": limit,
+            "members": [
+                dict(_row_dict(r), source=src, confidence=None if conf is None else round(float(conf), 6))
+                for r, src, conf in members
+            ],
+        }
+
+    def duplicates(self, threshold: float | None = None, offset: int = 0, limit: int = 20) -> dict[str, Any]:
+        """Groups of near-duplicates as ``simsearch duplicates`` finds them (read-only: nothing is moved).
+
+        The threshold is the one ``simsearch duplicates`` calibrated and recorded for this model,
+        unless given; the server never calibrates (that embeds a sample of edited images) and does
+        not verify candidate pairs with local features (``--verify off``). Groups are found once
+        per saved state of the vectors and threshold, then served from memory, page by page."""
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise InputError("threshold must be a cosine similarity between -1 and 1")
+        snap = self.snapshot()
+        source = "given"
+        if threshold is None:
+            threshold, source = self._recorded_duplicates_threshold(), "calibrated"
+        key = (snap.key, self.catalog.generation, round(float(threshold), 6))
+        with self._dups_lock:
+            cached = self._dups.get(key)
+        if cached is None:
+            from simsearch.duplicates import find_duplicates
+
+            result = find_duplicates(self.path, threshold=threshold, verify="off")
+            cached = {
+                "images": result.images,
+                "threshold": result.threshold,
+                "threshold_source": source,
+                "keep": result.keep,
+                "duplicates": result.duplicates,
+                "groups": [
+                    [dict(_member_dict(g.keeper), keeper=True)] + [dict(_member_dict(m), keeper=False) for m in g.duplicates]
+                    for g in result.groups
+                ],
+            }
+            with self._dups_lock:
+                self._dups.clear()  # one state at a time: an older one is of no use any more
+                self._dups[key] = cached
+        groups = cached["groups"]
+        return {
+            **{k: v for k, v in cached.items() if k != "groups"},
+            "total": len(groups),
+            "offset": offset,
+            "limit": limit,
+            "groups": [{"keeper": g[0]["id"], "members": g} for g in groups[offset : offset + limit]],
+        }
+
+    def _recorded_duplicates_threshold(self) -> float:
+        cal = self.catalog.meta_value("duplicates_calibration")
+        if not cal or cal.get("identity") != self.catalog.identity():
+            raise NotFound(
+                f"no duplicates threshold is recorded for the index at {self.path}: run simsearch duplicates "
+                "once (it calibrates one), or give ?threshold="
+            )
+        return float(cal["threshold"])
+
     def info(self) -> dict[str, Any]:
         out = index_info(self.path)
         snap = self._snapshot
@@ -347,10 +509,33 @@ class ServeIndex:
             "generation": snap.generation if snap else 0,
             "vectors_loaded": len(snap.ann) if snap else 0,
             "model_loaded": self._embedder is not None,
+            "searches": {"calls": self.searches.calls, "queries": self.searches.items},
+            "model_runs": {"calls": self.model_runs.calls, "images": self.model_runs.items,
+                           "max_batch": self.model_runs.max_batch},
             "max_upload_bytes": self.max_upload_bytes,
             "max_pixels": self.max_pixels,
         }
         return out
+
+
+def _one_openmp_thread() -> None:
+    """Run this thread's FAISS searches (and the BLAS under them) on itself alone.
+
+    OpenMP's thread count is a per-thread setting: one made on the main thread does not reach the
+    search thread. Left at one per core, each search wakes a team that then spins waiting for the
+    next one, burning the CPU the event loop needs (several times the search's own time, measured
+    with 2 cores); concurrency comes from batching the queries instead."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
+def _member_dict(m: Any) -> dict[str, Any]:
+    """A duplicates group's member (:class:`simsearch.duplicates.DuplicateMember`) as the API shows it."""
+    return {
+        "id": m.id, "path": m.path, "name": os.path.basename(m.path), "width": m.width, "height": m.height,
+        "size": m.size, "score": round(float(m.score), 6), "identical": m.identical,
+    }
 
 
 def _row_dict(row: Any) -> dict[str, Any]:

@@ -677,6 +677,33 @@ class Catalog:
         )
         return [(label, source, n) for label, source, n in self.db.execute(sql)]
 
+    def label_members(
+        self, label: str, source: str | None = None, limit: int | None = None, offset: int = 0
+    ) -> tuple[int, list[tuple[ImageRow, str, float | None]]]:
+        """(how many ok rows carry ``label`` (of ``source``, or any), one page of them as
+        (row, source, confidence)): given labels first, then predictions by confidence, then id."""
+        where = "l.label = ? AND i.status = 'ok'" + (" AND l.source = ?" if source is not None else "")
+        params: list[Any] = [label] + ([source] if source is not None else [])
+        base = "FROM labels l JOIN images i ON i.id = l.image_id WHERE " + where
+        total = int(self.db.execute("SELECT count(*) " + base, params).fetchone()[0])
+        sql = (
+            f"SELECT {', '.join('i.' + c.strip() for c in _ROW_COLUMNS.split(','))}, l.source, l.confidence " + base
+            + " ORDER BY l.source = 'predicted', -coalesce(l.confidence, 1), i.id LIMIT ? OFFSET ?"
+        )
+        rows = self.db.execute(sql, params + [-1 if limit is None else int(limit), int(offset)])
+        return total, [(ImageRow(*r[:-2]), r[-2], r[-1]) for r in rows]
+
+    def label_examples(self) -> dict[str, int]:
+        """label -> the id of one ok image carrying it (a given label's if any), to show the class by."""
+        sql = (
+            "SELECT l.label, l.image_id FROM labels l JOIN images i ON i.id = l.image_id WHERE i.status = 'ok' "
+            "ORDER BY l.label, l.source = 'predicted', -coalesce(l.confidence, 1), l.image_id"
+        )
+        out: dict[str, int] = {}
+        for label, image_id in self.db.execute(sql):
+            out.setdefault(label, int(image_id))
+        return out
+
     def ids_by_paths(self, paths: Iterable[str]) -> dict[str, int]:
         """path (as given) -> row id, for the paths that are indexed (any status)."""
         wanted = {storable_path(p): p for p in paths}

@@ -1,12 +1,16 @@
 // simsearch serve: the page. Plain JS, no dependencies. State lives in the URL:
 //   /?id=N            neighbours of indexed image N      /?view=clusters       the clusters
 //   /?path=P          neighbours of an indexed path      /?cluster=C&page=P    a cluster's members
+//   /?view=duplicates&page=P   groups of near-duplicates  /?view=labels         the classes
+//   /?label=L&source=S&page=P  one class's images (S: given, predicted, or absent for both)
 // An upload's results are kept in the history entry's state (an upload has no URL of its own).
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
 const token = new URLSearchParams(location.search).get("token");
 const PAGE = 48;
+const GROUPS = 12;  // duplicate groups per page
+const VIEWS = ["search", "clusters", "duplicates", "labels"];
 
 function withToken(url) {
   if (!token) return url;
@@ -46,13 +50,22 @@ function el(tag, attrs, ...children) {
 }
 
 function showView(view) {
-  $("#search-view").hidden = view !== "search";
-  $("#clusters-view").hidden = view !== "clusters";
+  for (const v of VIEWS) $(`#${v}-view`).hidden = view !== v;
   for (const a of document.querySelectorAll("nav a[data-view]")) {
     if (a.dataset.view === view) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
-  $("#grid").replaceChildren();
+  const grid = $("#grid");
+  grid.replaceChildren();
+  grid.className = "grid";
   $("#pager").replaceChildren();
+}
+
+function pager(params, page, pages) {
+  const nav = $("#pager");
+  nav.replaceChildren();
+  if (page > 0) nav.append(el("a", { href: pageUrl({ ...params, page: page - 1 }), "data-nav": "", rel: "prev" }, "← previous"));
+  if (pages > 1) nav.append(el("span", { class: "muted" }, `page ${page + 1} of ${pages}`));
+  if (page + 1 < pages) nav.append(el("a", { href: pageUrl({ ...params, page: page + 1 }), "data-nav": "", rel: "next" }, "next →"));
 }
 
 function card(item, caption, extraClass) {
@@ -139,11 +152,77 @@ async function showCluster(cluster, page) {
   const grid = $("#grid");
   grid.setAttribute("aria-label", "cluster members");
   grid.replaceChildren(...body.members.map((m) => card(m, m.distance.toFixed(3), "member")));
-  const pager = $("#pager");
-  pager.replaceChildren();
-  if (page > 0) pager.append(el("a", { href: pageUrl({ cluster, page: page - 1 }), "data-nav": "", rel: "prev" }, "← previous"));
-  if (pages > 1) pager.append(el("span", { class: "muted" }, `page ${page + 1} of ${pages}`));
-  if (page + 1 < pages) pager.append(el("a", { href: pageUrl({ cluster, page: page + 1 }), "data-nav": "", rel: "next" }, "next →"));
+  pager({ cluster }, page, pages);
+  setStatus("");
+}
+
+async function showDuplicates(page) {
+  showView("duplicates");
+  setStatus("finding duplicates…");
+  const view = $("#duplicates-view");
+  let body;
+  try {
+    body = await api(`/api/duplicates?offset=${page * GROUPS}&limit=${GROUPS}`);
+  } catch (e) {
+    view.replaceChildren(el("h2", {}, "Duplicates"));
+    throw e;
+  }
+  const pages = Math.max(1, Math.ceil(body.total / GROUPS));
+  view.replaceChildren(el("h2", {}, `${body.total} groups of near-duplicates, ${body.duplicates} copies`),
+    el("p", { class: "muted" }, `cosine ≥ ${body.threshold} (${body.threshold_source}); the first image of each group is the one to keep. ` +
+      "Read-only: move copies with simsearch duplicates --move-to."));
+  const grid = $("#grid");
+  grid.className = "groups";
+  grid.setAttribute("aria-label", "duplicate groups");
+  grid.replaceChildren(...body.groups.map((g, n) => {
+    const members = el("ol", { class: "grid" }, ...g.members.map((m) =>
+      card(m, m.keeper ? "keep" : (m.identical ? "identical" : m.score.toFixed(3)), m.keeper ? "member keeper" : "member")));
+    return el("li", { class: "group" }, el("h3", {}, `group ${page * GROUPS + n + 1} · ${g.members.length} images`), members);
+  }));
+  pager({ view: "duplicates" }, page, pages);
+  setStatus(body.total ? "" : "no near-duplicates at this threshold");
+}
+
+async function showLabels() {
+  showView("labels");
+  setStatus("loading labels…");
+  const body = await api("/api/labels");
+  $("#labels-view").replaceChildren(el("h2", {}, `${body.classes.length} classes`),
+    el("p", { class: "muted" }, `${body.given} given and ${body.predicted} predicted labels on ${body.indexed} images` +
+      (body.classes.length ? "" : ": import some with simsearch labels import, predict with simsearch classify --write")));
+  const grid = $("#grid");
+  grid.setAttribute("aria-label", "classes");
+  grid.replaceChildren(...body.classes.map((c) => {
+    const counts = [c.given ? `${c.given} given` : "", c.predicted ? `${c.predicted} predicted` : ""].filter(Boolean).join(", ");
+    const link = el("a", { href: pageUrl({ label: c.label }), "data-nav": "", "aria-label": `${c.label}: ${counts}` },
+      c.example === null ? el("span", { class: "noimg" }) : el("img", { src: thumb(c.example), alt: c.label, loading: "lazy", width: 256, height: 256 }),
+      el("span", { class: "cap" }, el("span", { class: "name" }, c.label), el("span", { class: "score" }, `${c.given + c.predicted}`)));
+    return el("li", { class: "class" }, link);
+  }));
+  setStatus(body.classes.length ? "open a class to see its images" : "");
+}
+
+async function showLabel(label, source, page) {
+  showView("labels");
+  setStatus("loading images…");
+  const q = new URLSearchParams({ label, offset: page * PAGE, limit: PAGE });
+  if (source) q.set("source", source);
+  const body = await api(`/api/labels/images?${q}`);
+  const pages = Math.max(1, Math.ceil(body.total / PAGE));
+  const filters = el("p", { class: "filters" }, ...[["", "all"], ["given", "given"], ["predicted", "predicted"]].map(([s, text]) => {
+    const params = s ? { label, source: s } : { label };
+    const a = el("a", { href: pageUrl(params), "data-nav": "" }, text);
+    if ((source || "") === s) a.setAttribute("aria-current", "true");
+    return a;
+  }));
+  $("#labels-view").replaceChildren(el("h2", {}, `${label}: ${body.total} images`),
+    el("a", { href: pageUrl({ view: "labels" }), "data-nav": "" }, "← all classes"), filters,
+    el("p", { class: "muted" }, "Given labels first, then predictions with their confidence."));
+  const grid = $("#grid");
+  grid.setAttribute("aria-label", `images labelled ${label}`);
+  grid.replaceChildren(...body.members.map((m) =>
+    card(m, m.source === "given" ? "given" : `${m.confidence === null ? "predicted" : m.confidence.toFixed(2)}`, `member ${m.source}`)));
+  pager(source ? { label, source } : { label }, page, pages);
   setStatus("");
 }
 
@@ -156,6 +235,9 @@ async function route() {
     if (q.has("path")) return await searchIndexed({ path: q.get("path") });
     if (q.has("cluster")) return await showCluster(Number(q.get("cluster")), Number(q.get("page") || 0));
     if (q.get("view") === "clusters") return await showClusters();
+    if (q.get("view") === "duplicates") return await showDuplicates(Number(q.get("page") || 0));
+    if (q.has("label")) return await showLabel(q.get("label"), q.get("source"), Number(q.get("page") || 0));
+    if (q.get("view") === "labels") return await showLabels();
     showView("search");
     $("#query").hidden = true;
     setStatus("");
