@@ -89,10 +89,9 @@ def build_collection(data: Path, work: Path, originals: int, others: int, seed: 
 
 
 def family(path: str) -> str:
-    parts = Path(path).parts
-    if "orig" in parts or "copies" in parts:
-        return Path(path).stem
-    return path  # every other photo is its own family
+    """The photo a file shows. Caltech-101's ``Faces_easy`` pictures are crops of the ``Faces``
+    pictures of the same number, so ``Faces_easy_image_0130`` and ``Faces_image_0130`` are one photo."""
+    return Path(path).stem.replace("Faces_easy_image_", "Faces_image_")
 
 
 def score(data: dict, root: Path) -> tuple[dict[str, float], float, int]:
@@ -120,6 +119,7 @@ def part1(args: argparse.Namespace) -> None:
     root, index = work / "collection", work / "index"
     if not (args.reuse and index.exists()):
         root = build_collection(Path(args.data), work, args.originals, args.others, args.seed)
+    root = root.resolve()  # the index holds real paths
         if index.exists():
             shutil.rmtree(index)
         _, t_index, _ = simsearch(["index", str(root), "--index", str(index), "--model", args.model, "-q"])
