@@ -119,11 +119,11 @@ def part1(args: argparse.Namespace) -> None:
     root, index = work / "collection", work / "index"
     if not (args.reuse and index.exists()):
         root = build_collection(Path(args.data), work, args.originals, args.others, args.seed)
-    root = root.resolve()  # the index holds real paths
         if index.exists():
             shutil.rmtree(index)
         _, t_index, _ = simsearch(["index", str(root), "--index", str(index), "--model", args.model, "-q"])
         print(f"indexed with {args.model} in {t_index:.0f} s")
+    root = root.resolve()  # the index holds real paths
     n_images = sum(1 for p in root.rglob("*.jpg"))
     print(f"collection: {args.originals} originals x {len(EDITS)} edits + {args.others} other photos = {n_images} images")
     cal_out, t_cal, rss_cal = simsearch(
