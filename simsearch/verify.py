@@ -79,7 +79,7 @@ def _tone_residual(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.abs(y - np.interp(x, curve_x, curve_y[first]))
 
 
-def pixel_shift(a: np.ndarray, b: np.ndarray, h: np.ndarray, resolution: float, points: np.ndarray | None = None) -> float:
+def pixel_shift(a: np.ndarray, b: np.ndarray, h: np.ndarray, resolution: float) -> float:
     """Median misalignment, in pixels of ``a``, between gray image ``a`` and gray image ``b``
     warped onto it by ``h`` (a's coordinates to b's), after one tone curve; ``inf`` when they
     barely overlap.
@@ -89,9 +89,7 @@ def pixel_shift(a: np.ndarray, b: np.ndarray, h: np.ndarray, resolution: float, 
     divided by the local gradient (plus :data:`SHIFT_FLOOR`): the shift that would explain it. A
     copy, however recoloured, re-compressed or captioned, stays well under a pixel at the median;
     another photo of the same scene does not (measured on Caltech-101 faces: copies at most 1.07
-    pixels, different shots of one person in one pose 1.4 and more). ``points``: the inliers (in
-    ``a``): only the region they span is compared, so the flat wedges a rotation adds and the
-    padding of a screenshot, which can cover what a crop cut away, are not counted as differences.
+    pixels, different shots of one person in one pose 1.4 and more).
     """
     import cv2
 
@@ -99,12 +97,7 @@ def pixel_shift(a: np.ndarray, b: np.ndarray, h: np.ndarray, resolution: float, 
     size = (a.shape[1], a.shape[0])
     warped = cv2.warpPerspective(b.astype(np.float32), h, size, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR)
     inside = cv2.warpPerspective(np.ones(b.shape, np.uint8), h, size, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST)
-    inside = cv2.erode(inside, np.ones((7, 7), np.uint8))  # off the edges, where interpolation mixes in the outside
-    if points is not None and len(points) >= 3:
-        span = np.zeros_like(inside)
-        cv2.fillConvexPoly(span, cv2.convexHull(points.astype(np.int32)), 1)
-        inside &= cv2.dilate(span, np.ones((15, 15), np.uint8))
-    inside = inside > 0
+    inside = cv2.erode(inside, np.ones((7, 7), np.uint8)) > 0  # off the edges, where interpolation mixes in the outside
     if inside.sum() < 1000:
         return float("inf")
     sigma = 1.0 / max(min(resolution, 1.0), 0.05)
@@ -209,12 +202,12 @@ class Verifier:
         ia = self._image(a)
         for mirrored in (False, True):
             ib = self._image(b, mirrored)
-            count, h, points = self._homography(ia, ib)
+            count, h = self._homography(ia, ib)
             found = Match(count, mirrored, min_inliers=self.min_inliers)
             if count >= self.min_inliers and h is not None and ia.gray is not None and ib.gray is not None:
                 scale = float(np.sqrt(abs(np.linalg.det(h[:2, :2] / h[2, 2]))))
                 resolution = min(ia.side / self.max_side, ib.side / self.max_side * scale)
-                found.shift = pixel_shift(ia.gray, ib.gray, h, resolution, points)
+                found.shift = pixel_shift(ia.gray, ib.gray, h, resolution)
                 if found.same:
                     return found
             if (found.shift, -found.inliers) < (best.shift, -best.inliers):
@@ -229,26 +222,24 @@ class Verifier:
             return found
         return max(found, self._homography(self._image(a), self._image(b, mirrored=True))[0])
 
-    def _homography(self, ia: _Image, ib: _Image) -> tuple[int, np.ndarray | None, np.ndarray | None]:
-        """(inliers, homography from a's coordinates to b's, the inliers' points in a), or (0, None,
-        None) when implausible."""
+    def _homography(self, ia: _Image, ib: _Image) -> tuple[int, np.ndarray | None]:
+        """(inliers, homography from a's coordinates to b's), or (0, None) when implausible."""
         (pa, da), (pb, db) = (ia.points, ia.descriptors), (ib.points, ib.descriptors)
         if da is None or db is None or len(da) < 2 or len(db) < 2:
-            return 0, None, None
+            return 0, None
         pairs = self.matcher.knnMatch(da, db, k=2)
         good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
         if len(good) < max(8, self.min_inliers // 2):
-            return 0, None, None
+            return 0, None
         src = pa[[m.queryIdx for m in good]].reshape(-1, 1, 2)
         dst = pb[[m.trainIdx for m in good]].reshape(-1, 1, 2)
         h, mask = self.cv2.findHomography(src, dst, self.cv2.RANSAC, 5.0)
         if h is None or mask is None:
-            return 0, None, None
+            return 0, None
         inside = mask.ravel().astype(bool)
-        points = src.reshape(-1, 2)[inside]
-        if not plausible_copy(h, points, self.max_side):
-            return 0, None, None
-        return int(inside.sum()), h, points
+        if not plausible_copy(h, src.reshape(-1, 2)[inside], self.max_side):
+            return 0, None
+        return int(inside.sum()), h
 
     def same_scene(self, a: str | os.PathLike[str] | Image.Image, b: str | os.PathLike[str] | Image.Image) -> bool:
         """True when ``b`` (or its mirror image) is a copy of ``a``: enough homography-consistent
