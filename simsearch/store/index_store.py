@@ -649,6 +649,22 @@ class IndexStore:
             return
         self.repair()
 
+    def require_stored_vectors(self) -> int:
+        """How many ok rows hold a stored vector, for jobs that read the vector file rather than
+        search FAISS (the duplicates graph): the FAISS file is not loaded (a flat one is 2 GB at a
+        million 512-d vectors). An error for an index with no images, or with rows pointing past
+        the vector file's end."""
+        ok = int(self.catalog.counts()["ok"])
+        if ok == 0:
+            raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
+        past = self._vectors_past_end()
+        if len(past):
+            raise IndexCorruptError(
+                f"the index at {self.path} has {len(past)} rows past the end of its vector file. "
+                f"Run: simsearch index --repair --index {self.path}"
+            )
+        return ok
+
     def require_vectors(self) -> VectorIndex:
         """The vector index; an error for an index with no images, or with images its FAISS file lost."""
         if self.catalog.counts()["ok"] == 0:
