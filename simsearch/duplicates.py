@@ -456,7 +456,7 @@ def _stored_vectors(store: IndexStore, n: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.empty(n, np.int64)
     vectors: np.ndarray | None = None
     filled = 0
-    for chunk_ids, chunk in store.iter_vectors(chunk=CHUNK):
+    for chunk_ids, chunk in store.iter_vectors(chunk=CHUNK, mapped=False):
         if vectors is None:
             vectors = np.empty((n, chunk.shape[1]), np.float32)
         m = min(len(chunk_ids), n - filled)
