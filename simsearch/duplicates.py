@@ -152,7 +152,7 @@ def _cells(vectors: np.ndarray, cells: int, probes: int, seed: int) -> tuple[np.
     # a seeded random projection (Johnson-Lindenstrauss): near vectors stay near, which is all the
     # cells need (scores are exact); an eigendecomposition for PCA took 14 s on the loaded CPU
     project = (rng.standard_normal((d, min(PROJECTION_DIM, d))) / np.sqrt(min(PROJECTION_DIM, d))).astype(np.float32)
-    kmeans = faiss.Kmeans(project.shape[1], cells, niter=10, seed=seed, verbose=False)
+    kmeans = faiss.Kmeans(project.shape[1], cells, niter=10, seed=seed, verbose=False, min_points_per_centroid=TRAIN_PER_CELL)
     kmeans.train((sample - mean) @ project)
     quantizer = faiss.IndexFlatL2(project.shape[1])
     quantizer.add(kmeans.centroids)
