@@ -89,10 +89,9 @@ def build_collection(data: Path, work: Path, originals: int, others: int, seed: 
 
 
 def family(path: str) -> str:
-    parts = Path(path).parts
-    if "orig" in parts or "copies" in parts:
-        return Path(path).stem
-    return path  # every other photo is its own family
+    """The photo a file shows. Caltech-101's ``Faces_easy`` pictures are crops of the ``Faces``
+    pictures of the same number, so ``Faces_easy_image_0130`` and ``Faces_image_0130`` are one photo."""
+    return Path(path).stem.replace("Faces_easy_image_", "Faces_image_")
 
 
 def score(data: dict, root: Path) -> tuple[dict[str, float], float, int]:
@@ -124,6 +123,7 @@ def part1(args: argparse.Namespace) -> None:
             shutil.rmtree(index)
         _, t_index, _ = simsearch(["index", str(root), "--index", str(index), "--model", args.model, "-q"])
         print(f"indexed with {args.model} in {t_index:.0f} s")
+    root = root.resolve()  # the index holds real paths
     n_images = sum(1 for p in root.rglob("*.jpg"))
     print(f"collection: {args.originals} originals x {len(EDITS)} edits + {args.others} other photos = {n_images} images")
     cal_out, t_cal, rss_cal = simsearch(

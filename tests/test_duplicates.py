@@ -49,12 +49,14 @@ def chunks(ids: np.ndarray, vectors: np.ndarray, size: int = 37):
         yield ids[s : s + size], vectors[s : s + size]
 
 
-@pytest.mark.parametrize("exact_limit", [10**9, 10])  # exact flat search, and the IVF path
-def test_graph_matches_brute_force(exact_limit):
-    x = planted_vectors(150, 4, seed=3)
+@pytest.mark.parametrize("cells", [1, 8])  # every pair compared, and the cell path
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_graph_matches_brute_force(cells, dtype):
+    x = planted_vectors(150, 4, seed=3).astype(dtype)
     ids = np.random.default_rng(5).permutation(5000)[: len(x)].astype(np.int64)
     k, min_score = 6, 0.9
-    graph = neighbour_graph(flat(x, ids), chunks(ids, x), len(x), k=k, min_score=min_score, exact_limit=exact_limit, nprobe=64)
+    graph = neighbour_graph(ids, x, k=k, min_score=min_score, cells=cells, probes=3)
+    x = x.astype(np.float32)
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     expected = {(int(ids[i]), int(ids[j])) for i, j in zip(*np.nonzero(sims >= min_score))}
@@ -63,7 +65,29 @@ def test_graph_matches_brute_force(exact_limit):
     assert got == expected
     position = {int(i): n for n, i in enumerate(ids)}
     for a, b, s in zip(graph.src.tolist(), graph.dst.tolist(), graph.score.tolist()):
-        assert s == pytest.approx(float(x[position[a]] @ x[position[b]]), abs=1e-5)  # exact scores, IVF too
+        assert s == pytest.approx(float(x[position[a]] @ x[position[b]]), abs=1e-5)  # exact scores, cells too
+
+
+def test_graph_cells_find_the_near_copies_at_scale():
+    """Seeded 20,000 x 64 vectors, 2 % of them noisy copies (cosine about 0.95): the cell path
+    (78 cells, 6 probed) finds every pair above the threshold that brute force finds."""
+    rng = np.random.default_rng(7)
+    x = unit_vectors(20_000, seed=8, dim=64)
+    copies = np.flatnonzero(rng.random(len(x)) < 0.02)
+    sources = rng.integers(0, len(x), len(copies))
+    noisy = x[sources] + 0.3 * rng.standard_normal((len(copies), 64)).astype(np.float32) / 8
+    x[copies] = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    ids = np.arange(len(x), dtype=np.int64) * 3 + 1
+    graph = neighbour_graph(ids, x.astype(np.float16), k=10, min_score=0.9)
+    got = {(a, b) for a, b in zip(graph.src.tolist(), graph.dst.tolist())}
+    expected = set()
+    for s in range(0, len(x), 4096):
+        sims = x[s : s + 4096] @ x.T
+        for i, j in zip(*np.nonzero(sims >= 0.9)):
+            if s + i != j:
+                expected.add((int(ids[s + i]), int(ids[j])))
+    assert len(expected) >= 600
+    assert len(got & expected) / len(expected) >= 0.99 and got <= expected
 
 
 @dataclass
@@ -122,7 +146,7 @@ def test_groups_match_brute_force(keep):
     ids = np.arange(n, dtype=np.int64)
     threshold = 0.96
     key = keeper_key(keep)
-    graph = neighbour_graph(flat(x, ids), chunks(ids, x), n, k=8, min_score=threshold)
+    graph = neighbour_graph(ids, x, k=8, min_score=threshold)
     groups = group_duplicates(graph, [], lambda ids_: {i: rows[i] for i in ids_}, lambda ids_: x[ids_], threshold, key)
     got = sorted((g.keeper.id, tuple(sorted(m.id for m in g.duplicates))) for g in groups)
     expected = brute_force_groups(x, rows, threshold, key)
@@ -139,7 +163,7 @@ def test_grouping_does_not_chain_different_photos():
     x = np.stack([[np.cos(t * angle), np.sin(t * angle), 0.0] for t in range(4)]).astype(np.float32)
     rows = {i: Row(i, f"/c/{i}.jpg", 100, i, f"h{i}", 10, 10) for i in range(4)}
     ids = np.arange(4, dtype=np.int64)
-    graph = neighbour_graph(flat(x, ids), chunks(ids, x), 4, k=3, min_score=0.9)
+    graph = neighbour_graph(ids, x, k=3, min_score=0.9)
     groups = group_duplicates(graph, [], lambda i: {j: rows[j] for j in i}, lambda i: x[i], 0.9, keeper_key("oldest"))
     # plain connected components would make one group {0, 1, 2, 3}
     assert [(g.keeper.id, [m.id for m in g.duplicates]) for g in groups] == [(0, [1]), (2, [3])]
@@ -152,7 +176,7 @@ def test_identical_files_always_group_and_prefer_folder():
     rows = {i: Row(i, p, 100, i, h, 10, 10) for i, (p, h) in enumerate(
         [("/a/1.jpg", "same"), ("/keep/1.jpg", "same"), ("/a/2.jpg", "x"), ("/a/3.jpg", "y")])}
     ids = np.arange(4, dtype=np.int64)
-    graph = neighbour_graph(flat(x, ids), chunks(ids, x), 4, k=3, min_score=0.99)
+    graph = neighbour_graph(ids, x, k=3, min_score=0.99)
     # ...but 0 and 1 have the same bytes: a group whatever their vectors say
     groups = group_duplicates(graph, [[0, 1]], lambda i: {j: rows[j] for j in i}, lambda i: x[i], 0.99,
                               keeper_key("oldest", prefer=["/keep"]))

@@ -253,6 +253,11 @@ def test_iter_vectors_and_vectors_of_equal_what_was_committed(tmp_path: Path) ->
         got_ids = np.concatenate([c[0] for c in chunks])
         np.testing.assert_array_equal(got_ids, ids)
         np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), expected)
+        unmapped = list(store.iter_vectors(chunk=64, mapped=False))  # plain file reads: the same rows
+        np.testing.assert_array_equal(np.concatenate([c[1] for c in unmapped]), expected)
+        scattered = ids[[299, 0, 1, 2, 150, 151, 7]]  # runs of consecutive slots and single ones
+        got = np.concatenate([c[1] for c in store.iter_vectors(scattered, mapped=False)])
+        np.testing.assert_array_equal(got, expected[np.searchsorted(ids, np.sort(scattered))])
         pick = ids[[250, 3, 77]]
         found, vecs = store.vectors_of(list(pick) + [99999])  # an unknown id is left out
         assert found.tolist() == sorted(pick.tolist())

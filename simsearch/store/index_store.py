@@ -274,17 +274,21 @@ class IndexStore:
         return vf
 
     # -- reading vectors (the one public way) ------------------------------------------------
-    def iter_vectors(self, ids: Iterable[int] | None = None, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(
+        self, ids: Iterable[int] | None = None, chunk: int = 4096, mapped: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stored vectors of ok rows as (ids, float32 matrix) chunks in id order; memory bounded by ``chunk``.
 
         ``ids``: only these (ids with no ok row are left out). Vectors come back as stored: float16
         widened to float32 (see :mod:`simsearch.store.vector_file`), exactly what FAISS holds.
+        ``mapped=False``: plain file reads, for a scan of every vector that should not leave the
+        whole file resident (see :meth:`VectorFile.read16`).
         """
         vf = self.vectors
         if vf is None:
             return
         for row_ids, slots, _ in self.catalog.iter_slots(ids, chunk=chunk):
-            yield row_ids, vf.read(slots)
+            yield row_ids, vf.read(slots, mapped)
 
     def vectors_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids found, their vectors) for ``ids``, in id order; ids with no ok row are left out."""
@@ -746,6 +750,22 @@ class IndexStore:
         except IndexBusyError:
             return
         self.repair()
+
+    def require_stored_vectors(self) -> int:
+        """How many ok rows hold a stored vector, for jobs that read the vector file rather than
+        search FAISS (the duplicates graph): the FAISS file is not loaded (a flat one is 2 GB at a
+        million 512-d vectors). An error for an index with no images, or with rows pointing past
+        the vector file's end."""
+        ok = int(self.catalog.counts()["ok"])
+        if ok == 0:
+            raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
+        past = self._vectors_past_end()
+        if len(past):
+            raise IndexCorruptError(
+                f"the index at {self.path} has {len(past)} rows past the end of its vector file. "
+                f"Run: simsearch index --repair --index {self.path}"
+            )
+        return ok
 
     def require_vectors(self) -> VectorIndex:
         """The vector index; an error for an index with no images, or with images its FAISS file lost."""
