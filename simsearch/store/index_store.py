@@ -753,12 +753,16 @@ class IndexStore:
 
     def require_stored_vectors(self) -> int:
         """How many ok rows hold a stored vector, for jobs that read the vector file rather than
-        search FAISS (the duplicates graph): the FAISS file is not loaded (a flat one is 2 GB at a
-        million 512-d vectors). An error for an index with no images, or with rows pointing past
-        the vector file's end."""
+        search FAISS (k-means, the duplicates graph): the FAISS file is not loaded (a flat one is 2 GB
+        at a million 512-d vectors). An error for an index with no images, with rows pointing past
+        the vector file's end, or whose saved FAISS file is gone (damage: say how to repair it
+        rather than work around it)."""
         ok = int(self.catalog.counts()["ok"])
         if ok == 0:
             raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
+        if self.saved and not self.ann_path.exists():
+            self.require_consistent()
+        self._require_vectors_file()
         past = self._vectors_past_end()
         if len(past):
             raise IndexCorruptError(
@@ -779,18 +783,6 @@ class IndexStore:
             self.require_consistent()  # rows but an empty or deleted FAISS file: say how to repair it
         assert self.ann is not None
         return self.ann
-
-    def require_stored_vectors(self) -> int:
-        """The number of images with a stored vector; an error for an index with none. Jobs that read
-        the stored vectors (k-means, duplicates) call this instead of :meth:`require_vectors`, which
-        loads the FAISS file they do not need (2 GB for a flat layout of 1M x 512)."""
-        n = int(self.catalog.counts()["ok"])
-        if n == 0:
-            raise EmptyIndexError(f"the index at {self.path} holds no images yet (run simsearch index FOLDER)")
-        if self.saved and not self.ann_path.exists():
-            self.require_consistent()  # a damaged index: say how to repair it rather than work around it
-        self._require_vectors_file()
-        return n
 
     # -- labels (the catalog's labels table; written only through these) ------------------------
     def import_labels(self, labels: dict[int, str]) -> None:
