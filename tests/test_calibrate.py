@@ -103,21 +103,30 @@ def test_calibrate_flag_prints_the_table(small_index):
     assert "calibrated on" in out.stdout and "jpeg" in out.stdout and "combo3" in out.stdout
 
 
-def scene(path, seed: int, size=(480, 360)):
-    """A picture with structure at several scales (random shapes), like a photo has corners to match."""
+def scene(path, seed: int, size=(480, 360), jitter: int = 0):
+    """A picture with structure at several scales (random shapes), like a photo has corners to match.
+
+    ``jitter``: the same scene shot again: every shape moved by up to ``jitter`` pixels and lit from
+    one side, as a second photo of a still subject is. Its corners still match under one homography;
+    its pixels do not."""
     from PIL import ImageDraw
 
-    rnd = random.Random(seed)
+    rnd, moved = random.Random(seed), random.Random(seed + 1000)
     img = Image.new("RGB", size, (rnd.randint(0, 255), rnd.randint(0, 255), rnd.randint(0, 255)))
     draw = ImageDraw.Draw(img)
     for _ in range(80):
         x, y = rnd.randint(0, size[0]), rnd.randint(0, size[1])
         r = rnd.randint(4, 60)
         colour = (rnd.randint(0, 255), rnd.randint(0, 255), rnd.randint(0, 255))
+        if jitter:
+            x, y = x + moved.randint(-jitter, jitter), y + moved.randint(-jitter, jitter)
         if rnd.random() < 0.5:
             draw.rectangle((x, y, x + r, y + rnd.randint(4, 60)), fill=colour)
         else:
             draw.polygon([(x, y), (x + r, y + rnd.randint(-r, r)), (x + rnd.randint(-r, r), y + r)], fill=colour)
+    if jitter:
+        light = np.linspace(0.6, 1.2, size[0], dtype=np.float32)[None, :, None]
+        img = Image.fromarray(np.clip(np.asarray(img, np.float32) * light, 0, 255).astype(np.uint8))
     img.save(path)
     return img
 
@@ -137,30 +146,6 @@ def test_verifier_tells_a_copy_from_another_picture(tmp_path):
     assert v.inliers(a, tmp_path / "missing.png") == 0
 
 
-def reshoot(path, seed: int, jitter: int, size=(480, 360)):
-    """The scene of :func:`scene` shot again: every shape moved by up to ``jitter`` pixels and lit
-    from one side, as a second photo of a still subject is. Its corners still match under one
-    homography; its pixels do not."""
-    from PIL import ImageDraw
-
-    rnd, moved = random.Random(seed), random.Random(seed + 1000)
-    img = Image.new("RGB", size, (rnd.randint(0, 255), rnd.randint(0, 255), rnd.randint(0, 255)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(80):
-        x, y = rnd.randint(0, size[0]), rnd.randint(0, size[1])
-        r = rnd.randint(4, 60)
-        colour = (rnd.randint(0, 255), rnd.randint(0, 255), rnd.randint(0, 255))
-        x, y = x + moved.randint(-jitter, jitter), y + moved.randint(-jitter, jitter)
-        if rnd.random() < 0.5:
-            draw.rectangle((x, y, x + r, y + rnd.randint(4, 60)), fill=colour)
-        else:
-            draw.polygon([(x, y), (x + r, y + rnd.randint(-r, r)), (x + rnd.randint(-r, r), y + r)], fill=colour)
-    light = np.linspace(0.6, 1.2, size[0], dtype=np.float32)[None, :, None]
-    img = Image.fromarray(np.clip(np.asarray(img, np.float32) * light, 0, 255).astype(np.uint8))
-    img.save(path)
-    return img
-
-
 def test_verifier_refuses_another_shot_of_the_same_scene(tmp_path):
     """Geometry alone accepts a second shot of a still scene (the false pairs of Caltech-101's faces:
     one person, one pose, two photos); the pixel comparison after it does not, while edited copies
@@ -176,7 +161,7 @@ def test_verifier_refuses_another_shot_of_the_same_scene(tmp_path):
         found = v.match(a, EDITS[edit](a, random.Random(n)))
         assert found.same, (edit, found)
         assert found.shift <= MAX_SHIFT
-    again = v.match(a, reshoot(tmp_path / "again.png", seed=1, jitter=3))
+    again = v.match(a, scene(tmp_path / "again.png", seed=1, jitter=3))
     assert again.inliers >= v.min_inliers  # the homography alone would call it a copy
     assert again.shift > MAX_SHIFT and not again.same
     assert not v.same_scene(tmp_path / "a.png", tmp_path / "again.png")
