@@ -104,7 +104,7 @@ def pq_shape(dim: int, n_train: int) -> tuple[int, int]:
 
     4 dims per byte: at 1M x 512 on clusters spread like real embeddings, 64-byte codes (8 dims per
     byte) needed nprobe 256 of 1024 and 704 re-ranked candidates for recall@10 0.95; 128-byte codes
-    reach it at nprobe 16 with ~200 candidates (``benchmarks/README.md``, bench_scale)."""
+    reach 0.97 at nprobe 32 with 176 candidates (``benchmarks/README.md``, bench_scale)."""
     m = max(1, dim // 4, min(dim // 2, 16))  # 4 dims per byte-code; finer for small dims
     while dim % m:
         m -= 1
