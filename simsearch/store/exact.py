@@ -66,11 +66,7 @@ class ExactSearch:
 
 def stored_vectors(store: object, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted ids, their stored vectors) for the ok rows among ``ids`` (-1 entries ignored)."""
-    wanted = np.unique(ids[ids >= 0])
-    parts = list(store.iter_vectors(wanted, chunk=max(1, len(wanted))))  # type: ignore[attr-defined]
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return store.vectors_of(np.unique(ids[ids >= 0]))  # type: ignore[attr-defined,no-any-return]
 
 
 def rerank(

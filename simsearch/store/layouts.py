@@ -261,11 +261,6 @@ def _sample_ids(store: Any, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
 
 
-def _read(store: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    parts = list(store.iter_vectors(ids))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.float32)
-
-
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each row of ``truth`` (ids, -1 = none) found in the same row of ``found``."""
     hits = total = 0
@@ -295,7 +290,7 @@ def tune(ann: VectorIndex, store: Any, target: float, seed: int = 0) -> tuple[di
     lossy = is_lossy(ann.factory)
     if knob is None and not lossy:
         return {}, 1.0
-    q_ids, queries = _read(store, _sample_ids(store, TUNE_QUERIES, seed))
+    q_ids, queries = store.vectors_of(_sample_ids(store, TUNE_QUERIES, seed))
     k = min(TUNE_K, max(1, len(ann) - 1))
     _, truth = exact_search_chunks(store.iter_vectors(), queries, k + 1)
     truth = _drop_self(truth, q_ids, k)
@@ -338,7 +333,7 @@ def build_layout(store: Any, dim: int, factory: str, target: float, seed: int = 
     if not ann.is_trained:
         if n == 0:
             raise InputError(f"cannot train a {factory!r} layout on an empty index")
-        _, sample = _read(store, _sample_ids(store, train_size(factory, n), seed))
+        _, sample = store.vectors_of(_sample_ids(store, train_size(factory, n), seed))
         ivf = faiss.try_extract_index_ivf(ann.index)
         if ivf is not None:
             ivf.cp.seed = seed
