@@ -757,7 +757,7 @@ def classify_index(
     if write and images:
         raise InputError("--write stores predictions for indexed images; give no IMAGE with it")
     with IndexStore.open(index_dir) as store:
-        store.require_vectors()
+        store.require_stored_vectors()  # the vote reads stored vectors; FAISS is not loaded
         classifier = _choose_classifier(store, method, k, transform, temperature)
         info = classifier.info
         classes = classifier.classes
@@ -845,7 +845,7 @@ def find_suspects(
 ) -> list[Suspect]:
     """Labelled images whose neighbours disagree with their label, most doubtful first."""
     with IndexStore.open(index_dir) as store:
-        store.require_vectors()
+        store.require_stored_vectors()  # the vote reads stored vectors; FAISS is not loaded
         data = load_labelled(store)
         classifier = fit_classifier(store, data, _check_k(k, data), transform, temperature)
         shares = classifier.leave_one_out_shares(np.arange(len(data.ids)))
@@ -898,7 +898,7 @@ def evaluate_labels(
     accuracy/coverage and cross-fitted ECE at the classifier's ``k``."""
     t0 = time.perf_counter()
     with IndexStore.open(index_dir) as store:
-        store.require_vectors()
+        store.require_stored_vectors()  # the vote reads stored vectors; FAISS is not loaded
         data = load_labelled(store)
         classifier = fit_classifier(store, data, _check_k(k, data), transform, temperature, seed)
     info = classifier.info
