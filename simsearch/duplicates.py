@@ -422,7 +422,10 @@ def find_duplicates(
             assert cal is not None
             threshold = float(cal["threshold"])
         verifier, low = _verifier(verify, cal, threshold)
-        ids, vectors = _stored_vectors(store, n)
+        # the stored vectors exactly (an IVF-PQ layout's codes are approximations), as float32: widening
+        # float16 in each product instead cost more than the products themselves; plain reads, so the
+        # scan does not leave the whole vector file resident
+        ids, vectors = store.all_vectors(chunk=CHUNK, mapped=False)
         graph = neighbour_graph(ids, vectors, k=k, min_score=min(low, threshold))
         del vectors
         verified_pairs = [0]
@@ -447,24 +450,6 @@ def find_duplicates(
             calibration=cal, calibrated_now=calibrated_now, roots=roots, seconds=time.perf_counter() - start,
             pairs_verified=verified_pairs[0],
         )
-
-
-def _stored_vectors(store: IndexStore, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of every ok row, read chunk by chunk from the vector file: the stored vectors
-    exactly (an IVF-PQ layout's codes are approximations), as float32 (2 GB at a million 512-d
-    vectors: widening float16 in each product instead cost more than the products themselves)."""
-    ids = np.empty(n, np.int64)
-    vectors: np.ndarray | None = None
-    filled = 0
-    for chunk_ids, chunk in store.iter_vectors(chunk=CHUNK, mapped=False):
-        if vectors is None:
-            vectors = np.empty((n, chunk.shape[1]), np.float32)
-        m = min(len(chunk_ids), n - filled)
-        ids[filled : filled + m], vectors[filled : filled + m] = chunk_ids[:m], chunk[:m]
-        filled += m
-    if vectors is None:
-        return ids[:0], np.zeros((0, 0), np.float32)
-    return ids[:filled], vectors[:filled]
 
 
 def _vectors_of(store: IndexStore, ids: list[int]) -> np.ndarray:

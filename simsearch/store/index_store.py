@@ -295,9 +295,21 @@ class IndexStore:
         parts = list(self.iter_vectors(ids))
         return _concat(parts, self._dim())
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every ok row's (ids, vectors), in id order (for jobs that need them all at once)."""
-        return _concat(list(self.iter_vectors()), self._dim())
+    def all_vectors(self, chunk: int = 4096, mapped: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Every ok row's (ids, vectors), in id order (for jobs that need them all at once).
+
+        Filled into arrays sized from the row count, chunk by chunk, so the peak is one copy of the
+        vectors (2 GB at a million 512-d), not the chunks and their concatenation. ``mapped``: as
+        for :meth:`iter_vectors`."""
+        n = int(self.catalog.counts()["ok"])
+        ids = np.empty(n, np.int64)
+        vectors = np.empty((n, self._dim()), np.float32)
+        filled = 0
+        for chunk_ids, part in self.iter_vectors(chunk=chunk, mapped=mapped):
+            m = min(len(chunk_ids), n - filled)
+            ids[filled : filled + m], vectors[filled : filled + m] = chunk_ids[:m], part[:m]
+            filled += m
+        return ids[:filled], vectors[:filled]
 
     def _dim(self) -> int:
         return int(self.catalog.meta_value("dim") or 0)
