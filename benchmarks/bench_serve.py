@@ -292,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = store.catalog.rows("status = 'ok'")
         meta = store.meta
     rng = random.Random(args.seed)
-    # distinct ids, as many as one load sends: no answer is a repeat of an earlier one
-    ids = [r.id for r in rng.sample(rows, min(len(rows), max(args.requests, 500)))]
+    # distinct ids for every load of a server (each client count and client kind gets its own; the
+    # before and after servers get the same ones): no answer repeats an earlier one, so nothing a
+    # server keeps between requests (catalog rows) is found again for the query itself
+    loads = len(args.clients) * len(args.client)
+    ids = [r.id for r in rng.sample(rows, min(len(rows), max(args.requests * loads, 500)))]
     files = [r.path for r in rng.sample(rows, min(len(rows), 32))]
     blobs = [(Path(f).read_bytes(), os.path.basename(f)) for f in files]
     print(f"{len(rows)} images, {meta['model']} ({meta['weights']}), k={args.k}, CPU: {cpu_name()} x{os.cpu_count()}, "
@@ -312,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def by_id(n: int):
         return "GET", f"/api/search?id={ids[n % len(ids)]}&k={args.k}", None, {}
+
+    def by_id_from(first: int):
+        return lambda n: by_id(first + n)
 
     def by_upload(n: int):
         body, ctype = uploads[n % len(uploads)]
@@ -336,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         bare_before = bare_query(args.index, files, args.bare, args.k, args.precision)
         plan = [("id", by_id, args.requests), ("upload", by_upload, args.uploads)]
         for kind, fn, total in [p for p in plan if p[0] in args.kinds]:
-            for client in args.client:
-                for c in args.clients:
+            for ki, client in enumerate(args.client):
+                for ci, c in enumerate(args.clients):
+                    if kind == "id":
+                        fn = by_id_from((ki * len(args.clients) + ci) * total)
                     for name in servers:  # before and after back to back, on the same machine load
                         cpu0 = cpu_seconds(procs[name].pid)
                         if client == "process":

@@ -17,20 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from simsearch.errors import (
-    EmptyIndexError,
-    ImageError,
-    IndexBusyError,
-    IndexCorruptError,
-    IndexMismatchError,
-    IndexNotFoundError,
-    InputError,
-    SimsearchError,
-)
+from simsearch.errors import SimsearchError
 from simsearch.images import DEFAULT_MAX_PIXELS
 
+from .fast import FastIndexedSearch
+from .responses import error_response, status_of
 from .routes import clusters, duplicates, images, info, labels, page, search
-from .state import DEFAULT_MAX_UPLOAD_BYTES, NotFound, ServeIndex, TooLarge, Unavailable
+from .state import DEFAULT_MAX_UPLOAD_BYTES, ServeIndex
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +33,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 PUBLIC_PATHS = ("/", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
 
-STATUS = (
-    (NotFound, 404),
-    (TooLarge, 413),
-    ((Unavailable, IndexNotFoundError, EmptyIndexError, IndexMismatchError, IndexCorruptError, IndexBusyError), 503),
-    ((InputError, ImageError), 400),
-)
-
-
-def status_of(exc: SimsearchError) -> int:
-    for types, status in STATUS:
-        if isinstance(exc, types):
-            return status
-    return 500
-
-
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+__all__ = ["create_app", "error_response", "status_of"]
 
 
 def create_app(
@@ -69,12 +46,15 @@ def create_app(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     warm: bool = False,
     model_batch: int = 8,
+    lean_search: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving the index at ``index_dir`` (see the README's ``simsearch serve``).
 
     ``token``: when set, every API request must carry it (``Authorization: Bearer TOKEN`` or
     ``?token=TOKEN``). ``warm``: load the vectors and build the model now, not on first use.
-    ``model_batch``: most concurrent uploads embedded in one forward pass.
+    ``model_batch``: most concurrent uploads embedded in one forward pass. ``lean_search``: answer
+    ``GET /api/search`` in front of FastAPI's routing (:mod:`simsearch.serve.fast`; the same
+    answers and errors, less time per query); False sends it through the FastAPI route.
     """
     state = ServeIndex(
         index_dir, device=device, precision=precision, max_pixels=max_pixels, max_upload_bytes=max_upload_bytes,
@@ -118,6 +98,8 @@ def create_app(
         return error_response(500, f"internal error ({type(exc).__name__}); see the server's log")
 
     app.add_middleware(UploadLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
+    if lean_search:  # added after UploadLimit, so it runs before it, and after the token check
+        app.add_middleware(FastIndexedSearch, index=state)
     if token:
         app.add_middleware(TokenAuth, token=token)
     app.router.on_shutdown.append(state.close)

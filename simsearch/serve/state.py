@@ -18,6 +18,11 @@ What it owns and why:
 - **SQLite connections per thread** (sqlite3 connections must stay in the thread that made them):
   the event loop's thread (queries by id run there, see :meth:`ServeIndex.query_id_async`), each
   thread of the web framework's pool and the search thread get their own read connection.
+- **What a thread read of the catalog, kept while nothing was committed since**: each request
+  asks its connection's ``PRAGMA data_version`` (it changes when any other connection commits);
+  while it holds, the FAISS file's name, what the last save recorded (``faiss_saved``) and the
+  rows (with their vector slots) already read are used again, and a query by id needs one
+  statement for its own row besides that. A commit anywhere drops them all (:class:`CatalogView`).
 - **Which files may be read**: only a catalog row's own file, found by row id, lexically under a
   root the index recorded, a regular file whose bytes still hash to the catalog's hash. A client
   never names a file to open; a path given in a query is only a key looked up in the catalog.
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 THUMBNAIL_CACHE = 4096  # thumbnails kept in memory (about 10 kB each at 256 px)
+ROW_CACHE = 16384  # catalog rows a thread keeps between commits (about 0.5 kB each)
 MAX_K = 1000
 
 
@@ -85,6 +91,22 @@ class Snapshot:
     @property
     def identity(self) -> dict[str, Any]:
         return identity_of(self.meta)
+
+    @property
+    def saved(self) -> Any:
+        """What the catalog recorded of the FAISS save this was loaded after (``faiss_saved``)."""
+        return self.meta.get("faiss_saved")
+
+
+@dataclass
+class CatalogView:
+    """What one thread read of the catalog at one ``data_version`` of its connection: valid until
+    another connection commits (then it is dropped as a whole, never patched)."""
+
+    version: int
+    ann_path: Path  # the FAISS file the index records (a layout rebuild switches to a new name)
+    saved: Any  # faiss_saved: changes with every FAISS save, even one that reuses the file's inode
+    rows: dict[int, tuple[Any, int | None]]  # id -> (ImageRow, vector slot), as read at this version
 
 
 class ServeIndex:
@@ -151,23 +173,45 @@ class ServeIndex:
         """This thread's read connection to the catalog."""
         return self.store.catalog
 
+    def view(self) -> CatalogView:
+        """This thread's :class:`CatalogView`, read again when another connection has committed
+        since (one ``PRAGMA data_version`` when nothing changed)."""
+        catalog = self.catalog
+        version = catalog.data_version()
+        view = getattr(self._local, "view", None)
+        if view is None or view.version != version:
+            # read after the version: whatever they show is at least that new
+            view = CatalogView(version, self.store.ann_path, catalog.meta_value("faiss_saved"), {})
+            self._local.view = view
+        return view
+
     @property
     def ann_path(self) -> Path:
         """The FAISS file the index records now (its name changes when a writer rebuilds the layout)."""
-        return self.store.ann_path
+        return self.view().ann_path
 
-    def _file_key(self) -> tuple[int, int, int] | None:
+    def _file_key(self, view: CatalogView | None = None) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.ann_path)  # the current layout's file: a layout rebuild switches to a new one
+            # the current layout's file: a layout rebuild switches to a new one
+            st = os.stat((view or self.view()).ann_path)
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def current_snapshot(self) -> Snapshot | None:
-        """The loaded vectors if the file is still the one they came from, else None (cheap: one
-        catalog read and a stat, so it may run on the event loop; loading is :meth:`snapshot`'s job)."""
+    def current_snapshot(self, view: CatalogView | None = None) -> Snapshot | None:
+        """The loaded vectors if the file is still the one they came from and the catalog records
+        no save since, else None (cheap: a stat and, unless something was committed, one pragma,
+        so it may run on the event loop; loading is :meth:`snapshot`'s job).
+
+        Why both: a save renames a new file over the old one, and may get the old one's inode
+        back with the same size and a timestamp within the clock's tick; and a load that falls
+        between the rename and the commit recording it holds an older ``faiss_saved`` (hiding the
+        rows changed since it) until the next save. The recorded save tells both apart."""
         snap = self._snapshot
-        return snap if snap is not None and snap.key == self._file_key() else None
+        if snap is None:
+            return None
+        view = view or self.view()
+        return snap if snap.saved == view.saved and snap.key == self._file_key(view) else None
 
     def snapshot(self) -> Snapshot:
         """The vectors as last saved by a writer (loaded again when the file changed)."""
@@ -175,9 +219,10 @@ class ServeIndex:
         if snap is not None:
             return snap
         with self._swap_lock:
-            key = self._file_key()  # stat before loading: what is loaded is at least this new
+            view = self.view()
+            key = self._file_key(view)  # stat before loading: what is loaded is at least this new
             snap = self._snapshot
-            if snap is not None and snap.key == key:
+            if snap is not None and snap.key == key and snap.saved == view.saved:
                 return snap
             if key is None:
                 raise Unavailable(f"the index at {self.path} has no vectors file yet (being built or rebuilt); try again shortly")
@@ -239,8 +284,9 @@ class ServeIndex:
         """Neighbours of an indexed image, from its stored vector (no decoding, no model)."""
         _check_k(k)
         snap = self.snapshot()
-        row, vector, skip = self._query_of(image_id, include_self)
-        return {"query": _row_dict(row), "results": self._search(snap, vector, k, threshold, skip)}
+        view = self.view()
+        row, vector, skip = self._query_of(image_id, include_self, view)
+        return {"query": _row_dict(row), "results": self._search(snap, vector, k, threshold, skip, view)}
 
     async def query_id_async(
         self, image_id: int, k: int = 10, threshold: float | None = None, include_self: bool = False
@@ -249,9 +295,13 @@ class ServeIndex:
         millisecond), the search is awaited on the search thread, and only a (re)load of the
         vectors goes to a worker thread. No hop through the thread pool for a warm query."""
         _check_k(k)
-        snap = self.current_snapshot() or await asyncio.to_thread(self.snapshot)
-        row, vector, skip = self._query_of(image_id, include_self)
-        steps = self._search_steps(snap, k, threshold, skip)
+        view = self.view()  # one look at the catalog for the whole request
+        snap = self.current_snapshot(view)
+        if snap is None:
+            snap = await asyncio.to_thread(self.snapshot)
+            view = self.view()
+        row, vector, skip = self._query_of(image_id, include_self, view)
+        steps = self._search_steps(snap, k, threshold, skip, view)
         depth = next(steps)
         while True:
             found = await asyncio.wrap_future(self.searches.submit(snap, vector, key=depth))
@@ -269,19 +319,50 @@ class ServeIndex:
     ) -> dict[str, Any]:
         return await self.query_id_async(self.row_by_path(path).id, k=k, threshold=threshold, include_self=include_self)
 
-    def _query_of(self, image_id: int, include_self: bool) -> tuple[Any, np.ndarray, set[int]]:
+    def _query_of(
+        self, image_id: int, include_self: bool, view: CatalogView | None = None
+    ) -> tuple[Any, np.ndarray, set[int]]:
         """(row, stored vector, ids to leave out) of an indexed image used as a query."""
-        row = self.row(image_id)
-        found, vectors = self.store.vectors_of([row.id])
-        if len(found) == 0:
+        row, slot = self._row_and_slot(image_id, view)
+        vectors = self.store.vectors
+        if slot is None or vectors is None:
             raise NotFound(f"image {image_id} has no stored vector")
-        return row, vectors[0], (set() if include_self else {row.id})
+        # a slot an ok row holds is never written while it does (a new vector goes to a free slot)
+        return row, vectors.read(np.array([slot], dtype=np.int64))[0], (set() if include_self else {row.id})
+
+    def rows(self, ids: Any, view: CatalogView | None = None) -> dict[int, tuple[Any, int | None]]:
+        """(row, vector slot) of each of ``ids`` that has a row: from this thread's view (``view``:
+        one the request already took), the ones it does not hold yet read in one statement (and
+        kept until the next commit)."""
+        cached = (view or self.view()).rows
+        out: dict[int, tuple[Any, int | None]] = {}
+        missing = []
+        for i in ids:
+            found = cached.get(i)
+            if found is None:
+                missing.append(i)
+            else:
+                out[i] = found
+        if missing:
+            read = self.catalog.rows_and_slots(missing)
+            out.update(read)
+            if len(cached) + len(read) > ROW_CACHE:
+                cached.clear()  # bounded; the next requests read again what they need
+            cached.update(read)
+        return out
+
+    def _row_and_slot(self, image_id: int, view: CatalogView | None = None) -> tuple[Any, int | None]:
+        found = self.rows((image_id,), view).get(image_id)
+        if found is None or not found[0].ok:
+            raise NotFound(f"no indexed image with id {image_id}")
+        return found
 
     def _search(
-        self, snap: Snapshot, vector: np.ndarray, k: int, threshold: float | None, skip: set[int]
+        self, snap: Snapshot, vector: np.ndarray, k: int, threshold: float | None, skip: set[int],
+        view: CatalogView | None = None,
     ) -> list[dict[str, Any]]:
         """Results of one query vector, waiting in this thread for the batched searches it needs."""
-        steps = self._search_steps(snap, k, threshold, skip)
+        steps = self._search_steps(snap, k, threshold, skip, view)
         depth = next(steps)
         while True:
             found = self.searches.submit(snap, vector, key=depth).result()
@@ -291,18 +372,19 @@ class ServeIndex:
                 return done.value
 
     def _search_steps(
-        self, snap: Snapshot, k: int, threshold: float | None, skip: set[int]
+        self, snap: Snapshot, k: int, threshold: float | None, skip: set[int], view: CatalogView | None = None
     ) -> Generator[int, tuple[np.ndarray, np.ndarray], list[dict[str, Any]]]:
         """The search of one query as steps: yields the depth to search to, is sent that search's
         (scores, ids), and returns the results; it asks for more depth only when hits were left
         out (the query itself, rows deleted or changed since the save, a threshold) and fewer
-        than ``k`` remain. Whoever drives it runs the searches (waiting in a thread, or awaiting)."""
+        than ``k`` remain. Whoever drives it runs the searches (waiting in a thread, or awaiting).
+        ``view``: the catalog as the request found it (rows then, as the snapshot it searches)."""
         total = len(snap.search)
         depth = k + len(skip)
         while True:
             scores, ids = yield depth
-            found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in skip]
-            rows = self.catalog.rows_by_ids(i for _, i in found)
+            found = [(float(s), int(i)) for s, i in zip(scores[0].tolist(), ids[0].tolist()) if i >= 0 and i not in skip]
+            rows = {i: r for i, (r, _) in self.rows([i for _, i in found], view).items()}
             # a row the writer deleted, marked failed or changed since the vectors were saved is not a result
             found = [(s, i) for s, i in found if searchable(rows.get(i), snap.saved_generation)]
             if threshold is not None:
@@ -330,10 +412,7 @@ class ServeIndex:
 
     # -- images ----------------------------------------------------------------------------
     def row(self, image_id: int) -> Any:
-        row = self.catalog.rows_by_ids([image_id]).get(image_id)
-        if row is None or not row.ok:
-            raise NotFound(f"no indexed image with id {image_id}")
-        return row
+        return self._row_and_slot(image_id)[0]
 
     def row_by_path(self, path: str) -> Any:
         if "\x00" in path:

@@ -12,11 +12,11 @@ from fastapi.responses import Response
 try:  # orjson (in the serve extra) encodes a page of results several times faster than json
     import orjson
 
-    def _dumps(data: Any) -> bytes:
+    def dumps(data: Any) -> bytes:
         return orjson.dumps(data)
 except ImportError:  # pragma: no cover - the serve extra brings orjson
 
-    def _dumps(data: Any) -> bytes:
+    def dumps(data: Any) -> bytes:
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -32,4 +32,4 @@ def json_response(data: dict[str, Any]) -> Response:
     A route that returns a dict has FastAPI validate and re-encode it against its return type
     (``jsonable_encoder``, then ``json.dumps``); that was a large share of a query's time. The
     routes say what they return with ``response_model`` for the schema and hand back this instead."""
-    return Response(_dumps(data), media_type="application/json")
+    return Response(dumps(data), media_type="application/json")
