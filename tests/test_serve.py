@@ -635,3 +635,118 @@ def test_batcher_groups_by_target_and_key_and_passes_errors_to_their_callers() -
     assert ("x", 1, [1, 2, 3]) in seen and ("x", 2, [4]) in seen  # one call for the three waiting together
     with pytest.raises(RuntimeError):
         b.submit("x", 1)
+
+
+# -- the lean search route and the catalog view -------------------------------------------------
+
+
+def _both(site, **options):
+    """Test clients of the app with the lean GET /api/search in front of FastAPI, and without it."""
+    return (TestClient(create_app(site / "index", device="cpu", **options)),
+            TestClient(create_app(site / "index", device="cpu", lean_search=False, **options)))
+
+
+def test_lean_search_route_answers_exactly_as_the_fastapi_route(site) -> None:
+    ids, _, paths = _stored(site / "index")
+    qid = int(ids[4])
+    queries = [
+        f"id={qid}", f"id={qid}&k=3", f"id={qid}&k=50&include_self=yes", f"id={qid}&threshold=0.5",
+        f"id={qid}&k=2&k=4",  # a repeated name: the last one counts
+        f"path={paths[qid]}", "", f"id={qid}&path=/x.jpg", "id=abc", f"id={qid}&k=0", f"id={qid}&k=100000",
+        f"id={qid}&threshold=2", f"id={qid}&threshold=nan", f"id={qid}&include_self=maybe", "id=999999", "id=-1",
+        "path=photos/a/img000.jpg", "path=/nowhere/img000.jpg", "path=/tmp/../etc/passwd", "path=/a%00b.jpg",
+        "id=%20", f"id={qid}&token=unused",
+    ]
+    lean, plain = _both(site)
+    with lean, plain:
+        for query in queries:
+            a, b = lean.get(f"/api/search?{query}"), plain.get(f"/api/search?{query}")
+            assert (a.status_code, a.content) == (b.status_code, b.content), query
+            assert a.headers["content-type"] == b.headers["content-type"] == "application/json", query
+            assert a.headers["content-length"] == b.headers["content-length"], query
+        # other methods and paths still go through FastAPI, alike
+        for method, url in (("HEAD", "/api/search?id=1"), ("PUT", "/api/search?id=1"), ("GET", "/api/search/?id=1"),
+                            ("GET", "/api/searchx?id=1")):
+            a = lean.request(method, url, follow_redirects=False)
+            b = plain.request(method, url, follow_redirects=False)
+            assert (a.status_code, a.content) == (b.status_code, b.content), (method, url)
+        upload = Path(paths[qid]).read_bytes()
+        a = lean.post("/api/search", params={"k": 3}, files={"image": ("q.jpg", upload, "image/jpeg")})
+        b = plain.post("/api/search", params={"k": 3}, files={"image": ("q.jpg", upload, "image/jpeg")})
+        assert a.status_code == 200 and a.json() == b.json()
+    assert "/api/search" in lean.app.openapi()["paths"] and lean.app.openapi() == plain.app.openapi()
+
+
+def test_lean_search_route_needs_the_token_as_every_api_route(site) -> None:
+    ids, _, _ = _stored(site / "index")
+    url = f"/api/search?id={int(ids[0])}"
+    lean, plain = _both(site, token="s3cret")
+    with lean, plain:
+        for headers, suffix in (({}, ""), ({"Authorization": "Bearer wrong"}, ""), ({}, "&token=wrong")):
+            a, b = lean.get(url + suffix, headers=headers), plain.get(url + suffix, headers=headers)
+            assert a.status_code == b.status_code == 401 and a.content == b.content
+            assert a.headers["www-authenticate"] == b.headers["www-authenticate"] == "Bearer"
+        for headers, suffix in (({"Authorization": "Bearer s3cret"}, ""), ({}, "&token=s3cret")):
+            a, b = lean.get(url + suffix, headers=headers), plain.get(url + suffix, headers=headers)
+            assert a.status_code == b.status_code == 200 and a.content == b.content
+
+
+def test_lean_search_route_answers_an_unexpected_error_as_the_app_does(site, monkeypatch) -> None:
+    from simsearch.serve.state import ServeIndex
+
+    async def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ServeIndex, "query_id_async", broken)
+    lean, plain = _both(site)
+    with lean, TestClient(plain.app, raise_server_exceptions=False) as plain:
+        a, b = lean.get("/api/search?id=1"), plain.get("/api/search?id=1")
+    assert a.status_code == b.status_code == 500 and a.content == b.content
+    assert "RuntimeError" in a.json()["error"] and "boom" not in a.text
+
+
+def test_catalog_view_is_kept_until_a_commit_and_rows_follow_the_writer(tmp_path) -> None:
+    """The rows a thread read are used again only while nothing was committed: a writer's removal
+    shows at once (the id is gone, and no longer a result), and its saved additions too."""
+    paths = make_collection(tmp_path / "photos", n=8)
+    run_index(tmp_path / "photos", tmp_path / "index")
+    ids, _, stored = _stored(tmp_path / "index")
+    app = create_app(tmp_path / "index", device="cpu")
+    state = app.state.index
+    gone = next(i for i, p in stored.items() if p == str(paths[3]))
+    anchor = next(i for i, p in stored.items() if p == str(paths[0]))
+    with TestClient(app) as c:
+        first = c.get("/api/search", params={"id": anchor, "k": 100}).json()["results"]
+        assert gone in [h["id"] for h in first] and c.get(f"/api/images/{gone}").status_code == 200
+        state.query_id(anchor, k=100)  # in this thread too (a view is a thread's own)
+        view = state.view()
+        assert state.view() is view and gone in view.rows  # nothing committed: the same view, rows kept
+        os.remove(paths[3])
+        run_index(tmp_path / "photos", tmp_path / "index")
+        assert state.view() is not view and gone not in state.view().rows  # the writer committed
+        assert c.get("/api/search", params={"id": gone}).status_code == 404
+        assert c.get(f"/api/images/{gone}").status_code == 404
+        after = [h["id"] for h in c.get("/api/search", params={"id": anchor, "k": 100}).json()["results"]]
+        assert gone not in after and sorted(after) == sorted(i for i in stored if i not in (gone, anchor))
+
+
+def test_a_new_faiss_save_is_loaded_even_if_the_file_looks_the_same(tmp_path, monkeypatch) -> None:
+    """A save renames a new file over the old one and may get its inode back, with a timestamp in
+    the same clock tick (and, for a flat index of as many vectors, the same size); the catalog's
+    record of the save changes all the same, and the server reloads."""
+    from simsearch.serve.state import ServeIndex
+
+    _build(tmp_path / "photos", tmp_path / "index", n=6, clusters=None)
+    ids, _, _ = _stored(tmp_path / "index")
+    app = create_app(tmp_path / "index", device="cpu")
+    with TestClient(app) as c:
+        assert len(c.get("/api/search", params={"id": int(ids[0]), "k": 100}).json()["results"]) == 5
+        generation = c.get("/api/info").json()["serve"]["generation"]
+        key = app.state.index._file_key()
+        monkeypatch.setattr(ServeIndex, "_file_key", lambda self, view=None: key)  # the file "looks the same"
+        make_collection(tmp_path / "photos" / "more", n=6, seed=5)
+        run_index(tmp_path / "photos", tmp_path / "index")
+        assert len(c.get("/api/search", params={"id": int(ids[0]), "k": 100}).json()["results"]) == 11
+        assert c.get("/api/info").json()["serve"]["generation"] == generation + 1
+        assert c.get("/api/search", params={"id": int(ids[1])}).status_code == 200
+        assert c.get("/api/info").json()["serve"]["generation"] == generation + 1  # nothing new: no reload
