@@ -710,7 +710,7 @@ def test_catalog_view_is_kept_until_a_commit_and_rows_follow_the_writer(tmp_path
     shows at once (the id is gone, and no longer a result), and its saved additions too."""
     paths = make_collection(tmp_path / "photos", n=8)
     run_index(tmp_path / "photos", tmp_path / "index")
-    ids, _, stored = _stored(tmp_path / "index")
+    _, _, stored = _stored(tmp_path / "index")
     app = create_app(tmp_path / "index", device="cpu")
     state = app.state.index
     gone = next(i for i, p in stored.items() if p == str(paths[3]))
