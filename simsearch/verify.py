@@ -47,6 +47,12 @@ MIN_SPREAD = 0.04  # inliers must spread over this share of the image on both ax
 MAX_SHIFT = 1.25  # pixels (at MAX_SIDE): the median misalignment the pixel comparison allows a copy
 SHIFT_FLOOR = 2.0  # gray levels per pixel added to the gradient, so flat areas measure noise, not infinity
 TONE_BINS = 32  # points of the fitted tone curve
+FILL_RANGE = 4  # gray levels: a 3x3 neighbourhood within this range is flat (edit fill, even re-compressed)
+FILL_SPREAD = 12  # gray levels: a fill area's values (2nd to 98th percentile) span at most this
+FILL_MIN = 0.01  # share of the image flat areas must cover to count as fill
+FILL_SKEW = 1.25  # fill is left out only under an alignment this close to a similarity (an edit's)
+FILL_SHARED = 0.5  # fill lying mostly on the other image's fill is a backdrop both show, not an edit's
+EDGE = 3  # pixels (at MAX_SIDE) dropped along the edge of fill, beyond the blur's reach
 
 
 def plausible_copy(h: np.ndarray, points: np.ndarray, side: int) -> bool:
@@ -79,10 +85,61 @@ def _tone_residual(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.abs(y - np.interp(x, curve_x, curve_y[first]))
 
 
-def pixel_shift(a: np.ndarray, b: np.ndarray, h: np.ndarray, resolution: float) -> float:
+def picture_area(gray: np.ndarray) -> np.ndarray | None:
+    """Where a gray image shows a picture rather than fill an edit added, or ``None`` when it all
+    does: the corners a rotation fills, the flat padding of a border or screenshot.
+
+    Fill is flat (every 3x3 neighbourhood within :data:`FILL_RANGE` gray levels, so a re-compressed
+    or recoloured fill still counts), uniform (:data:`FILL_SPREAD`) and reaches the image's edge;
+    what it leaves is a convex picture (a rotated, cropped or padded rectangle). A photo's own flat
+    areas (a sky, a studio backdrop) fail one of these, most often the last (they leave a ragged
+    outline), and are compared like any other pixels: only fill is left out, so another shot of the
+    same scene is not let through by masking what differs in it."""
+    import cv2
+
+    g = np.ascontiguousarray(gray, np.uint8)
+    square = np.ones((3, 3), np.uint8)
+    flat = ((cv2.dilate(g, square) - cv2.erode(g, square)) <= FILL_RANGE).astype(np.uint8)
+    count, labels = cv2.connectedComponents(flat, connectivity=4)
+    if count < 2:
+        return None
+    uniform = np.zeros(count, bool)  # flat areas whose values barely vary: fill if they reach the edge
+    for label in range(count):
+        part = labels == label
+        if part.sum() >= 64 and flat[part][0]:
+            low, high = np.percentile(g[part], (2, 98))
+            uniform[label] = high - low <= FILL_SPREAD
+    fill = np.zeros(count, bool)
+    fill[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
+    fill &= uniform
+    for _ in range(3):  # fill next to fill: a rotation's corners inside the border added after it
+        near = cv2.dilate(fill[labels].astype(np.uint8), np.ones((2 * EDGE + 1, 2 * EDGE + 1), np.uint8)) > 0
+        more = np.zeros(count, bool)
+        more[np.unique(labels[near])] = True
+        more &= uniform & ~fill
+        if not more.any():
+            break
+        fill |= more
+    fill = fill[labels]
+    if fill.mean() < FILL_MIN:
+        return None
+    points = cv2.findNonZero((~fill).astype(np.uint8))
+    if points is None:
+        return None
+    hull = np.zeros(g.shape, np.uint8)  # a picture an edit rotated, cropped or padded is convex
+    cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    return hull > 0
+
+
+def pixel_shift(
+    a: np.ndarray, b: np.ndarray, h: np.ndarray, resolution: float,
+    area_a: np.ndarray | None = None, area_b: np.ndarray | None = None,
+) -> float:
     """Median misalignment, in pixels of ``a``, between gray image ``a`` and gray image ``b``
     warped onto it by ``h`` (a's coordinates to b's), after one tone curve; ``inf`` when they
-    barely overlap.
+    barely overlap. ``area_a``, ``area_b``: where each shows its picture (:func:`picture_area`;
+    ``None``: everywhere); only pixels both show are compared, so the corners a rotation filled
+    after a crop are not counted as differences.
 
     Both are blurred to ``resolution`` (native pixels per pixel of ``a``, at most 1: a half-size
     copy cannot agree on detail it no longer has). At each pixel the tone-mapped difference is
@@ -97,15 +154,56 @@ def pixel_shift(a: np.ndarray, b: np.ndarray, h: np.ndarray, resolution: float) 
     size = (a.shape[1], a.shape[0])
     warped = cv2.warpPerspective(b.astype(np.float32), h, size, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR)
     inside = cv2.warpPerspective(np.ones(b.shape, np.uint8), h, size, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST)
-    inside = cv2.erode(inside, np.ones((7, 7), np.uint8)) > 0  # off the edges, where interpolation mixes in the outside
+    inside = cv2.erode(inside, np.ones((7, 7), np.uint8))  # off the edges, where interpolation mixes in the outside
+    sigma = 1.0 / max(min(resolution, 1.0), 0.05)
+    if _skew(h) > FILL_SKEW:  # not how an edit moves a picture: compare everything, as without areas
+        area_a = area_b = None
+    area_a, area_b = _foreign_fill(inside, area_a, None if area_b is None else _warp(area_b, h, size))
+    if area_a is not None or area_b is not None:  # and off the fill, as far as the blur below carries it
+        shown = np.ones(a.shape, np.uint8) if area_a is None else area_a.astype(np.uint8)
+        if area_b is not None:
+            shown &= area_b.astype(np.uint8)
+        side = 2 * (EDGE + int(np.ceil(2 * sigma))) + 1
+        inside &= cv2.erode(shown, np.ones((side, side), np.uint8))
+    inside = inside > 0
     if inside.sum() < 1000:
         return float("inf")
-    sigma = 1.0 / max(min(resolution, 1.0), 0.05)
     a = cv2.GaussianBlur(a, (0, 0), sigma)
     warped = cv2.GaussianBlur(warped, (0, 0), sigma)
     gradient = np.maximum(_gradient(a), _gradient(warped))[inside]
     residual = _tone_residual(a[inside], warped[inside])
     return float(np.median(residual / (gradient + SHIFT_FLOOR)))
+
+
+def _skew(h: np.ndarray) -> float:
+    """How far the homography's linear part is from a similarity: the ratio of its singular values
+    (1 for a rotation and uniform scaling; a spurious match between two pictures can skew)."""
+    low_high = np.linalg.svd(h[:2, :2] / h[2, 2], compute_uv=False)
+    return float(low_high[0] / max(low_high[1], 1e-9))
+
+
+def _warp(mask: np.ndarray, h: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.warpPerspective(mask.astype(np.uint8), h, size, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST) > 0
+
+
+def _foreign_fill(
+    overlap: np.ndarray, area_a: np.ndarray | None, area_b: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The picture areas worth applying (both in a's frame; ``overlap``: where b's frame lands):
+    one image's fill is left out only where it covers the other's picture. Where both have flat
+    fill-like areas in the same place (two clip-art signs on white, two studio shots), the areas are
+    the pictures' own backdrop, not something an edit added, and leaving them out would hide how
+    the pictures' outlines differ: then neither mask is applied."""
+    if area_a is None or area_b is None:
+        return area_a, area_b
+    overlap = overlap > 0
+    fill_a, fill_b = overlap & ~area_a, overlap & ~area_b
+    shared = int((fill_a & fill_b).sum())
+    keep_a = shared <= FILL_SHARED * fill_a.sum()
+    keep_b = shared <= FILL_SHARED * fill_b.sum()
+    return (area_a if keep_a else None), (area_b if keep_b else None)
 
 
 def _gradient(img: np.ndarray) -> np.ndarray:
@@ -142,6 +240,7 @@ class _Image:
     descriptors: Any  # ORB descriptors, or None
     gray: np.ndarray | None  # the image at max_side
     side: int  # the decoded image's longer side: its resolution
+    area: np.ndarray | None = None  # where it shows its picture, not an edit's fill (None: everywhere)
 
 
 _UNREADABLE = _Image(np.zeros((0, 2), np.float32), None, None, 0)
@@ -183,7 +282,7 @@ class Verifier:
             if mirrored:
                 gray = gray[:, ::-1].copy()
             keypoints, descriptors = self.orb.detectAndCompute(gray, None)
-            found = _Image(np.float32([k.pt for k in keypoints]).reshape(-1, 2), descriptors, gray, max(pil.size))
+            found = _Image(np.float32([k.pt for k in keypoints]).reshape(-1, 2), descriptors, gray, max(pil.size), picture_area(gray))
         if name is not None:
             self.cache[key] = found
             if len(self.cache) > CACHE:
@@ -207,7 +306,7 @@ class Verifier:
             if count >= self.min_inliers and h is not None and ia.gray is not None and ib.gray is not None:
                 scale = float(np.sqrt(abs(np.linalg.det(h[:2, :2] / h[2, 2]))))
                 resolution = min(ia.side / self.max_side, ib.side / self.max_side * scale)
-                found.shift = pixel_shift(ia.gray, ib.gray, h, resolution)
+                found.shift = pixel_shift(ia.gray, ib.gray, h, resolution, ia.area, ib.area)
                 if found.same:
                     return found
             if (found.shift, -found.inliers) < (best.shift, -best.inliers):
