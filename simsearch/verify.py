@@ -47,11 +47,11 @@ MIN_SPREAD = 0.04  # inliers must spread over this share of the image on both ax
 MAX_SHIFT = 1.25  # pixels (at MAX_SIDE): the median misalignment the pixel comparison allows a copy
 SHIFT_FLOOR = 2.0  # gray levels per pixel added to the gradient, so flat areas measure noise, not infinity
 TONE_BINS = 32  # points of the fitted tone curve
-FILL_RANGE = 4  # gray levels: a 3x3 neighbourhood within this range is flat (edit fill, even re-compressed)
-FILL_SPREAD = 12  # gray levels: a fill area's values (2nd to 98th percentile) span at most this
+FILL_RANGE = 4  # gray levels: fill stays this close to one level (even re-compressed), and so do its 3x3 neighbourhoods
+FILL_FLAT = 0.9  # share of an area's pixels that must be flat for it to be fill
 FILL_MIN = 0.01  # share of the image flat areas must cover to count as fill
+FILL_INLIERS = 2  # and only when the homography has this many times the inliers a match needs
 FILL_SKEW = 1.25  # fill is left out only under an alignment this close to a similarity (an edit's)
-FILL_SHARED = 0.5  # fill lying mostly on the other image's fill is a backdrop both show, not an edit's
 EDGE = 3  # pixels (at MAX_SIDE) dropped along the edge of fill, beyond the blur's reach
 
 
@@ -89,45 +89,54 @@ def picture_area(gray: np.ndarray) -> np.ndarray | None:
     """Where a gray image shows a picture rather than fill an edit added, or ``None`` when it all
     does: the corners a rotation fills, the flat padding of a border or screenshot.
 
-    Fill is flat (every 3x3 neighbourhood within :data:`FILL_RANGE` gray levels, so a re-compressed
-    or recoloured fill still counts), uniform (:data:`FILL_SPREAD`) and reaches the image's edge;
-    what it leaves is a convex picture (a rotated, cropped or padded rectangle). A photo's own flat
-    areas (a sky, a studio backdrop) fail one of these, most often the last (they leave a ragged
-    outline), and are compared like any other pixels: only fill is left out, so another shot of the
-    same scene is not let through by masking what differs in it."""
+    Fill is a flat area of one gray level (within :data:`FILL_RANGE`, so a re-compressed or
+    recoloured fill still counts) that reaches the image's edge, or the edge of other fill (a
+    rotation's corners inside a border added after it). It is grown from those edges with a fixed
+    range around the level it starts from, so it stops at the picture even where a dark photo meets
+    a black border. The picture is the convex hull of the rest: a rotated, cropped or padded
+    rectangle is convex, and a photo's own flat area inside it is compared like any other pixels."""
     import cv2
 
-    g = np.ascontiguousarray(gray, np.uint8)
+    g = np.array(gray, np.uint8)  # a writable copy: floodFill takes its image as an output
+    height, width = g.shape
     square = np.ones((3, 3), np.uint8)
-    flat = ((cv2.dilate(g, square) - cv2.erode(g, square)) <= FILL_RANGE).astype(np.uint8)
-    count, labels = cv2.connectedComponents(flat, connectivity=4)
-    if count < 2:
-        return None
-    uniform = np.zeros(count, bool)  # flat areas whose values barely vary: fill if they reach the edge
-    for label in range(count):
-        part = labels == label
-        if part.sum() >= 64 and flat[part][0]:
-            low, high = np.percentile(g[part], (2, 98))
-            uniform[label] = high - low <= FILL_SPREAD
-    fill = np.zeros(count, bool)
-    fill[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
-    fill &= uniform
-    for _ in range(3):  # fill next to fill: a rotation's corners inside the border added after it
-        near = cv2.dilate(fill[labels].astype(np.uint8), np.ones((2 * EDGE + 1, 2 * EDGE + 1), np.uint8)) > 0
-        more = np.zeros(count, bool)
-        more[np.unique(labels[near])] = True
-        more &= uniform & ~fill
-        if not more.any():
+    flat = (cv2.dilate(g, square) - cv2.erode(g, square)) <= FILL_RANGE
+    fill = np.zeros((height + 2, width + 2), np.uint8)  # floodFill's mask: one pixel wider on every side
+    tried = np.zeros((height, width), bool)
+    flags = 4 | cv2.FLOODFILL_FIXED_RANGE | cv2.FLOODFILL_MASK_ONLY | (1 << 8)
+
+    def grow(ys: np.ndarray, xs: np.ndarray) -> bool:
+        grown = False
+        for y, x in zip(ys.tolist(), xs.tolist()):
+            if tried[y, x] or not flat[y, x]:
+                continue
+            region = np.zeros_like(fill)
+            cv2.floodFill(g, region, (x, y), 0, FILL_RANGE, FILL_RANGE, flags)
+            part = region[1:-1, 1:-1] > 0
+            tried[part] = True
+            if part.sum() >= 64 and flat[part].mean() >= FILL_FLAT:
+                fill[1:-1, 1:-1] |= part
+                grown = True
+        return grown
+
+    step = 4
+    edge_x = np.arange(0, width, step)
+    edge_y = np.arange(0, height, step)
+    grow(
+        np.concatenate([np.zeros_like(edge_x), np.full_like(edge_x, height - 1), edge_y, edge_y]),
+        np.concatenate([edge_x, edge_x, np.zeros_like(edge_y), np.full_like(edge_y, width - 1)]),
+    )
+    inner = np.ones((2 * EDGE + 1, 2 * EDGE + 1), np.uint8)
+    for _ in range(3):  # fill next to fill
+        ring = (cv2.dilate(fill[1:-1, 1:-1], inner) > 0) & flat & ~tried
+        ys, xs = np.nonzero(ring)
+        if not len(ys) or not grow(ys[::step], xs[::step]):
             break
-        fill |= more
-    fill = fill[labels]
-    if fill.mean() < FILL_MIN:
+    picture = fill[1:-1, 1:-1] == 0
+    if picture.all() or (~picture).mean() < FILL_MIN:
         return None
-    points = cv2.findNonZero((~fill).astype(np.uint8))
-    if points is None:
-        return None
-    hull = np.zeros(g.shape, np.uint8)  # a picture an edit rotated, cropped or padded is convex
-    cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    hull = np.zeros((height, width), np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(picture.astype(np.uint8))), 1)
     return hull > 0
 
 
@@ -156,9 +165,8 @@ def pixel_shift(
     inside = cv2.warpPerspective(np.ones(b.shape, np.uint8), h, size, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST)
     inside = cv2.erode(inside, np.ones((7, 7), np.uint8))  # off the edges, where interpolation mixes in the outside
     sigma = 1.0 / max(min(resolution, 1.0), 0.05)
-    if _skew(h) > FILL_SKEW:  # not how an edit moves a picture: compare everything, as without areas
-        area_a = area_b = None
-    area_a, area_b = _foreign_fill(inside, area_a, None if area_b is None else _warp(area_b, h, size))
+    if area_b is not None:
+        area_b = _warp(area_b, h, size)
     if area_a is not None or area_b is not None:  # and off the fill, as far as the blur below carries it
         shown = np.ones(a.shape, np.uint8) if area_a is None else area_a.astype(np.uint8)
         if area_b is not None:
@@ -186,24 +194,6 @@ def _warp(mask: np.ndarray, h: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
 
     return cv2.warpPerspective(mask.astype(np.uint8), h, size, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST) > 0
-
-
-def _foreign_fill(
-    overlap: np.ndarray, area_a: np.ndarray | None, area_b: np.ndarray | None
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The picture areas worth applying (both in a's frame; ``overlap``: where b's frame lands):
-    one image's fill is left out only where it covers the other's picture. Where both have flat
-    fill-like areas in the same place (two clip-art signs on white, two studio shots), the areas are
-    the pictures' own backdrop, not something an edit added, and leaving them out would hide how
-    the pictures' outlines differ: then neither mask is applied."""
-    if area_a is None or area_b is None:
-        return area_a, area_b
-    overlap = overlap > 0
-    fill_a, fill_b = overlap & ~area_a, overlap & ~area_b
-    shared = int((fill_a & fill_b).sum())
-    keep_a = shared <= FILL_SHARED * fill_a.sum()
-    keep_b = shared <= FILL_SHARED * fill_b.sum()
-    return (area_a if keep_a else None), (area_b if keep_b else None)
 
 
 def _gradient(img: np.ndarray) -> np.ndarray:
@@ -306,12 +296,21 @@ class Verifier:
             if count >= self.min_inliers and h is not None and ia.gray is not None and ib.gray is not None:
                 scale = float(np.sqrt(abs(np.linalg.det(h[:2, :2] / h[2, 2]))))
                 resolution = min(ia.side / self.max_side, ib.side / self.max_side * scale)
-                found.shift = pixel_shift(ia.gray, ib.gray, h, resolution, ia.area, ib.area)
+                found.shift = pixel_shift(ia.gray, ib.gray, h, resolution, *self._areas(ia, ib, h, count))
                 if found.same:
                     return found
             if (found.shift, -found.inliers) < (best.shift, -best.inliers):
                 best = found
         return best
+
+    def _areas(self, ia: _Image, ib: _Image, h: np.ndarray, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The picture areas to compare (:func:`picture_area`), or none: leaving pixels out trusts
+        the alignment, so only one an edit makes (:data:`FILL_SKEW`) and matched well beyond the
+        inlier minimum (:data:`FILL_INLIERS` times it). A 20-match alignment of two clip-art stop
+        signs, fill left out, let their flat insides agree."""
+        if count < FILL_INLIERS * self.min_inliers or _skew(h) > FILL_SKEW:
+            return None, None
+        return ia.area, ib.area
 
     def inliers(self, a: str | os.PathLike[str] | Image.Image, b: str | os.PathLike[str] | Image.Image) -> int:
         """How many ORB matches between ``a`` and ``b`` (or ``b`` mirrored, when that matches more)
