@@ -14,7 +14,9 @@ the pair is then compared pixel by pixel (:func:`pixel_shift`): one image warped
 both blurred to the resolution of the smaller, one tone curve fitted (an edit changes brightness,
 contrast, colour or gray levels globally), and the remaining difference expressed as the shift that
 would explain it. A copy's pixels agree to well under a pixel; another shot's lighting, expression
-and background do not.
+and background do not. Fill an edit added (the corners a rotation fills, a flat border) is left out
+where it covers the other image's picture (:func:`picture_area`): after a crop, those corners
+cover what the crop cut away, and they are no difference between the pictures.
 
 OpenCV comes with the ``dedup`` extra (``pip install 'simsearch[dedup]'``) and is imported only
 here, only when a verifier is built.
