@@ -211,3 +211,27 @@ def test_light_commands_do_not_import_torch(argv, small_index):
     code = run + "\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\nprint('light')\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("light"), proc.stdout[-500:] + proc.stderr[-2000:]
+
+
+def test_query_of_a_new_image_does_not_import_torchvision(small_index, tmp_path):
+    """A cold query pays for torch, not for torchvision (whose ops package imports torch._dynamo:
+    as much CPU time again as torch): the ResNets and the crop are built without it."""
+    from PIL import Image
+
+    image = tmp_path / "new.jpg"
+    Image.new("RGB", (90, 70), (200, 30, 60)).save(image)
+    code = (
+        "import sys\n"
+        "from simsearch.cli import main\n"
+        f"sys.argv = ['simsearch', 'query', {str(image)!r}, '--device', 'cpu', '--index', {str(small_index)!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "assert 'torch' in sys.modules\n"
+        "heavy = sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "print('light')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("light"), proc.stdout[-500:] + proc.stderr[-2000:]
