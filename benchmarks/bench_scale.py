@@ -129,7 +129,10 @@ def _launch(argv: list[str], src: Path) -> dict:
     """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command in a fresh interpreter,
     with ``src`` (a checkout of simsearch) first on the path; ``out``: its last line of output."""
     env = dict(os.environ, PYTHONPATH=str(src))
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, *argv], capture_output=True, text=True, env=env, check=False)
+    # -P: the working directory does not go first on the path (it would win over PYTHONPATH)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-P", *argv], capture_output=True, text=True, env=env, check=False
+    )
     if proc.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr}")
     wall, rss, cpu, out = proc.stdout.split(maxsplit=3)
