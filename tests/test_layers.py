@@ -213,17 +213,28 @@ def test_light_commands_do_not_import_torch(argv, small_index):
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("light"), proc.stdout[-500:] + proc.stderr[-2000:]
 
 
-def test_query_of_a_new_image_does_not_import_torchvision(small_index, tmp_path):
-    """A cold query pays for torch, not for torchvision (whose ops package imports torch._dynamo:
-    as much CPU time again as torch): the ResNets and the crop are built without it."""
+@pytest.mark.parametrize("command", ["query", "index"])
+def test_embedding_commands_do_not_import_torchvision(command, small_index, tmp_path):
+    """A cold query of a new image, or an index run, pays for torch, not for torchvision (whose ops
+    package imports torch._dynamo: as much CPU time again as torch): the ResNets and the crop are
+    built without it."""
+    import shutil
+
     from PIL import Image
 
-    image = tmp_path / "new.jpg"
+    image = tmp_path / "new" / "new.jpg"
+    image.parent.mkdir()
     Image.new("RGB", (90, 70), (200, 30, 60)).save(image)
+    index = tmp_path / "idx"
+    shutil.copytree(small_index, index)
+    argv = {
+        "query": ["query", str(image), "--device", "cpu", "--index", str(index)],
+        "index": ["index", str(image.parent), "--device", "cpu", "--workers", "0", "-q", "--index", str(index)],
+    }[command]
     code = (
         "import sys\n"
         "from simsearch.cli import main\n"
-        f"sys.argv = ['simsearch', 'query', {str(image)!r}, '--device', 'cpu', '--index', {str(small_index)!r}]\n"
+        f"sys.argv = ['simsearch'] + {argv!r}\n"
         "try:\n"
         "    main()\n"
         "except SystemExit as exc:\n"

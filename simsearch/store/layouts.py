@@ -432,7 +432,7 @@ def build_layout(store: Any, dim: int, factory: str, target: float, seed: int = 
         "params": params,
         "recall_at_10": round(float(recall), 4),
         "recall_se": round(float(se), 4),
-        "tune_queries": len(held) if len(held) else min(TUNE_QUERIES, n),
+        "tune_queries": len(held),  # held-out queries (0: stored vectors, self left out: under 10 vectors)
         "recall_target": target,
         "vectors": n,
         "build_seconds": round(built + time.perf_counter() - t1, 2),
