@@ -46,6 +46,7 @@ from simsearch.store import IndexStore
 from simsearch.store.exact import exact_search_chunks
 from simsearch.store.layouts import (
     AnnRequest,
+    LayoutSearch,
     maintain_layout,
     open_layout_search,
     recall_at,
@@ -102,20 +103,87 @@ proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 wall = time.perf_counter() - t0
 if proc.returncode:
     sys.exit(proc.stderr[-2000:])
-print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+use = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(wall, use.ru_maxrss / 1024, use.ru_utime + use.ru_stime, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "-")
+"""
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The model build of a cold query of a new image, timed alone in a fresh process: every module
+# imported first (torch and simsearch's own: their cost belongs to the query, not to the build),
+# then what the query does to get its model: create_model, the identity check, the Embedder.
+_MODEL_BUILD = """
+import sys, time
+import torch
+from simsearch.search import load_index_model
+from simsearch.store import IndexStore
+import simsearch.embed.embedder, simsearch.models
+with IndexStore.open(sys.argv[1], map_faiss=True) as store:
+    t0 = time.perf_counter()
+    load_index_model(store, device="cpu")
+    print(time.perf_counter() - t0)
 """
 
 
-def cli_measure(args: list[str]) -> dict:
-    """Wall seconds and peak RSS (MiB) of one ``simsearch`` command in a fresh interpreter."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+def _launch(argv: list[str], src: Path) -> dict:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command in a fresh interpreter,
+    with ``src`` (a checkout of simsearch) first on the path; ``out``: its last line of output."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    # -P: the working directory does not go first on the path (it would win over PYTHONPATH)
     proc = subprocess.run(
-        [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "simsearch", *args], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-P", *argv], capture_output=True, text=True, env=env, check=False
     )
     if proc.returncode:
-        raise RuntimeError(f"simsearch {' '.join(args)} failed: {proc.stderr}")
-    wall, rss = map(float, proc.stdout.split())
-    return {"seconds": round(wall, 2), "peak_rss_mb": round(rss)}
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr}")
+    wall, rss, cpu, out = proc.stdout.split(maxsplit=3)
+    return {"seconds": round(float(wall), 2), "cpu_seconds": round(float(cpu), 2), "peak_rss_mb": round(float(rss)), "out": out.strip()}
+
+
+def cli_measure(args: list[str], src: Path = REPO) -> dict:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one ``simsearch`` command in a fresh interpreter."""
+    m = _launch(["-m", "simsearch", *args], src)
+    m.pop("out")
+    return m
+
+
+def _median(runs: list[dict]) -> dict:
+    """Per key, the median over repeated measurements (and the range of the wall time)."""
+    out = {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
+    if len(runs) > 1:
+        out["seconds_range"] = [min(r["seconds"] for r in runs), max(r["seconds"] for r in runs)]
+    return out
+
+
+def new_image_query_parts(idx: Path, image: Path, src: Path) -> dict:
+    """A cold query of a new image beside what the goal allows it: ``import torch`` alone in a fresh
+    process (interpreter start included, as in the query) and the model build alone
+    (:data:`_MODEL_BUILD`); ``beyond`` is the query's wall time less both."""
+    query = cli_measure(["query", str(image), "-k", "5", "--device", "cpu", "--index", str(idx)], src)
+    torch_import = _launch(["-c", "import torch"], src)
+    build = float(_launch(["-c", _MODEL_BUILD, str(idx)], src)["out"])
+    return {
+        "seconds": query["seconds"],
+        "cpu_seconds": query["cpu_seconds"],
+        "peak_rss_mb": query["peak_rss_mb"],
+        "torch_import_seconds": torch_import["seconds"],
+        "model_build_seconds": round(build, 3),
+        "beyond": round(query["seconds"] - torch_import["seconds"] - build, 3),
+    }
+
+
+def recall_and_latency(search, q: np.ndarray, truth: np.ndarray) -> dict:
+    """recall@10 of ``search`` on the queries against the exact top-10, and its warm one-query p50 / p99."""
+    _, found = search.search(q, 10)
+    lat = []
+    for v in q:
+        t = time.perf_counter()
+        search.search(v[None], 10)
+        lat.append(time.perf_counter() - t)
+    return {
+        "recall_at_10": round(recall_at(found, truth), 4),
+        "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
+        "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2),
+    }
 
 
 def pick_images(folder: str | None, tmp: Path) -> list[Path]:
@@ -148,6 +216,11 @@ def main() -> None:
                    help="within-cluster spread: real (measured power law) or flat (isotropic, the hard case)")
     p.add_argument("--reuse", action="store_true",
                    help="keep the workdir's imported vectors and built layouts (re-measure the commands only)")
+    p.add_argument("--baseline-src", default=None,
+                   help="another checkout of simsearch: its cold query and info commands run too, alternating with this one's")
+    p.add_argument("--settings", default=None,
+                   help='JSON list of search settings also measured on the new queries, e.g. \'[{"nprobe": 24, "rerank": 12}]\'')
+    p.add_argument("--repeat", type=int, default=1, help="runs of each cold query and info command (medians reported)")
     a = p.parse_args()
     if a.dim != 512:
         print("note: real-image steps use a 512-d ResNet-18; other dims skip them", file=sys.stderr)
@@ -161,6 +234,7 @@ def main() -> None:
         "model": "synthetic", "weights": "synthetic", "dim": a.dim, "preprocessing": {}
     }
     res: dict = {"n": a.n, "dim": a.dim, "spectrum": a.spectrum, "cpus": os.cpu_count(), "layouts": {}}
+    sources = [("", REPO)] + ([("baseline_", Path(a.baseline_src).resolve())] if a.baseline_src else [])
 
     base = tmp / "base"
     if a.reuse and (base / "catalog.db").exists():
@@ -198,14 +272,12 @@ def main() -> None:
             row["build_seconds"] = None if reused else round(time.perf_counter() - t0, 1)
             row["factory"], row["params"], row["tuned_recall"] = info["factory"], info["params"], info["recall_at_10"]
             search = open_layout_search(store)
-            _, found = search.search(q, 10)
-            row["recall_at_10"] = round(recall_at(found, truth), 4)
-            lat = []
-            for v in q:
-                t = time.perf_counter()
-                search.search(v[None], 10)
-                lat.append(time.perf_counter() - t)
-            row["p50_ms"], row["p99_ms"] = round(float(np.percentile(lat, 50)) * 1e3, 2), round(float(np.percentile(lat, 99)) * 1e3, 2)
+            row.update(recall_and_latency(search, q, truth))
+            if a.settings:  # other search settings of the same layout, on the same new queries
+                row["settings"] = [
+                    dict(params=params, **recall_and_latency(LayoutSearch(store.require_vectors(), store, params), q, truth))
+                    for params in json.loads(a.settings)
+                ]
             batch = np.repeat(q, max(1, 1000 // len(q)), axis=0)[:1000]
             t = time.perf_counter()
             search.search(batch, 10)
@@ -219,9 +291,17 @@ def main() -> None:
                 shutil.copy(img, new_dir / img.name)
             common = ["--index", str(idx)]
             row["incremental_2_files"] = cli_measure(["index", str(new_dir), *common, "--workers", "0", "--device", "cpu", "-q"])
-            row["query_indexed"] = cli_measure(["query", str(new_dir / images[0].name), "-k", "5", *common])
-            row["query_new"] = cli_measure(["query", str(images[2]), "-k", "5", "--device", "cpu", *common])
-        row["info"] = cli_measure(["info", "--index", str(idx)])
+            runs: dict = {name: {"query_indexed": [], "query_new": [], "info": []} for name, _ in sources}
+            for _ in range(a.repeat):  # the sources alternate, so that both see the same load
+                for name, src in sources:
+                    runs[name]["query_indexed"].append(cli_measure(["query", str(new_dir / images[0].name), "-k", "5", *common], src))
+                    runs[name]["query_new"].append(new_image_query_parts(idx, images[2], src))
+                    runs[name]["info"].append(cli_measure(["info", "--index", str(idx)], src))
+            for name, measured in runs.items():
+                row.update({name + key: _median(values) for key, values in measured.items()})
+        else:
+            for name, src in sources:
+                row[f"{name}info"] = _median([cli_measure(["info", "--index", str(idx)], src) for _ in range(a.repeat)])
         res["layouts"][layout] = row
         print(json.dumps({layout: row}), flush=True)
         if layout != a.layouts.split(",")[-1] and not a.reuse:

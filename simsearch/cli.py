@@ -271,7 +271,10 @@ def _print_index_summary(summary: IndexSummary, index_dir: Path) -> None:
 
 def _describe_layout(layout: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in (layout.get("params") or {}).items())
-    return f"{layout.get('layout', '?')} ({layout['factory']}{'; ' + params if params else ''}), recall@10 {layout['recall_at_10']:.3f}"
+    recall = f"recall@10 {layout['recall_at_10']:.3f}"
+    if layout.get("tune_queries"):  # measured on held-out vectors (older layouts: on stored ones)
+        recall += f" +- {layout.get('recall_se', 0):.3f} on {layout['tune_queries']} new queries"
+    return f"{layout.get('layout', '?')} ({layout['factory']}{'; ' + params if params else ''}), {recall}"
 
 
 def _print_repair(summary: IndexSummary, index_dir: Path) -> None:

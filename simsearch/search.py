@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -14,7 +15,6 @@ from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, content_hash, not_regular_reason, read_bytes
 from .store import ImageRow, IndexStore
 from .store.exact import ExactSearch
-from .store.layouts import open_layout_search
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,50 @@ def load_index_model(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Any:
     """Recreate the model an index was built with and check (through the store) it still is that model."""
+    embedder = build_index_model(store.meta, device, batch_size, precision, max_pixels)
+    store.check_model(embedder.model.describe(), reloading=True)
+    return embedder
+
+
+def build_index_model(
+    meta: dict[str, Any],
+    device: str = "auto",
+    batch_size: int | None = None,
+    precision: str = "auto",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Any:
+    """The Embedder of the model an index's description names (imports torch); the caller checks it
+    against the index (:meth:`IndexStore.check_model`). Touches no store, so it may run on a thread."""
     from .embed import Embedder
     from .models import create_model
 
-    meta = store.meta
     model = create_model(meta["model"], meta.get("weights_source", "imagenet"), seed=int(meta.get("seed", 0)))
-    store.check_model(model.describe(), reloading=True)
     # queries are decoded on the CPU (CropDecoder): a query process never initialises nvJPEG
     return Embedder(
         model, device=device, batch_size=batch_size, workers=0, precision=precision, decode="cpu", max_pixels=max_pixels
     )
+
+
+class _OnThread:
+    """A call running on its own thread; :meth:`result` waits for it and returns its value or raises its error."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="simsearch-model", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _check_k(k: int) -> None:
@@ -104,38 +138,58 @@ class Searcher:
         search: str = "auto",
         precision: str = "auto",
         exact: bool = False,
+        queries: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         """``device``, ``precision``: where and how the model runs (see :class:`simsearch.embed.Embedder`).
 
         ``search``: ``auto`` searches a flat index exactly on the model's GPU when there is one,
         ``faiss`` always uses FAISS on the CPU, ``torch`` searches on the model's device (see
         :func:`simsearch.embed.device_search.open_search`). ``exact``: brute force over the stored
-        vectors whatever the index's layout (:mod:`simsearch.store.exact`).
+        vectors whatever the index's layout (:mod:`simsearch.store.exact`). ``queries``: the images
+        about to be queried; when one of them needs the model, it starts building now
+        (:meth:`start_model`), while FAISS is imported and the index opened.
         """
         self.store = IndexStore.open(index_dir, map_faiss=True)  # FAISS memory-mapped: opening reads none of it
         # Readers use the last saved FAISS file as it is (no consistency scan: a writer may be
         # running); hits on rows changed or deleted since that save are dropped (_neighbours).
         try:
-            self.ann = self.store.require_vectors()
             self.max_pixels = max_pixels
             self.exact = exact
             self._device, self._precision, self._search = device, precision, search
             self._embedder: Any = None
             self._decoder: Any = None
+            self._model_build: _OnThread | None = None
+            if self.store.catalog.counts()["ok"] and any(not self._unchanged(str(q)) for q in queries):
+                self.start_model()
+            self.ann = self.store.require_vectors()
+            # imported here, not at the top: importing FAISS overlaps the model's build
+            from .store.layouts import open_layout_search
+
             self.vector_search: Any = ExactSearch(self.store) if exact else open_layout_search(self.store)
         except BaseException:
-            self.store.close()
+            self.close()
             raise
+
+    def start_model(self) -> None:
+        """Start building the index's model on a thread, torch's import included (about as long as
+        the rest of a cold query together), so that the work a query does before its forward pass,
+        opening FAISS and reading, hashing and looking up its files, overlaps it."""
+        if self._embedder is None and self._model_build is None:
+            meta = dict(self.store.meta)
+            self._model_build = _OnThread(build_index_model, meta, self._device, None, self._precision, self.max_pixels)
 
     @property
     def embedder(self) -> Any:
-        """The index's own model (built, and torch imported, on first use)."""
+        """The index's own model (built, and torch imported, on first use or by :meth:`start_model`)."""
         if self._embedder is None:
+            self.start_model()
+            assert self._model_build is not None
+            build, self._model_build = self._model_build, None
+            embedder = build.result()
+            self.store.check_model(embedder.model.describe(), reloading=True)
+            self._embedder = embedder
             from .embed.device_search import open_search
 
-            self._embedder = load_index_model(
-                self.store, device=self._device, precision=self._precision, max_pixels=self.max_pixels
-            )
             # the one decode path, drafting big JPEGs to the model's resize size
             self._decoder = self._embedder.crop_decoder
             if not self.exact and self.vector_search is self.ann:  # a flat layout: maybe on the model's GPU
@@ -148,6 +202,12 @@ class Searcher:
         return self._decoder
 
     def close(self) -> None:
+        if self._model_build is not None:  # never leave a thread building into a closed searcher
+            self._model_build, build = None, self._model_build
+            try:
+                build.result()
+            except BaseException:  # noqa: BLE001, S110 - the error belongs to a query that will not happen
+                pass
         self.store.close()
 
     def __enter__(self) -> "Searcher":
@@ -171,21 +231,21 @@ class Searcher:
             chunk = [str(q) for q in queries[start : start + QUERY_CHUNK]]
             vectors: list[np.ndarray | None] = []
             skips: list[set[int]] = []
-            to_embed: list[int] = []
-            crops = []
+            to_embed: list[tuple[int, bytes]] = []
             for n, name in enumerate(chunk):
                 row, vector = self._stored(name)
                 if vector is not None:
                     vectors.append(vector)
                     skips.append(set() if include_self else {row.id})
                     continue
+                self.start_model()  # (if not started yet) builds while the files are read and looked up
                 data = read_bytes(name)
-                crops.append(self.decoder.decode(data, name)[0])
-                to_embed.append(n)
+                to_embed.append((n, data))
                 vectors.append(None)
                 skips.append(set() if include_self else self._self_ids(name, content_hash(data)))
-            if crops:
-                for n, vector in zip(to_embed, self.embedder.embed_crops(crops)):
+            if to_embed:
+                crops = [self.decoder.decode(data, chunk[n])[0] for n, data in to_embed]
+                for (n, _), vector in zip(to_embed, self.embedder.embed_crops(crops)):
                     vectors[n] = vector
             results.extend(self._search_vectors(chunk, np.stack(vectors), skips, k, threshold))
         return results
@@ -226,13 +286,18 @@ class Searcher:
 
     def _stored(self, name: str) -> tuple[ImageRow | None, np.ndarray | None]:
         """The row and stored vector of an indexed file that has not changed since (same size, mtime)."""
+        row = self._unchanged(name)
+        if row is None:
+            return None, None
+        return row, self._vectors([row.id]).get(row.id)
+
+    def _unchanged(self, name: str) -> ImageRow | None:
+        """The ok row of an indexed file that has not changed since (same size, mtime), else None."""
         row = self.store.catalog.row_by_path(os.path.abspath(name))
         if row is None or not row.ok:
-            return row, None
+            return None
         st = os.stat(name)
-        if row.size != st.st_size or row.mtime_ns != st.st_mtime_ns:
-            return row, None
-        return row, self._vectors([row.id]).get(row.id)
+        return row if row.size == st.st_size and row.mtime_ns == st.st_mtime_ns else None
 
     def _search_vectors(
         self, names: list[str], vectors: np.ndarray, skips: list[set[int]], k: int, threshold: float | None
@@ -288,7 +353,9 @@ def query_images(
     if not queries and not ids and not paths:
         raise InputError("give a query image, --id or --path")
     _check_query_paths(queries)  # fail fast, before the model is built
-    with Searcher(index_dir, device=device, max_pixels=max_pixels, search=search, precision=precision, exact=exact) as searcher:
+    with Searcher(
+        index_dir, device=device, max_pixels=max_pixels, search=search, precision=precision, exact=exact, queries=queries
+    ) as searcher:
         results = searcher.query(queries, k=k, threshold=threshold, include_self=include_self) if queries else []
         if ids or paths:
             results += searcher.query_stored(ids, paths, k=k, threshold=threshold, include_self=include_self)

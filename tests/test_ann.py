@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -19,7 +20,8 @@ from simsearch.errors import IndexMismatchError, InputError
 from simsearch.store import IndexStore
 from simsearch.store import layouts
 from simsearch.store.exact import ExactSearch, exact_search_chunks
-from simsearch.store.layouts import AnnRequest, choose_layout, maintain_layout, open_layout_search, recall_at
+from simsearch.store.layouts import AnnRequest, LayoutSearch, choose_layout, maintain_layout, open_layout_search, recall_at
+from simsearch.store.vector_index import VectorIndex
 from simsearch.store.tombstones import tombstone_count
 
 DIM = 32
@@ -293,3 +295,123 @@ def test_kmeans_on_a_sample_assigns_every_vector_to_its_nearest_centroid(tmp_pat
     nearest = np.argmin(((x[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
     assert [members[i + 1] for i in range(3000)] == nearest.tolist()
     assert sum(c.size for c in result.clusters) == 3000
+
+
+# -- tuning: held-out queries, the cheapest setting that clears the target ----------------------------
+
+
+def spread(n: int, seed: int, dim: int = DIM, clusters: int = 40) -> np.ndarray:
+    """Like :func:`clustered` with wider clusters (neighbours closer in score: the knob matters)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    weights = rng.pareto(1.2, clusters) + 0.05
+    which = rng.choice(clusters, size=n, p=weights / weights.sum())
+    x = centers[which] + rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("layout", "target"), [("hnsw", 0.98), ("ivf", 0.95)])
+def test_tuned_recall_predicts_the_recall_of_new_queries(tmp_path, layout, target):
+    """The recall a layout records is what new images get: the tuning queries were held out of it."""
+    x = spread(5000, seed=3)
+    stored, new = x[:4000], x[4000:]  # new images: same clusters, never stored
+    store = IndexStore.open(tmp_path / "idx", create=True)
+    try:
+        store.lock_for_writing()
+        store.import_vectors(records(4000), stored, IDENTITY)
+        store.save()
+        info = maintain_layout(store, AnnRequest(layout, recall=target), force=True)
+        assert info["tune_queries"] == 400 and len(store.ann) == 4000  # held out, then added
+        _, found = open_layout_search(store).search(new, 10)
+        recall = recall_at(found, brute(store, new, 10))
+        assert recall >= target - 0.005
+        assert abs(info["recall_at_10"] - recall) <= 0.01, (info, recall)
+        if layout == "hnsw":
+            # stored vectors searched for themselves (the tuning before) over-predict: the graph
+            # links each stored vector to its neighbours
+            params, self_recall, _ = layouts.tune(store.ann, store, target)
+            layouts.apply_params(store.ann.index, params)
+            _, found = LayoutSearch(store.ann, store, params).search(new, 10)
+            assert self_recall - recall_at(found, brute(store, new, 10)) > 0.01
+    finally:
+        store.close()
+
+
+def _held_out_index(store: IndexStore, factory: str, held: np.ndarray) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    """A layout of every stored vector but ``held``; and the rest's ids and vectors."""
+    ids, vectors = store.all_vectors()
+    keep = ~np.isin(ids, held)
+    ann = VectorIndex(DIM, factory)
+    ann.train(vectors[keep])
+    ann.add(ids[keep], vectors[keep])
+    return ann, ids[keep], vectors[keep]
+
+
+def _recall_and_se(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    per_query = np.array([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)])
+    return float(per_query.mean()), float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
+
+
+def test_tuning_keeps_the_smallest_nprobe_that_clears_the_target(tmp_path):
+    store = IndexStore.open(tmp_path / "idx", create=True)
+    try:
+        store.lock_for_writing()
+        store.import_vectors(records(4000), spread(4000, seed=4), IDENTITY)
+        store.save()
+        held = np.arange(1, 4001, 10)
+        ann, ids, vectors = _held_out_index(store, "IVF64,Flat", held)
+        params, recall, se = layouts.tune(ann, store, 0.95, held=held)
+        _, q = store.vectors_of(held)
+        truth = ids[np.argsort(-(q @ vectors.T), axis=1, kind="stable")[:, :10]]  # numpy brute force
+
+        def measured(nprobe: int) -> tuple[float, float]:
+            faiss.extract_index_ivf(ann.index).nprobe = nprobe
+            return _recall_and_se(ann.index.search(q, 10)[1], truth)
+
+        assert measured(params["nprobe"]) == pytest.approx((recall, se), abs=1e-9)
+        assert recall - se >= 0.95
+        grid = [v for v in layouts._NPROBE if v < 64]
+        assert params["nprobe"] in grid[1:]  # the knob mattered on this data
+        below, below_se = measured(grid[grid.index(params["nprobe"]) - 1])
+        assert below - below_se < 0.95
+    finally:
+        store.close()
+
+
+def test_tuning_a_lossy_layout_keeps_the_cheapest_pair_that_clears_the_target(tmp_path):
+    """(nprobe, re-ranking depth): every pair the cost model ranks cheaper falls short, by numpy's count."""
+    store = IndexStore.open(tmp_path / "idx", create=True)
+    try:
+        store.lock_for_writing()
+        store.import_vectors(records(3000), spread(3000, seed=5), IDENTITY)
+        store.save()
+        held = np.arange(1, 3001, 10)
+        ann, ids, vectors = _held_out_index(store, "IVF16,PQ8x4", held)
+        params, recall, se = layouts.tune(ann, store, 0.95, held=held)
+        assert recall - se >= 0.95
+        _, q = store.vectors_of(held)
+        exact = q @ vectors.T
+        truth = ids[np.argsort(-exact, axis=1, kind="stable")[:, :10]]
+        row_of = {int(i): r for r, i in enumerate(ids)}
+        ivf = faiss.extract_index_ivf(ann.index)
+
+        def cost(nprobe: int, depth: int) -> float:
+            return nprobe * len(ann) / ivf.nlist * ivf.code_size + 10 * depth * layouts.RERANK_COST
+
+        def measured(nprobe: int, depth: int) -> tuple[float, float]:
+            ivf.nprobe = nprobe
+            candidates = ann.index.search(q, 10 * depth)[1]
+            found = [
+                sorted((c for c in row if c >= 0), key=lambda c, r=r: (-exact[r, row_of[int(c)]], c))[:10]
+                for r, row in enumerate(candidates)
+            ]
+            return _recall_and_se(np.array([f + [-1] * (10 - len(f)) for f in found]), truth)
+
+        chosen = cost(params["nprobe"], params["rerank"])
+        cheaper = [(n, d) for n in layouts._NPROBE if n <= 16 for d in layouts._RERANK if cost(n, d) < chosen]
+        assert cheaper  # the choice was not trivial
+        for n, d in cheaper:
+            r, s = measured(n, d)
+            assert r - s < 0.95, (n, d, r, s, params)
+    finally:
+        store.close()

@@ -495,3 +495,25 @@ def test_query_embedder_decodes_on_the_cpu(tmp_path, monkeypatch) -> None:
     with Searcher(tmp_path / "idx", device="cpu") as s:
         assert s.embedder.decode == "cpu"
     assert asked == ["cpu"]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_crop_is_torchvision_s_resize_and_center_crop(mode: str) -> None:
+    """preprocess_pil gives exactly torchvision's pixels (without importing it), padding included."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from simsearch.embed.decode import preprocess_pil, trim_thin
+    from simsearch.models import Preprocessing
+
+    rng = np.random.default_rng(4)
+    preps = [Preprocessing(), Preprocessing(232, 224, interpolation="bicubic"), Preprocessing(200, 224), Preprocessing(223, 224, interpolation="nearest")]
+    for w, h in [(320, 240), (240, 320), (256, 256), (100, 37), (1001, 999), (3000, 20), (224, 225), (13, 500)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8), mode)
+        for prep in preps:
+            ref = F.resize(trim_thin(img), [prep.resize_size], interpolation=InterpolationMode(prep.interpolation), antialias=True)
+            ref = F.pil_to_tensor(F.center_crop(ref, [prep.crop_size]))
+            got = preprocess_pil(img, prep)
+            assert got.dtype == ref.dtype and got.shape == ref.shape, (w, h, prep)
+            assert torch.equal(got, ref), (w, h, prep)

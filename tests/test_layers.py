@@ -211,3 +211,38 @@ def test_light_commands_do_not_import_torch(argv, small_index):
     code = run + "\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\nprint('light')\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("light"), proc.stdout[-500:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["query", "index"])
+def test_embedding_commands_do_not_import_torchvision(command, small_index, tmp_path):
+    """A cold query of a new image, or an index run, pays for torch, not for torchvision (whose ops
+    package imports torch._dynamo: as much CPU time again as torch): the ResNets and the crop are
+    built without it."""
+    import shutil
+
+    from PIL import Image
+
+    image = tmp_path / "new" / "new.jpg"
+    image.parent.mkdir()
+    Image.new("RGB", (90, 70), (200, 30, 60)).save(image)
+    index = tmp_path / "idx"
+    shutil.copytree(small_index, index)
+    argv = {
+        "query": ["query", str(image), "--device", "cpu", "--index", str(index)],
+        "index": ["index", str(image.parent), "--device", "cpu", "--workers", "0", "-q", "--index", str(index)],
+    }[command]
+    code = (
+        "import sys\n"
+        "from simsearch.cli import main\n"
+        f"sys.argv = ['simsearch'] + {argv!r}\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "assert 'torch' in sys.modules\n"
+        "heavy = sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "print('light')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("light"), proc.stdout[-500:] + proc.stderr[-2000:]

@@ -51,6 +51,32 @@ def test_random_weights_are_seeded(tiny_model) -> None:
     assert not torch.allclose(other, reference)
 
 
+@pytest.mark.parametrize("name", list(RESNET_DIMS))
+def test_resnets_are_torchvision_s_networks_without_torchvision(name: str) -> None:
+    """Same modules, keys and seeded initialisation as torchvision's, the same ImageNet entry and preset."""
+    from simsearch.models.resnet import IMAGENET_WEIGHTS, build_resnet
+
+    torch.manual_seed(11)
+    ours = build_resnet(name)
+    torch.manual_seed(11)
+    theirs = torchvision.models.get_model(name, weights=None)
+    theirs.fc = torch.nn.Identity()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if name in ("resnet18", "resnet50"):  # one of each block type: the forward passes agree too
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=0, rtol=0)
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    assert IMAGENET_WEIGHTS[name].url == enum.url
+    assert IMAGENET_WEIGHTS[name].label == f"{type(enum).__name__}.{enum.name}"
+    t = enum.transforms()
+    prep = get_spec(name).preprocessing
+    assert (prep.resize_size, prep.crop_size) == (t.resize_size[0], t.crop_size[0])
+    assert (list(prep.mean), list(prep.std), prep.interpolation) == (list(t.mean), list(t.std), t.interpolation.value)
+
+
 def _torchvision_embedding(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     net.fc = torch.nn.Identity()
     net.eval()

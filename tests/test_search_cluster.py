@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_collection, make_image, run_index
+from conftest import fast_options, make_collection, make_image, run_index
 from simsearch.cluster import cluster_index, cluster_members, kmeans, load_clusters
 from simsearch.errors import EmptyIndexError, ImageError, IndexCorruptError, IndexNotFoundError, InputError
 from simsearch.images import decode_image
@@ -276,3 +276,24 @@ def test_cluster_sizes_follow_removed_files(tmp_path: Path) -> None:
     assert sum(c.size for c in result.clusters) == 4
     for c in result.clusters:
         assert len(cluster_members(tmp_path / "idx", c.cluster)) == c.size
+
+
+def test_a_model_that_cannot_be_built_is_the_query_s_error(tmp_path: Path) -> None:
+    """The model builds on a thread while the index opens: its failure is raised by the query itself."""
+    import torch
+
+    from simsearch.errors import WeightsError
+    from simsearch.models import create_model
+
+    weights = tmp_path / "weights.pt"
+    torch.save(create_model("resnet18", "random", seed=3).backbone.state_dict(), weights)
+    make_collection(tmp_path / "p", n=2)
+    run_index(tmp_path / "p", tmp_path / "idx", options=fast_options(weights=str(weights)))
+    probe = make_image(tmp_path / "probe.png", color=(10, 20, 200), shape="triangle", seed=5)
+    assert len(query_images([probe], tmp_path / "idx", k=1, device="cpu")[0].results) == 1
+    weights.unlink()
+    with pytest.raises(WeightsError, match="weights.pt"):
+        query_images([probe], tmp_path / "idx", k=1, device="cpu")
+    # an indexed, unchanged file needs no model: still answered
+    indexed = min((tmp_path / "p").rglob("*.jpg"))
+    assert query_images([indexed], tmp_path / "idx", k=1, device="cpu")[0].results

@@ -13,8 +13,9 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import ImageError
 from ..images import DEFAULT_MAX_PIXELS, THIN_ASPECT, decode_image_sized
@@ -54,19 +55,47 @@ def trim_thin(img: Image.Image, aspect: int = THIN_ASPECT) -> Image.Image:
     return img.crop((start, 0, start + keep, h) if w > h else (0, start, w, start + keep))
 
 
+# torchvision's InterpolationMode values -> Pillow's resampling filters (torchvision's own mapping)
+PIL_RESAMPLE = {"nearest": 0, "nearest-exact": 0, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5, "lanczos": 1}
+
+
 def preprocess_pil(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
     """Resize the shorter side, centre-crop, return a uint8 CHW tensor (normalised later, on device).
 
     A very thin image is first trimmed to its centre (:func:`trim_thin`), so that memory stays
-    bounded whatever the aspect ratio.
+    bounded whatever the aspect ratio. The pixels are those of torchvision's ``resize`` (shorter
+    side, antialiased), ``center_crop`` and ``pil_to_tensor`` on a PIL image, done with Pillow
+    directly: importing torchvision would cost a cold query as much as importing torch (a test
+    compares the two).
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
-
     img = trim_thin(img)
-    img = F.resize(img, [prep.resize_size], interpolation=InterpolationMode(prep.interpolation), antialias=True)
-    img = F.center_crop(img, [prep.crop_size])
-    return F.pil_to_tensor(img)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = prep.resize_size, int(prep.resize_size * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    if size != img.size:
+        img = img.resize(size, PIL_RESAMPLE[prep.interpolation])
+    img = _center_crop(img, prep.crop_size)
+    array = np.array(img, copy=True)
+    return torch.from_numpy(array.reshape(img.size[1], img.size[0], -1)).permute(2, 0, 1)
+
+
+def _center_crop(img: Image.Image, crop: int) -> Image.Image:
+    """torchvision's ``center_crop`` of a PIL image: pad with black when smaller, round the offsets."""
+    w, h = img.size
+    if crop > w or crop > h:
+        pad_w, pad_h = max(crop - w, 0), max(crop - h, 0)
+        img = ImageOps.expand(img, border=(pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2), fill=_black(img))
+        w, h = img.size
+        if (w, h) == (crop, crop):
+            return img
+    top, left = round((h - crop) / 2.0), round((w - crop) / 2.0)
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def _black(img: Image.Image) -> int | tuple[int, ...]:
+    bands = len(img.getbands())
+    return 0 if bands == 1 else (0,) * bands
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class BackboneSpec:
     dim: int
     build: Callable[[], nn.Module]  # returns the pooled-feature network (no classifier)
     preprocessing: Preprocessing
-    imagenet_weights: Callable[[], Any] | None = None  # returns a torchvision WeightsEnum member
+    imagenet_weights: Callable[[], Any] | None = None  # returns a weights.ImagenetWeights entry
     load_imagenet: Callable[[nn.Module], str] | None = None  # custom pretrained loader -> identity
     stages: tuple[str, ...] = field(default_factory=tuple)  # top-level modules, input to output
     first_conv: str = "conv1"

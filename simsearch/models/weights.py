@@ -1,6 +1,7 @@
 """Reading weights: ImageNet weights from torchvision's download cache, state dict files, digests.
 
-``"imagenet"`` is loaded through torchvision's download cache (``torch.hub.get_dir()/checkpoints``);
+``"imagenet"`` is loaded through torchvision's download cache (``torch.hub.get_dir()/checkpoints``,
+read by torch.hub: torchvision itself is not imported);
 offline with no cached file is a :class:`WeightsError` that says which file to put where. A
 backbone with its own pretrained loader (``BackboneSpec.load_imagenet``) uses that instead.
 A weights file is identified by its content digest, so an index knows exactly which file made it.
@@ -9,6 +10,7 @@ A weights file is identified by its content digest, so an index knows exactly wh
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,34 @@ from ..images import hash_file
 from .registry import BackboneSpec
 
 
+@dataclass(frozen=True)
+class ImagenetWeights:
+    """One of torchvision's ImageNet weights files, named as torchvision names it.
+
+    ``enum`` and ``name`` are torchvision's weights enum and member (``ResNet50_Weights``,
+    ``IMAGENET1K_V2``): the identity an index records is ``imagenet:{enum}.{name}``.
+    """
+
+    enum: str
+    name: str
+    url: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.enum}.{self.name}"
+
+    def get_state_dict(self, progress: bool = False, check_hash: bool = True) -> dict[str, Any]:
+        """The state dict, from torch.hub's cache (downloaded there first when missing), as torchvision reads it."""
+        return torch.hub.load_state_dict_from_url(self.url, progress=progress, check_hash=check_hash)
+
+
 def file_digest(path: str | os.PathLike[str], length: int = 16) -> str:
     """The first ``length`` hex digits of the file's content hash (the one indexing uses)."""
     return hash_file(path)[:length]
 
 
-def imagenet_cache_path(weights: Any) -> Path:
-    """Where torchvision's download cache keeps the file for a weights enum member."""
+def imagenet_cache_path(weights: ImagenetWeights) -> Path:
+    """Where torchvision's download cache keeps the file of a weights entry."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
@@ -52,10 +75,10 @@ def load_imagenet(spec: BackboneSpec, net: nn.Module) -> str:
         raise WeightsError(_missing_weights_message(spec.name, weights, cached, str(exc))) from exc
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     net.load_state_dict(state, strict=True)
-    return f"imagenet:{type(weights).__name__}.{weights.name}"
+    return f"imagenet:{weights.label}"
 
 
-def _missing_weights_message(name: str, weights: Any, cached: Path, reason: str) -> str:
+def _missing_weights_message(name: str, weights: ImagenetWeights, cached: Path, reason: str) -> str:
     return (
         f"ImageNet weights for {name} are not in torchvision's cache and could not be downloaded "
         f"({reason}). Download {weights.url} on a machine with internet access and copy it to "
