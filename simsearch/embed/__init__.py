@@ -3,6 +3,7 @@
 Modules, each depending only on those above it in this list (and on layers 0-2):
 
 * ``cuda_probe``: is there possibly a GPU? (torch-free)
+* ``allocator``: keep freed tensor memory in the process on CPU (``keep_freed_memory``)
 * ``device``: device, precision and decoder policy (``resolve_device``, ``resolve_precision``, ...)
 * ``decode``: the one decode-to-crop path (:class:`CropDecoder`) and ``normalize_batch``
 * ``jpeg``: which JPEGs nvJPEG may decode (torch-free marker scan)
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "cuda_maybe_present": "cuda_probe",
+    "keep_freed_memory": "allocator",
     "DECODE_CHOICES": "device",
     "PRECISION_CHOICES": "device",
     "PRECISION_NAMES": "device",
@@ -56,6 +58,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .allocator import keep_freed_memory
     from .batches import PreparedBatch, RawBatch, read_batch
     from .cuda_probe import cuda_maybe_present
     from .decode import CropDecoder, DecodedItem, normalize_batch, preprocess_pil

@@ -30,6 +30,7 @@ from PIL import Image
 from ..errors import InputError
 from ..images import DEFAULT_MAX_PIXELS
 from ..models import EmbeddingModel
+from .allocator import keep_freed_memory
 from .batches import PreparedBatch, RawBatch
 from .decode import CropDecoder, DecodedItem, normalize_batch, preprocess_pil
 from .device import PRECISION_NAMES, resolve_decode, resolve_device, resolve_precision
@@ -120,6 +121,8 @@ class Embedder:
         self._cpu_autocast = not self.cuda and self.dtype is not None
         if self.cuda:
             torch.backends.cudnn.benchmark = True
+        else:
+            keep_freed_memory()  # batch activations are reused, not page-faulted in again per layer
         weights_dtype = self.dtype if self.cuda else None
         model = model.to(device=self.device, dtype=weights_dtype, memory_format=torch.channels_last)
         self.model = model.eval()
