@@ -591,8 +591,10 @@ class _TrainProgress:
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs per phase (early stopping may end sooner).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True, help="Images per training step.")
 @click.option("--lr-head", type=float, default=1e-3, show_default=True, help="Learning rate of the head (and loss proxies, scaled).")
-@click.option("--lr-backbone", type=float, default=1e-5, show_default=True, help="Learning rate of the unfrozen backbone stages.")
-@click.option("--unfreeze", type=click.IntRange(min=1), default=1, show_default=True, help="Top backbone stages to fine-tune (1: layer4 of a ResNet).")
+@click.option("--lr-backbone", type=float, default=3e-4, show_default=True, help="Learning rate of the unfrozen backbone stages.")
+@click.option("--unfreeze", type=click.IntRange(min=1), default=None, help="Top backbone stages to fine-tune [default: the model's top stage: layer4 of a ResNet, stage7 + head of EfficientNet-Lite0].")
+@click.option("--lr-decay", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True, help="Each unfrozen stage below the top learns at this times the rate of the one above.")
+@click.option("--warmup", type=click.FloatRange(min=0.0), default=1.0, show_default=True, help="Fine-tuning epochs over which the learning rates ramp up.")
 @click.option("--phases", type=click.Choice(["head", "finetune", "both"]), default="both", show_default=True, help="Head only on frozen features, fine-tuning, or both in turn.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True, help="Hold out this fraction of each class's images for validation.")
 @click.option("--val-classes", default=None, metavar="N|A,B,..", help="Hold out whole classes instead (a count, or names): open-set validation.")
@@ -603,12 +605,13 @@ class _TrainProgress:
 @click.option("--head-init", type=click.Choice(["lda", "pca", "random"]), default="lda", show_default=True, help="Start the head as a within-class whitening (lda) or the PCA of the frozen features, or at random.")
 @click.option("--image-size", type=click.IntRange(16, 1024), default=None, help="Train and embed at this crop size [default: the backbone's].")
 @click.option("--no-augment", is_flag=True, help="No augmentation when fine-tuning on images.")
-@click.option("--cache-trunk", is_flag=True, help="Fine-tune on cached activations of the frozen trunk (fast on CPU; flips only).")
+@click.option("--cache-trunk/--no-cache-trunk", default=None, help="Fine-tune on cached activations of the frozen trunk (the trunk runs once per cached view, not once per epoch) or on images [default: cached when it fits in 4 GB].")
+@click.option("--views", type=click.IntRange(0, 64), default=2, show_default=True, help="With --cache-trunk: augmented views (random crop, flip, colour) cached per training image; 0: centre crops and flips only.")
 @click.option("--freeze-all-bn", is_flag=True, help="Keep BatchNorm statistics frozen in the fine-tuned stages too.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights, the split, sampling and augmentation.")
 @device_option
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: 2 on CPU, up to 8 on CUDA].")
-@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True, help="Stop a phase after this many epochs without a better validation Recall@1.")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True, help="Stop a phase after this many epochs without a better validation MAP@R.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse images larger than this.")
 @json_option
 @quiet_option

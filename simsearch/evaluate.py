@@ -46,6 +46,7 @@ class RetrievalMetrics:
     n_gallery: int
     n_classes: int
     skipped_queries: int = 0
+    map_at_r_se: float = 0.0  # standard error of MAP@R over the queries (std of their AP / sqrt(n))
 
     @property
     def recall_at_1(self) -> float:
@@ -54,6 +55,7 @@ class RetrievalMetrics:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {f"recall@{k}": round(float(v), 6) for k, v in sorted(self.recall.items())}
         d["map@r"] = round(float(self.map_at_r), 6)
+        d["map@r_se"] = round(float(self.map_at_r_se), 6)
         d["nmi"] = None if self.nmi is None else round(float(self.nmi), 6)
         d.update(
             n_queries=self.n_queries,
@@ -114,6 +116,7 @@ def retrieval_metrics(
     g_counts = np.bincount(g_lab, minlength=int(max(q_lab.max(), g_lab.max())) + 1)
     hits = {k: 0 for k in ks}
     ap_sum = 0.0
+    ap_sq = 0.0
     n_valid = 0
     for start in range(0, len(q), chunk):
         stop = min(start + chunk, len(q))
@@ -138,7 +141,9 @@ def retrieval_metrics(
             rel_r = rel[:r]
             if rel_r.any():
                 precision = np.cumsum(rel_r) / np.arange(1, len(rel_r) + 1)
-                ap_sum += float((precision * rel_r).sum()) / r
+                ap = float((precision * rel_r).sum()) / r
+                ap_sum += ap
+                ap_sq += ap * ap
     n_classes = len(np.unique(q_lab if loo else np.concatenate([q_lab, g_lab])))
     skipped = len(q) - n_valid
     if n_valid == 0:
@@ -146,9 +151,12 @@ def retrieval_metrics(
     nmi_value = None
     if nmi:
         nmi_value = kmeans_nmi(q, q_lab, seed=seed)
+    mean_ap = ap_sum / n_valid
+    var_ap = max(ap_sq / n_valid - mean_ap * mean_ap, 0.0) * n_valid / max(n_valid - 1, 1)
     return RetrievalMetrics(
         recall={k: hits[k] / n_valid for k in ks},
-        map_at_r=ap_sum / n_valid,
+        map_at_r=mean_ap,
+        map_at_r_se=float(np.sqrt(var_ap / n_valid)),
         nmi=nmi_value,
         n_queries=n_valid,
         n_gallery=len(g),

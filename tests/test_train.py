@@ -337,3 +337,132 @@ def test_seeded_training_is_reproducible(shapes: Path, tmp_path: Path):
     hb = load_checkpoint(tmp_path / "b.pt")["head"]["state_dict"]
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
     assert np.isfinite([r.loss for r in a.history if r.loss is not None]).all()
+
+
+# -- cached augmented views, warm-up and layer-wise learning rates ------------------------------
+
+
+def test_cached_views_are_augmented_trunk_activations(shapes: Path):
+    from simsearch.labelled import load_labelled
+    from simsearch.models import split_backbone
+    from simsearch.train.callbacks import TrainCallback
+    from simsearch.train.feature_cache import augmented_views, scan
+
+    cfg = config(cache_trunk=True, views=3, unfreeze=1)
+    model = create_model("resnet18", "random", seed=0)
+    model.preprocessing = Preprocessing(resize_size=72, crop_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    trunk, top = split_backbone(model, 1)
+    data = load_labelled(shapes)
+    centre, bad = scan(model, trunk, top, data, torch.device("cpu"), cfg, 0, TrainCallback(), features=True, trunk_acts=True)
+    assert centre is not None and centre.trunk is not None and not bad
+    views = augmented_views(model, trunk, data, torch.device("cpu"), cfg, 0, TrainCallback())
+    assert views.shape == (len(data), 3, *centre.trunk.shape[1:]) and views.dtype == torch.float16
+    # every view is another draw of the augmentation: none equals the centre crop or another view
+    for v in range(3):
+        assert not torch.equal(views[:, v], centre.trunk)
+    assert not torch.equal(views[:, 0], views[:, 1])
+    # and each is what the trunk computes for an image: pooled by the top it gives features of the
+    # same scale as the centre crops' (a view is a real input, not noise)
+    with torch.no_grad():
+        f = top(views[:, 0].float())
+    ratio = float(f.norm(dim=1).mean() / centre.features.norm(dim=1).mean())
+    assert 0.5 < ratio < 2.0
+
+
+def test_finetune_on_cached_views_changes_only_the_top(shapes: Path, tmp_path: Path):
+    before = _states(create_model("resnet18", "random", seed=0))
+    out = tmp_path / "views.pt"
+    summary = train(
+        shapes, out,
+        config(phases="both", epochs=2, unfreeze=1, lr_backbone=1e-3, cache_trunk=True, views=2, warmup=1.0, lr_decay=0.5),
+    )
+    assert "views" in summary.phase_seconds and summary.phase_seconds["views"] > 0
+    assert any(r.phase == "finetune" and r.loss is not None for r in summary.history)
+    after = load_checkpoint(out)["backbone"]["state_dict"]
+    for frozen in ("conv1.", "layer1.", "layer2.", "layer3."):
+        assert _changed(before, after, frozen) == set(), frozen
+
+
+def test_optimizer_warmup_cosine_and_layerwise_rates():
+    from torch import nn
+
+    from simsearch.train.losses import make_loss
+    from simsearch.train.phases import make_optimizer
+
+    cfg = config(lr_head=1e-3, lr_backbone=1e-4, lr_decay=0.5, weight_decay=0.0)
+    head = nn.Linear(4, 4)
+    top, below = nn.Linear(4, 4), nn.Linear(4, 4)
+    opt, sched = make_optimizer(cfg, head, make_loss("supcon", 3, 4), [list(top.parameters()), list(below.parameters())], 20, 4)
+    base = [g["initial_lr"] for g in opt.param_groups]
+    assert base == pytest.approx([1e-3, 1e-4, 5e-5])
+    seen = []
+    for _ in range(20):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    expect = []
+    for step in range(20):
+        ramp = (step + 1) / 5 if step < 4 else 1.0
+        cosine = 0.5 * (1 + np.cos(np.pi * max(step - 4, 0) / 16))
+        expect.append([b * ramp * cosine for b in base])
+    assert np.allclose(seen, expect, rtol=1e-9, atol=0)
+    assert seen[4] == pytest.approx(base)  # the peak, right after the warm-up
+    assert max(s[1] for s in seen) == pytest.approx(1e-4)
+
+
+def test_bad_views_warmup_and_decay_are_refused(shapes: Path, tmp_path: Path):
+    for bad in (dict(views=-1), dict(warmup=5.0, epochs=2), dict(lr_decay=0.0), dict(lr_decay=1.5)):
+        with pytest.raises(InputError):
+            train(shapes, tmp_path / "m.pt", config(**bad))
+
+
+def test_a_later_phase_must_win_by_two_standard_errors_and_patience_counts_within_a_phase():
+    from torch import nn
+
+    from simsearch.train.early_stopping import SWITCH_SE, BestState, EarlyStopping
+
+    head, top = nn.Linear(2, 2), nn.Linear(2, 2)
+    best = BestState(head, top, per_phase=True)
+    stop = EarlyStopping(patience=2)
+
+    def m(map_r: float, se: float = 0.01, r1: float = 0.9) -> dict[str, float]:
+        return {"recall@1": r1, "map@r": map_r, "map@r_se": se}
+
+    assert best.consider("head", 0, m(0.80)) and best.phase == "head"
+    assert best.consider("head", 1, m(0.805))  # within a phase any gain counts
+    best.start_finetuning()
+    # below the head's state: not kept, but the phase's first epoch is its own best so far
+    assert not best.consider("finetune", 1, m(0.79)) and best.phase_improved
+    assert not stop.should_stop("finetune", best.phase_improved)
+    # better than the head by less than SWITCH_SE standard errors: still not kept
+    assert not best.consider("finetune", 2, m(0.805 + (SWITCH_SE - 0.5) * 0.01)) and best.phase_improved
+    assert not stop.should_stop("finetune", best.phase_improved)
+    # a clear win takes over; from then on the fine-tuning phase compares with itself
+    assert best.consider("finetune", 3, m(0.805 + (SWITCH_SE + 0.5) * 0.01)) and best.phase == "finetune"
+    assert best.consider("finetune", 4, m(0.831)) and best.epoch == 4
+    assert not best.consider("finetune", 5, m(0.82)) and not best.phase_improved
+    assert not stop.should_stop("finetune", best.phase_improved)
+    assert not best.consider("finetune", 6, m(0.83)) and not best.phase_improved
+    assert stop.should_stop("finetune", best.phase_improved)  # two epochs without a gain in the phase
+    assert best.metrics is not None and best.metrics["map@r"] == 0.831
+
+
+def test_map_at_r_standard_error_matches_numpy():
+    from simsearch.evaluate import retrieval_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 60)
+    x = rng.normal(size=(60, 8)) + 2.0 * np.eye(8)[labels]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = retrieval_metrics(x.astype(np.float32), labels, nmi=False)
+    aps = []
+    for i in range(60):
+        sims = x @ x[i]
+        sims[i] = -np.inf
+        order = np.argsort(-sims, kind="stable")
+        r = int((labels == labels[i]).sum()) - 1
+        rel = labels[order[:r]] == labels[i]
+        prec = np.cumsum(rel) / np.arange(1, r + 1)
+        aps.append(float((prec * rel).sum()) / r)
+    assert m.map_at_r == pytest.approx(np.mean(aps), abs=1e-9)
+    assert m.map_at_r_se == pytest.approx(np.std(aps, ddof=1) / np.sqrt(60), rel=1e-6)

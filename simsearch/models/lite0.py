@@ -128,5 +128,6 @@ register(
         stages=STAGES,
         first_conv="stem.0",
         sequence=_sequence,
+        top_stages=2,
     )
 )

@@ -61,6 +61,10 @@ class BackboneSpec:
     # The forward pass as an ordered list of (name, module), stages included (for splitting a
     # backbone into a frozen trunk and a trainable top); None when the backbone cannot be split.
     sequence: Callable[[nn.Module], list[tuple[str, nn.Module]]] | None = None
+    # How many of ``stages`` fine-tuning unfreezes by default: the network's top stage, as a share of
+    # its compute (a ResNet's layer4; EfficientNet-Lite0's last block with its 1x1 head conv, which
+    # alone would be a linear map of frozen features).
+    top_stages: int = 1
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

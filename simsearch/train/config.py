@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..errors import InputError
@@ -33,9 +33,11 @@ class TrainConfig:
     head_epochs: int | None = None  # head phase epochs, if different from ``epochs``
     batch_size: int = 64
     lr_head: float = 1e-3
-    lr_backbone: float = 1e-5
+    lr_backbone: float = 3e-4
+    lr_decay: float = 1.0  # each unfrozen stage below the top trains at this times the one above's rate
+    warmup: float = 1.0  # fine-tuning epochs over which the learning rates ramp up linearly
     weight_decay: float = 1e-4
-    unfreeze: int = 1
+    unfreeze: int | None = None  # top backbone stages to fine-tune (None: the model's top_stages)
     phases: str = "both"
     val_fraction: float = 0.2
     val_classes: str | None = None
@@ -43,7 +45,8 @@ class TrainConfig:
     adapt_first_conv: bool = False
     image_size: int | None = None  # crop size to train and embed at (default: the backbone's)
     augment: bool = True
-    cache_trunk: bool = False
+    cache_trunk: bool | None = None  # None: cache when the activations fit in cache_max_gb
+    views: int = 2  # with cache_trunk: augmented views per training image whose trunk activations are cached
     cache_max_gb: float = 4.0
     freeze_all_bn: bool = False
     patience: int = 3
@@ -75,6 +78,10 @@ class TrainConfig:
             raise InputError("--batch-size must be at least 2")
         if self.lr_head <= 0 or self.lr_backbone <= 0:
             raise InputError("learning rates must be positive")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise InputError("--lr-decay must be in (0, 1]")
+        if self.warmup < 0 or self.warmup > self.epochs:
+            raise InputError("--warmup must be between 0 and --epochs")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError("--dropout must be in [0, 1)")
         if self.head_init not in ("lda", "pca", "random"):
@@ -89,14 +96,22 @@ class TrainConfig:
             raise InputError("--patience must be at least 1")
         if self.phases != "head":
             n = len(spec.stages)
-            if not 1 <= self.unfreeze <= n:
+            if self.unfreeze is not None and not 1 <= self.unfreeze <= n:
                 raise InputError(f"--unfreeze must be between 1 and {n} for {self.model} ({', '.join(spec.stages)})")
             if spec.sequence is None:
                 raise InputError(f"{self.model} cannot be fine-tuned by stages; use --phases head")
+        if not 0 <= self.views <= 64:
+            raise InputError("--views must be between 0 and 64")
         if self.cache_trunk and self.phases == "head":
             raise InputError("--cache-trunk applies to the finetune phase")
         if self.val_classes is not None and self.val_fraction not in (0.0, 0.2):
             raise InputError("give --val-fraction or --val-classes, not both")
+
+    def resolved(self) -> "TrainConfig":
+        """This configuration with the model's defaults filled in (what a checkpoint records)."""
+        if self.unfreeze is not None:
+            return self
+        return replace(self, unfreeze=get_spec(self.model).top_stages)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,6 +1,8 @@
 """Keeping the best state of a run, and stopping a phase that no longer improves.
 
-States compare by validation Recall@1, then MAP@R. The best over both phases is kept (the state
+States compare by validation MAP@R, then Recall@1: MAP@R ranks every relevant neighbour, so it keeps
+moving where Recall@1 has saturated (validation images that are near-copies of training ones, or a
+few easy held-out classes, sit at a Recall@1 of 0.96-1.0 for every state). The best over both phases is kept (the state
 a phase starts from competes too, so a phase that does not help never makes the model worse);
 with ``phase_checkpoints`` each phase's own best is kept as well.
 """
@@ -17,10 +19,14 @@ from .results import EpochRecord
 
 log = logging.getLogger(__name__)
 
+# How many standard errors of validation MAP@R a state of a later phase must gain to replace the best
+# state of an earlier one.
+SWITCH_SE = 2.0
+
 
 def metric_key(metrics: dict[str, Any] | None) -> tuple[float, float]:
-    """What "better" means: (Recall@1, MAP@R); the lowest for an epoch without validation."""
-    return (-1.0, -1.0) if metrics is None else (metrics["recall@1"], metrics["map@r"])
+    """What "better" means: (MAP@R, Recall@1); the lowest for an epoch without validation."""
+    return (-1.0, -1.0) if metrics is None else (metrics["map@r"], metrics["recall@1"])
 
 
 class BestState:
@@ -41,6 +47,8 @@ class BestState:
         self.finetuning = False
         self.top_initial: dict[str, Any] = {}
         self.phase_best: dict[str, tuple[tuple[float, float], dict[str, Any]]] = {}
+        self.phase_keys: dict[str, tuple[float, float]] = {}  # each phase's best validation so far
+        self.phase_improved = False  # whether the last state considered was its phase's best so far
 
     def start_finetuning(self) -> None:
         """From now on the backbone top is part of the state; remember the top it starts from."""
@@ -58,17 +66,38 @@ class BestState:
     def consider(self, phase: str, epoch: int, metrics: dict[str, Any] | None) -> bool:
         """Keep this state if it is the best so far (always, without validation); also per phase."""
         key = metric_key(metrics)
+        prev_key = self.phase_keys.get(phase)
+        self.phase_improved = metrics is None or prev_key is None or key > prev_key
+        if self.phase_improved:
+            self.phase_keys[phase] = key
         snapshot = None
         if self.per_phase:
             prev = self.phase_best.get(phase)
             if metrics is None or prev is None or key > prev[0]:
                 snapshot = self.snapshot()
                 self.phase_best[phase] = (key, snapshot)
-        if metrics is not None and self.key is not None and key <= self.key:
+        if metrics is not None and self.key is not None and not self._beats(phase, key, metrics):
             return False
         self.key, self.phase, self.epoch, self.metrics = key, phase, epoch, metrics
         self.state = snapshot or self.snapshot()
         return True
+
+    def _beats(self, phase: str, key: tuple[float, float], metrics: dict[str, Any]) -> bool:
+        """Better than the best so far; a phase taking over from another must win clearly.
+
+        Within a phase any gain counts. A fine-tuned state replaces the head phase's (or the frozen
+        start's) only when its validation MAP@R is higher by ``SWITCH_SE`` standard errors: a small
+        validation set of held-out classes moves by about that much between states that do equally
+        well, and fine-tuning that only matches the head on validation tends to lose to it on
+        classes neither saw (measured on Grocery's unseen classes: validation +0.9 points of MAP@R,
+        test -1.5).
+        """
+        if key <= self.key:
+            return False
+        if self.phase == phase or self.metrics is None:
+            return True
+        margin = SWITCH_SE * float(metrics.get("map@r_se") or 0.0)
+        return key[0] > self.key[0] + margin
 
     def restore(self, state: dict[str, Any] | None) -> None:
         if state is None:
@@ -84,7 +113,12 @@ class BestState:
 
 
 class EarlyStopping:
-    """``patience`` epochs in a row without a better validation end a phase."""
+    """``patience`` epochs in a row without a better validation end a phase.
+
+    "Better" is within the phase: fine-tuning starts below the head's state (new views, a warm-up,
+    the backbone moving), and ends when it stops improving on itself, not when it has not yet
+    overtaken the head.
+    """
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -100,7 +134,7 @@ class EarlyStopping:
             return False
         self.stale += 1
         if self.stale >= self.patience:
-            log.info("%s phase: no better validation Recall@1 for %d epochs; stopping", phase, self.stale)
+            log.info("%s phase: no better validation MAP@R for %d epochs; stopping", phase, self.stale)
             return True
         return False
 

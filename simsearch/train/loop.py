@@ -15,7 +15,7 @@ before the first optimiser step:
    Images are augmented (random resized crop, flip, colour jitter), or with ``cache_trunk`` the
    top stages train on the cached trunk activations (flip only; much faster on a CPU).
 
-Each epoch is validated with :func:`simsearch.evaluate.retrieval_metrics` (Recall@1, then MAP@R
+Each epoch is validated with :func:`simsearch.evaluate.retrieval_metrics` (MAP@R, then Recall@1
 to break ties); the best state over both phases is kept (the frozen start of phase 2 included,
 so fine-tuning that does not help never makes the model worse), and ``patience`` epochs without
 improvement stop a phase. The result is one self-describing checkpoint file.
@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..embed import resolve_device
+from ..embed import keep_freed_memory, resolve_device
 from ..errors import InputError
 from ..labelled import LabelledSet, check_classes, drop_items, load_labelled, split_by_class, split_by_image
 from ..models import MetricHead, Preprocessing, create_model, split_backbone
 from .callbacks import TrainCallback
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .feature_cache import FeatureCache, scan
+from .feature_cache import FeatureCache, augmented_views, cache_fits, scan
 from .losses import class_proxies, init_proxies, make_loss
 from .phases import PhaseRunner
 from .results import EpochRecord, MetricsRecord, TrainSummary
@@ -65,12 +65,15 @@ def train(
     cb = callback or TrainCallback()
     t_start = time.perf_counter()
     config.check()
+    config = config.resolved()
     out_path = Path(out).expanduser()
     if out_path.exists() and out_path.is_dir():
         raise InputError(f"--out {out} is a folder; give a file name such as model.pt")
     if not out_path.parent.exists():
         raise InputError(f"--out: folder {out_path.parent} does not exist")
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations of a training batch are reused, not page-faulted in per layer
     seed_everything(config.seed)
 
     dataset = load_labelled(data, config.exclude)
@@ -88,6 +91,10 @@ def train(
     run_head = config.phases in ("head", "both")
     run_finetune = config.phases in ("finetune", "both")
     workers = train_workers(config.workers, device)
+    if not run_finetune:
+        config = replace(config, cache_trunk=False)
+    elif config.cache_trunk is None:
+        config = replace(config, cache_trunk=cache_fits(model, trunk, len(dataset), device, config))
 
     # 0. one pass over every image: validates decoding, caches frozen features / trunk activations.
     t_scan = time.perf_counter()
@@ -124,6 +131,12 @@ def train(
     if cache is not None:
         tr_cache = cache.select(train_idx)
         val_cache = cache.select(val_idx) if val_set else None
+    if run_finetune and config.cache_trunk and config.views and tr_cache is not None:
+        t_views = time.perf_counter()
+        tr_cache.views = augmented_views(model, trunk, train_set, device, config, workers, cb)
+        phase_seconds_views = round(time.perf_counter() - t_views, 3)
+    else:
+        phase_seconds_views = None
     if tr_cache is not None and config.head_init == "pca":
         head.init_pca(tr_cache.features)
     elif tr_cache is not None and config.head_init == "lda":
@@ -141,6 +154,9 @@ def train(
 
     head_metrics = finetune_metrics = None
     phase_seconds: dict[str, float] = {"scan": round(time.perf_counter() - t_scan, 3)}
+    if phase_seconds_views is not None:
+        phase_seconds["views"] = phase_seconds_views
+        phase_seconds["scan"] = round(phase_seconds["scan"] - phase_seconds_views, 3)
     head_checkpoint = None
     if run_head:
         t0 = time.perf_counter()

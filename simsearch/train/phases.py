@@ -9,6 +9,7 @@ phase with a warning, keeping the best state so far.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Iterator
 
@@ -41,17 +42,38 @@ class Diverged(Exception):
 
 
 def make_optimizer(
-    config: TrainConfig, head: nn.Module, loss: LossSetup, backbone_params: list[nn.Parameter], steps: int
+    config: TrainConfig,
+    head: nn.Module,
+    loss: LossSetup,
+    backbone_stages: list[list[nn.Parameter]],
+    steps: int,
+    warmup_steps: int = 0,
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the head (and the loss's proxies, and the backbone's top) with a cosine schedule."""
+    """AdamW over the head (and the loss's proxies, and the backbone's top stages) with a cosine schedule.
+
+    ``backbone_stages`` are the unfrozen stages' parameters, top stage first: the top one trains at
+    ``lr_backbone``, each one below at ``lr_decay`` times the one above it (layer-wise decay: lower
+    stages hold more general features). The first ``warmup_steps`` steps ramp every learning rate up
+    linearly, so the first updates (with a head and proxies still fitting the frozen features) do not
+    throw away what the pretrained stages knew.
+    """
     c = config
     groups = [{"params": list(head.parameters()), "lr": c.lr_head, "weight_decay": c.weight_decay}]
     if loss.has_parameters:
         groups.append({"params": list(loss.loss.parameters()), "lr": c.lr_head * loss.proxy_lr_mult, "weight_decay": 0.0})
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": c.lr_backbone, "weight_decay": c.weight_decay})
+    for depth, params in enumerate(backbone_stages):
+        if params:
+            groups.append({"params": params, "lr": c.lr_backbone * c.lr_decay**depth, "weight_decay": c.weight_decay})
     opt = torch.optim.AdamW(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    total = max(1, steps)
+    warm = min(max(0, warmup_steps), total - 1)
+
+    def factor(step: int) -> float:
+        ramp = (step + 1) / (warm + 1) if step < warm else 1.0
+        progress = min(max(step - warm, 0), total - warm) / max(1, total - warm)
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
 
 
@@ -94,8 +116,10 @@ class PhaseRunner:
         return best
 
     def end_epoch(self, phase: str, epoch: int, losses: list[float], metrics: dict[str, Any] | None, t0: float) -> bool:
-        """Record a training epoch; True when the phase should stop (``patience`` epochs without a better validation)."""
-        return self.stopping.should_stop(phase, self.record_epoch(phase, epoch, losses, metrics, t0))
+        """Record a training epoch; True when the phase should stop (``patience`` epochs without a better
+        validation within the phase)."""
+        self.record_epoch(phase, epoch, losses, metrics, t0)
+        return self.stopping.should_stop(phase, self.best.phase_improved)
 
     def _step(self, opt: Any, sched: Any, scaler: Any, emb: torch.Tensor, labels: torch.Tensor) -> float:
         value = self.loss(nn.functional.normalize(emb.float(), dim=1), labels)
@@ -195,11 +219,14 @@ class PhaseRunner:
         top_params = [p for p in self.top.parameters()]
         for p in top_params:
             p.requires_grad_(True)
+        stages = [list(m.parameters()) for m in reversed(list(self.top.children()))]  # top stage first
         self.trunk.to(self.device, memory_format=torch.channels_last)
         self.top.to(self.device, memory_format=torch.channels_last)
         gen = torch.Generator().manual_seed(c.seed + 1)
         steps = len(self.batches(labels, gen))
-        opt, sched = make_optimizer(c, self.head, self.loss, top_params, steps * c.epochs)
+        opt, sched = make_optimizer(
+            c, self.head, self.loss, [p for p in stages if p], steps * c.epochs, int(round(c.warmup * steps))
+        )
         scaler = None
         if self.device.type == "cuda" and autocast_dtype(self.device) == torch.float16:
             scaler = torch.amp.GradScaler("cuda")
@@ -246,8 +273,13 @@ class PhaseRunner:
     ) -> None:
         if self.config.cache_trunk:
             assert tr_cache is not None and tr_cache.trunk is not None
+            views = tr_cache.views
             for idx in batches:
-                a = tr_cache.trunk[idx].to(self.device).float()
+                if views is not None:  # one of the cached augmented views of each image, drawn per step
+                    pick = torch.randint(views.shape[1], (len(idx),), generator=gen)
+                    a = views[idx, pick].to(self.device).float()
+                else:
+                    a = tr_cache.trunk[idx].to(self.device).float()
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 a[flip.to(self.device)] = a[flip.to(self.device)].flip(-1)
                 a = a.contiguous(memory_format=torch.channels_last)
