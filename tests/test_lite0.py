@@ -67,7 +67,8 @@ def test_stages_split_and_gray_adaptation(lite0):
         assert torch.allclose(gray(rgb_in), lite0(rgb_in), atol=1e-4)
 
 
-def test_finetune_top_stage_only(tmp_path: Path):
+@pytest.mark.parametrize("unfreeze, stages", [(None, {"head", "stage7"}), (1, {"head"})])
+def test_finetune_top_stage_only(tmp_path: Path, unfreeze: int | None, stages: set[str]):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -81,11 +82,13 @@ def test_finetune_top_stage_only(tmp_path: Path):
     train(
         data, out,
         TrainConfig(model="efficientnet_lite0", dim=64, phases="finetune", epochs=1, batch_size=8, workers=0,
-                    image_size=64, val_fraction=0.0, lr_backbone=1e-3, loss="arcface"),
+                    image_size=64, val_fraction=0.0, lr_backbone=1e-3, loss="arcface", unfreeze=unfreeze),
     )
     before = create_model("efficientnet_lite0", "imagenet").backbone.state_dict()
     after = load_checkpoint(out)["backbone"]["state_dict"]
     changed = {k.split(".")[0] for k in before if "num_batches" not in k and not torch.equal(before[k], after[k])}
-    assert changed == {"head"}  # --unfreeze 1: the 1x1 head convolution and its BatchNorm only
+    # default: the model's top stage (the last block and the 1x1 head convolution); --unfreeze 1: the
+    # head convolution and its BatchNorm only
+    assert changed == stages
     model = create_model("resnet50", str(out))
     assert model.model_name == "efficientnet_lite0" and model.dim == 64
