@@ -12,8 +12,9 @@ before the first optimiser step:
    means, so training starts from the pretrained geometry; that start competes as "epoch 0".
 2. **finetune** phase: the top ``unfreeze`` stages of the backbone train too, with their own,
    smaller learning rate; the frozen trunk stays in eval mode (its BatchNorm statistics frozen).
-   Images are augmented (random resized crop, flip, colour jitter), or with ``cache_trunk`` the
-   top stages train on the cached trunk activations (flip only; much faster on a CPU).
+   Images are augmented (random resized crop, flip, colour jitter), or with ``cache_trunk`` (the
+   default when it fits in ``cache_max_gb``) the top stages train on cached trunk activations: of
+   the centre crops and of ``views`` augmented views per image, drawn once, with flips.
 
 Each epoch is validated with :func:`simsearch.evaluate.retrieval_metrics` (MAP@R, then Recall@1
 to break ties); the best state over both phases is kept (the frozen start of phase 2 included,
