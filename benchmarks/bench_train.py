@@ -289,14 +289,14 @@ def main() -> None:
 
     from simsearch.embed import resolve_device
     from simsearch.evaluate import retrieval_metrics
-    from simsearch.models import create_model, get_spec
+    from simsearch.models import create_model
     from simsearch.train import TrainCallback, train
 
     t_all = time.perf_counter()
     device = str(resolve_device(args.device))
     args.out.mkdir(parents=True, exist_ok=True)
     train_items, eval_set = PROTOCOLS[args.protocol](args.data, args.limit_per_class)
-    unfreeze = args.unfreeze if args.unfreeze is not None else get_spec(args.model).top_stages
+    unfreeze = TrainConfig(model=args.model, unfreeze=args.unfreeze).resolved().unfreeze
     val_classes = args.val_classes
     if val_classes is None and args.protocol != "grocery-seen":
         val_classes = "10" if args.protocol == "caltech" else "8"

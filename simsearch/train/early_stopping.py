@@ -71,11 +71,9 @@ class BestState:
         if self.phase_improved:
             self.phase_keys[phase] = key
         snapshot = None
-        if self.per_phase:
-            prev = self.phase_best.get(phase)
-            if metrics is None or prev is None or key > prev[0]:
-                snapshot = self.snapshot()
-                self.phase_best[phase] = (key, snapshot)
+        if self.per_phase and self.phase_improved:
+            snapshot = self.snapshot()
+            self.phase_best[phase] = (key, snapshot)
         if metrics is not None and self.key is not None and not self._beats(phase, key, metrics):
             return False
         self.key, self.phase, self.epoch, self.metrics = key, phase, epoch, metrics
