@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -352,17 +353,25 @@ def _recall_and_se(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(per_query.mean()), float(per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
 
+def _tuned_on_held_out(store: IndexStore, n: int, seed: int, factory: str) -> tuple[Any, ...]:
+    """Import ``n`` seeded vectors, tune ``factory`` with every tenth held out; what the checks need:
+    (ann, ids, params, recall, se, held-out queries, their exact similarities, numpy's top 10)."""
+    store.lock_for_writing()
+    store.import_vectors(records(n), spread(n, seed=seed), IDENTITY)
+    store.save()
+    held = np.arange(1, n + 1, 10)
+    ann, ids, vectors = _held_out_index(store, factory, held)
+    params, recall, se = layouts.tune(ann, store, 0.95, held=held)
+    _, q = store.vectors_of(held)
+    exact = q @ vectors.T
+    truth = ids[np.argsort(-exact, axis=1, kind="stable")[:, :10]]  # numpy brute force
+    return ann, ids, params, recall, se, q, exact, truth
+
+
 def test_tuning_keeps_the_smallest_nprobe_that_clears_the_target(tmp_path):
     store = IndexStore.open(tmp_path / "idx", create=True)
     try:
-        store.lock_for_writing()
-        store.import_vectors(records(4000), spread(4000, seed=4), IDENTITY)
-        store.save()
-        held = np.arange(1, 4001, 10)
-        ann, ids, vectors = _held_out_index(store, "IVF64,Flat", held)
-        params, recall, se = layouts.tune(ann, store, 0.95, held=held)
-        _, q = store.vectors_of(held)
-        truth = ids[np.argsort(-(q @ vectors.T), axis=1, kind="stable")[:, :10]]  # numpy brute force
+        ann, _, params, recall, se, q, _, truth = _tuned_on_held_out(store, 4000, 4, "IVF64,Flat")
 
         def measured(nprobe: int) -> tuple[float, float]:
             faiss.extract_index_ivf(ann.index).nprobe = nprobe
@@ -382,16 +391,8 @@ def test_tuning_a_lossy_layout_keeps_the_cheapest_pair_that_clears_the_target(tm
     """(nprobe, re-ranking depth): every pair the cost model ranks cheaper falls short, by numpy's count."""
     store = IndexStore.open(tmp_path / "idx", create=True)
     try:
-        store.lock_for_writing()
-        store.import_vectors(records(3000), spread(3000, seed=5), IDENTITY)
-        store.save()
-        held = np.arange(1, 3001, 10)
-        ann, ids, vectors = _held_out_index(store, "IVF16,PQ8x4", held)
-        params, recall, se = layouts.tune(ann, store, 0.95, held=held)
+        ann, ids, params, recall, se, q, exact, truth = _tuned_on_held_out(store, 3000, 5, "IVF16,PQ8x4")
         assert recall - se >= 0.95
-        _, q = store.vectors_of(held)
-        exact = q @ vectors.T
-        truth = ids[np.argsort(-exact, axis=1, kind="stable")[:, :10]]
         row_of = {int(i): r for r, i in enumerate(ids)}
         ivf = faiss.extract_index_ivf(ann.index)
 
