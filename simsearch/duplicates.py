@@ -13,8 +13,9 @@ threshold (:mod:`simsearch.calibrate`, run on first use).
   files, always together) are only candidates. Inside each, images are taken in keeper order
   (``--keep``, ``--prefer``); the first one left becomes a keeper and takes every image left that
   is a duplicate *of the keeper itself* (cosine at or above the threshold, or, with verification,
-  a candidate pair whose local features match under a homography; see :mod:`simsearch.verify`).
-  So two different photos are never chained together through a series of near pairs.
+  a candidate pair whose local features match under a homography; see :mod:`simsearch.verify`;
+  a member's candidate neighbours are verified against the keeper too, whatever their cosine to
+  it). So two different photos are never chained together through a series of near pairs.
 - **Acting** (:func:`plan_moves`, :func:`apply_moves`): move every non-keeper under a folder
   outside the indexed folders, keeping its path relative to its indexed folder; a dry run unless
   applied; never deletes; a file changed since it was indexed is skipped with a warning.
@@ -264,12 +265,23 @@ def group_duplicates(
     best keeper left takes every image left that is identical to it, scores at least
     ``threshold`` against it, or (with ``verify``) scores at least ``candidate_threshold`` and
     passes ``verify(keeper_row, row)``.
+
+    With ``verify``, an image that scores below ``candidate_threshold`` against the keeper but is a
+    candidate neighbour of one of the keeper's members is also verified against the keeper itself
+    (and so on from the members that adds). A heavily edited copy often sits nearer to other
+    copies of its photo than to the original (a cropped, rotated, recoloured copy is nearer the
+    cropped one), and in a collection holding several copies of a photo they fill its neighbour
+    list. The pair that decides is still (keeper, image), so nothing is chained; the extra checks
+    are bounded by the graph's k per member.
     """
     low = threshold if candidate_threshold is None or verify is None else min(threshold, candidate_threshold)
     uf = _UnionFind()
     strong = graph.score >= low
+    adjacent: dict[int, list[int]] = {}
     for a, b in zip(graph.src[strong].tolist(), graph.dst[strong].tolist()):
         uf.union(a, b)
+        if verify is not None:
+            adjacent.setdefault(a, []).append(b)
     for same in identical:
         for other in same[1:]:
             uf.union(same[0], other)
@@ -277,24 +289,42 @@ def group_duplicates(
     for component in uf.components():
         rows = rows_of(component)
         order = sorted((rows[i] for i in component if i in rows), key=key)
+        position = {row.id: j for j, row in enumerate(order)}
         vectors = vectors_of([r.id for r in order])
         left = np.ones(len(order), dtype=bool)
         for k, keeper in enumerate(order):
             if not left[k]:
                 continue
             left[k] = False
-            sims = vectors[left] @ vectors[k]
+            sims = vectors @ vectors[k]
             members: list[DuplicateMember] = []
-            for j, sim in zip(np.flatnonzero(left).tolist(), sims.tolist()):
-                row = order[j]
+            tried: set[int] = set()
+            for j in np.flatnonzero(left).tolist():
+                row, sim = order[j], float(sims[j])
                 same = row.hash is not None and row.hash == keeper.hash
                 verified = False
                 if not same and sim < threshold:
-                    if verify is None or sim < low or not verify(keeper, row):
+                    if verify is None or sim < low:
+                        continue
+                    tried.add(j)
+                    if not verify(keeper, row):
                         continue
                     verified = True
                 left[j] = False
                 members.append(_member(row, 1.0 if same else sim, same, verified))
+            if verify is not None:  # through the members' own candidate neighbours
+                frontier = [m.id for m in members]
+                while frontier:
+                    reached = {position[b] for a in frontier for b in adjacent.get(a, ()) if b in position}
+                    frontier = []
+                    for j in sorted(reached):
+                        if not left[j] or j in tried:
+                            continue
+                        tried.add(j)
+                        if verify(keeper, order[j]):
+                            left[j] = False
+                            members.append(_member(order[j], float(sims[j]), False, True))
+                            frontier.append(order[j].id)
             if members:
                 members.sort(key=lambda m: (-m.score, m.path))
                 groups.append(DuplicateGroup(_member(keeper, 1.0, True, False), members))

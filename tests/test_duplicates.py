@@ -171,6 +171,41 @@ def test_grouping_does_not_chain_different_photos():
         assert all(m.score >= 0.9 for m in g.duplicates)
 
 
+def _vectors_with_cosines(gram: np.ndarray) -> np.ndarray:
+    return np.linalg.cholesky(gram).astype(np.float32)  # rows: unit vectors with these cosines
+
+
+@pytest.mark.parametrize("a_b", [0.85, 0.6])
+def test_verification_reaches_a_copy_through_the_keepers_members(a_b):
+    # keeper K, its copy A (0.8), a heavy copy B far from K (0.45) but near A (a_b), and a different
+    # photo X near A (0.75); the pair check knows the scenes: K, A, B one photo, X another
+    gram = np.array([[1, 0.8, 0.45, 0.5], [0.8, 1, a_b, 0.75], [0.45, a_b, 1, 0.55], [0.5, 0.75, 0.55, 1]])
+    x = _vectors_with_cosines(gram)
+    scene = {0: "p", 1: "p", 2: "p", 3: "q"}
+    rows = {i: Row(i, f"/c/{i}.jpg", 100, i, f"h{i}", 10, 10) for i in range(4)}
+    ids = np.arange(4, dtype=np.int64)
+    graph = neighbour_graph(ids, x, k=3, min_score=0.7, cells=1)
+    checked = []
+
+    def verify(a, b):
+        checked.append((a.id, b.id))
+        return scene[a.id] == scene[b.id]
+
+    groups = group_duplicates(graph, [], lambda i: {j: rows[j] for j in i}, lambda i: x[i], 0.99, keeper_key("oldest"),
+                              candidate_threshold=0.7, verify=verify)
+    got = [(g.keeper.id, sorted(m.id for m in g.duplicates)) for g in groups]
+    if a_b >= 0.7:  # B is A's candidate neighbour: checked against K itself (never against A), and kept
+        assert got == [(0, [1, 2])]
+        assert sorted(checked) == [(0, 1), (0, 2), (0, 3)]
+        member = next(m for m in groups[0].duplicates if m.id == 2)
+        assert member.verified and member.score == pytest.approx(0.45, abs=1e-5)
+    else:  # nothing links B to the group: it is never checked
+        assert got == [(0, [1])]
+        assert sorted(checked) == [(0, 1), (0, 3)]
+    # X, a different photo reached the same way, is checked against K and refused; nothing chains
+    assert all(3 not in m for _, m in got)
+
+
 def test_identical_files_always_group_and_prefer_folder():
     x = unit_vectors(4, seed=9, dim=8)  # four different pictures...
     rows = {i: Row(i, p, 100, i, h, 10, 10) for i, (p, h) in enumerate(
