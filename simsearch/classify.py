@@ -18,7 +18,11 @@ This module owns turning an index's given labels (see :mod:`simsearch.labels`) i
   (meta ``classifier``) with the chosen settings and a fingerprint of the labels it was fitted on;
   it is refitted when the labels, the index or the requested settings change. The calibration error
   reported is cross-fitted (each fold is scored by a calibration fitted on the other folds), so it is
-  not flattered by fitting and scoring on the same images.
+  not flattered by fitting and scoring on the same images. When the index's model is a ``simsearch
+  train`` checkpoint, the labelled images it was trained on (its recorded content hashes) still vote,
+  but the settings, the calibration and the evaluation use the labelled images it never saw
+  (at least :data:`MIN_HELD_OUT`): a model places its training images nearer their classes than new
+  ones, and a calibration fitted on them was overconfident on new images.
 * **Suspects.** Labelled images whose leave-one-out vote disagrees with their label, ranked by how
   little weight their own label gets (cleanlab's self-confidence), with the label the neighbours suggest.
 * **Evaluation.** Leave-one-out accuracy for k in 1, 5, 10, 20, the accuracy/coverage curve over the
@@ -58,7 +62,8 @@ GRID_T = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15)
 TRANSFORMS = ("cosine", "whitened")
 WHITEN_DIMS = 512  # leading principal components kept by the whitening
 WHITEN_SAMPLE = 20_000  # index vectors the whitening is fitted on, at most (seeded sample)
-SETTINGS_VERSION = 2  # recorded classifiers of another version are refitted
+SETTINGS_VERSION = 3  # recorded classifiers of another version are refitted
+MIN_HELD_OUT = 100  # labelled images a trained model never saw, needed to calibrate on them alone
 EVAL_KS = (1, 5, 10, 20)
 SEARCH_CHUNK = 4096  # images searched together: bounds the memory of a classification run
 CALIBRATION_SAMPLE = 20_000  # labelled images the calibration is fitted on, at most (seeded sample)
@@ -294,6 +299,23 @@ class LabelledData:
     classes: list[str]
     vectors: np.ndarray  # their stored vectors
     fingerprint: str
+    seen: np.ndarray | None = None  # which were training images of the index's model (None: not a trained model)
+
+    def calibration_positions(self) -> tuple[np.ndarray, str]:
+        """The labelled positions settings are chosen, calibrated and evaluated on, and what they are:
+        the images the index's trained model never saw when there are enough of them, else all."""
+        everything = np.arange(len(self.ids))
+        if self.seen is None:
+            return everything, "labelled images"
+        unseen = np.flatnonzero(~self.seen)
+        if len(unseen) >= MIN_HELD_OUT and len(np.unique(self.y[unseen])) >= 2:
+            return unseen, "labelled images the model was not trained on"
+        log.warning(
+            "only %d of the %d labelled images are not training images of the index's model: the confidence is "
+            "calibrated on images it was trained on and will be too high on new ones (label at least %d others)",
+            len(unseen), len(self.ids), MIN_HELD_OUT,
+        )
+        return everything, "labelled images, most of them the model's training images (optimistic)"
 
 
 def load_labelled(store: IndexStore) -> LabelledData:
@@ -319,7 +341,25 @@ def load_labelled(store: IndexStore) -> LabelledData:
     y = np.array([position[labels[int(i)]] for i in ids], dtype=np.int64)
     digest = hashlib.sha1(ids.tobytes() + y.tobytes() + "\n".join(classes).encode())
     digest.update(str(store.meta.get("updated_at")).encode())  # vectors re-embedded since: refit
-    return LabelledData(ids, y, classes, np.concatenate(vec_parts), digest.hexdigest()[:16])
+    seen = training_images_among(store, ids)
+    if seen is not None:
+        digest.update(seen.tobytes())
+    return LabelledData(ids, y, classes, np.concatenate(vec_parts), digest.hexdigest()[:16], seen)
+
+
+def training_images_among(store: IndexStore, ids: np.ndarray) -> np.ndarray | None:
+    """Which of the rows ``ids`` hold an image the index's model was trained on (by content hash);
+    None when the model is not a ``simsearch train`` checkpoint recording them."""
+    state, _ = _index_checkpoint(store)
+    if state is None:
+        return None
+    from .models.checkpoint import trained_on
+
+    trained = trained_on(state)
+    if trained is None:
+        return None
+    rows = store.catalog.rows_by_ids(ids.tolist())
+    return np.array([rows[int(i)].hash in trained if int(i) in rows else False for i in ids], dtype=bool)
 
 
 def _check_k(k: int | None, data: LabelledData) -> int | None:
@@ -349,6 +389,7 @@ class CalibrationInfo:
     fingerprint: str
     fitted_at: str
     calibration: Calibration
+    calibrated_on: str = "labelled images"  # or the labelled images a trained model never saw (see LabelledData)
     requested: dict[str, Any] = field(default_factory=dict)  # k / transform / temperature fixed by the caller
     selection: list[dict[str, Any]] = field(default_factory=list)  # the best leave-one-out accuracy of each transform
     version: int = SETTINGS_VERSION
@@ -426,7 +467,8 @@ def fit_classifier(
     Choosing: for each transform (cosine, whitened) and each k in GRID_K and temperature in GRID_T
     (or the ones given), the leave-one-out accuracy on the labelled images (a seeded sample of at
     most CALIBRATION_SAMPLE of them) is measured; the best is kept (ties: the first in that order),
-    and the calibration is fitted on its leave-one-out votes. No held-out data is used: the labels
+    and the calibration is fitted on its leave-one-out votes (on the labelled images the index's trained
+    model never saw, when there are enough; all of them vote). No held-out data is used: the labels
     choose their own settings.
     """
     requested = _requested(k, transform, temperature)
@@ -445,7 +487,7 @@ def fit_classifier(
         return KnnClassifier(info, chosen, LabelledNeighbours(chosen(data.vectors), data.y), data)
 
     n_classes = len(data.classes)
-    positions = np.arange(len(data.ids))
+    positions, calibrated_on = data.calibration_positions()
     if len(positions) > CALIBRATION_SAMPLE:
         positions = np.sort(np.random.default_rng(seed).choice(positions, CALIBRATION_SAMPLE, replace=False))
     ks = sorted({min(j, len(data.ids) - 1) for j in ((k,) if k is not None else GRID_K)})
@@ -493,6 +535,7 @@ def fit_classifier(
         fingerprint=data.fingerprint,
         fitted_at=utc_now(),
         calibration=Calibration.fit(raw, correct),
+        calibrated_on=calibrated_on,
         requested=requested,
         selection=selection,
     )
@@ -521,8 +564,9 @@ class HeadClasses:
     checkpoint: str
 
 
-def head_classes_of(store: IndexStore) -> tuple[HeadClasses | None, str]:
-    """The class proxies of the checkpoint the index was built with; or None and why there are none."""
+def _index_checkpoint(store: IndexStore) -> tuple[dict[str, Any] | None, str]:
+    """The ``simsearch train`` checkpoint the index was built with (read once per file version), or
+    None and why there is none to read."""
     weights = str(store.meta.get("weights", ""))
     if not weights.startswith("checkpoint:"):
         return None, (
@@ -532,12 +576,29 @@ def head_classes_of(store: IndexStore) -> tuple[HeadClasses | None, str]:
     source = str(store.meta.get("weights_source", ""))
     if not Path(source).is_file():
         return None, f"--method head reads the class proxies from the checkpoint the index was built with, {source}, which is not found"
-    from .models.checkpoint import head_classes, load_checkpoint
+    from .models.checkpoint import load_checkpoint
     from .models.weights import file_digest
 
     if not weights.endswith(":" + file_digest(source)):
         return None, f"--method head: the checkpoint {source} has changed since the index was built with it (re-index with it)"
-    found = head_classes(load_checkpoint(source), source)
+    stat = os.stat(source)
+    key = (source, stat.st_mtime_ns, stat.st_size)
+    if _CHECKPOINTS.get("key") != key:
+        _CHECKPOINTS.update(key=key, state=load_checkpoint(source))
+    return _CHECKPOINTS["state"], source
+
+
+_CHECKPOINTS: dict[str, Any] = {}  # the last checkpoint read: classify's kNN and head paths both need it
+
+
+def head_classes_of(store: IndexStore) -> tuple[HeadClasses | None, str]:
+    """The class proxies of the checkpoint the index was built with; or None and why there are none."""
+    state, source = _index_checkpoint(store)
+    if state is None:
+        return None, source
+    from .models.checkpoint import head_classes
+
+    found = head_classes(state, source)
     if found is None:
         return None, (
             f"--method head needs the class proxies of the trained head, which the checkpoint {source} does not record "
@@ -572,19 +633,26 @@ class HeadClassifier:
 def fit_head_classifier(store: IndexStore, head: HeadClasses, seed: int = 0) -> HeadClassifier:
     """The head classifier, calibrated on the given labels among its classes (uncalibrated without any).
 
-    The accuracy reported is the head's on those labelled images: optimistic when they are the
-    images the head was trained on.
+    The accuracy reported is the head's on those labelled images; the ones the model was trained on
+    are left out when at least :data:`MIN_HELD_OUT` others remain (on its own training images the
+    head is right far more often than on new ones).
     """
     labels = store.catalog.labels("given")
     position = {name: i for i, name in enumerate(head.names)}
     usable = np.array(sorted(i for i, label in labels.items() if label in position), dtype=np.int64)
+    calibrated_on = "labelled images of its classes"
+    seen = training_images_among(store, usable) if len(usable) else None
+    if seen is not None and (~seen).sum() >= MIN_HELD_OUT:
+        usable, calibrated_on = usable[~seen], "labelled images of its classes the model was not trained on"
+    elif seen is not None and seen.any():
+        calibrated_on = "labelled images of its classes, most of them its training images (optimistic)"
     ids, vectors = store.vectors_of(usable) if len(usable) else (np.zeros(0, np.int64), None)
     classifier = HeadClassifier(
         CalibrationInfo(
             method="head", k=0, temperature=HEAD_TEMPERATURE, transform="head proxies", whiten_dims=0,
             labelled=len(labels), classes=len(head.names), fitted_on=len(ids), loo_accuracy=None, ece=None,
             fingerprint="", fitted_at=utc_now(), calibration=Calibration([0.0, 1.0], [0.0, 1.0]),
-            requested={"method": "head", "checkpoint": head.checkpoint, "proxies": head.source},
+            calibrated_on=calibrated_on, requested={"method": "head", "checkpoint": head.checkpoint, "proxies": head.source},
         ),
         head,
         np.fromiter(labels, dtype=np.int64),
@@ -882,6 +950,8 @@ class EvalReport:
     temperature: float = TEMPERATURE
     selection: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    evaluated: int = 0  # labelled images scored (leave-one-out): all, or those a trained model never saw
+    evaluated_on: str = "labelled images"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -895,7 +965,8 @@ def evaluate_labels(
     temperature: float | None = None,
 ) -> EvalReport:
     """Leave-one-out accuracy for k in 1, 5, 10, 20 (with the classifier's transform and temperature);
-    accuracy/coverage and cross-fitted ECE at the classifier's ``k``."""
+    accuracy/coverage and cross-fitted ECE at the classifier's ``k``; on the labelled images a trained
+    model never saw, when there are enough (see :meth:`LabelledData.calibration_positions`)."""
     t0 = time.perf_counter()
     with IndexStore.open(index_dir) as store:
         store.require_stored_vectors()  # the vote reads stored vectors; FAISS is not loaded
@@ -908,7 +979,7 @@ def evaluate_labels(
     n_classes = len(data.classes)
     correct_at = {j: 0 for j in ks}
     raw_k, correct_k = [], []
-    positions = np.arange(len(data.ids))
+    positions, evaluated_on = data.calibration_positions()
     for start in range(0, len(positions), SEARCH_CHUNK):
         part = positions[start : start + SEARCH_CHUNK]
         sims, labels = classifier.neighbours.search_leave_one_out(part, deepest)
@@ -921,9 +992,9 @@ def evaluate_labels(
                 correct_k.append(hit)
     raw, correct = np.concatenate(raw_k), np.concatenate(correct_k)
     conf = cross_fitted_confidence(raw, correct, seed=seed)
-    n = len(data.ids)
+    n = len(positions)
     return EvalReport(
-        labelled=n,
+        labelled=len(data.ids),
         classes=n_classes,
         k=k,
         accuracy_at_k={j: round(correct_at[j] / n, 6) for j in ks},
@@ -934,4 +1005,6 @@ def evaluate_labels(
         temperature=info.temperature,
         selection=info.selection,
         seconds=time.perf_counter() - t0,
+        evaluated=n,
+        evaluated_on=evaluated_on,
     )

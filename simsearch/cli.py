@@ -982,17 +982,19 @@ def _describe_classifier(cal: dict[str, Any], method: str, k: int) -> str:
 
     if method == "head":
         return (
-            f"head ({cal['transform']}), accuracy on {cal['fitted_on']} labelled images of its classes "
+            f"head ({cal['transform']}), accuracy on {cal['fitted_on']} {cal.get('calibrated_on', 'labelled images of its classes')} "
             f"{figure(cal['loo_accuracy'])}, ECE {figure(cal['ece'])}" + ("" if cal["fitted_on"] else " (confidence not calibrated)")
         )
     return (
         f"knn k={k}, {cal['transform']}, T={cal['temperature']}, leave-one-out accuracy "
-        f"{figure(cal['loo_accuracy'])}, ECE {figure(cal['ece'])}"
+        f"{figure(cal['loo_accuracy'])}, ECE {figure(cal['ece'])} (on {cal['fitted_on']} {cal.get('calibrated_on', 'labelled images')})"
     )
 
 
 def _print_label_eval(report: EvalReport) -> None:
-    click.echo(f"{report.labelled} labelled images, {report.classes} classes (leave-one-out; {report.transform}, T={report.temperature})")
+    scored = "" if report.evaluated == report.labelled else f"; scored on the {report.evaluated} {report.evaluated_on}"
+    click.echo(f"{report.labelled} labelled images, {report.classes} classes (leave-one-out; {report.transform}, "
+               f"T={report.temperature}{scored})")
     click.echo("accuracy: " + "  ".join(f"k={j} {a:.4f}" for j, a in report.accuracy_at_k.items()))
     click.echo(f"at k={report.k}: accuracy at 90% coverage {report.accuracy_at_90_coverage:.4f}, calibration error (ECE) {report.ece:.4f}")
     click.echo("min confidence  coverage  accuracy")

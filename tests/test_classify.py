@@ -584,3 +584,46 @@ def test_classify_html_groups_thumbnails_by_predicted_class(tmp_path: Path, pets
     assert text.count("<figure") == text.count('<section class="class"') == 1 + len(result.summary()["by_class"])
     assert f"{result.abstained} images (confidence shown), the 1 most confident shown, {result.abstained - 1} more" in text
     assert invoke("classify", "--index", idx, "--suspects", "--html", page).exit_code == 2
+
+
+def test_a_trained_model_is_calibrated_on_labelled_images_it_never_saw(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint records the content hashes of its training images; classify, its evaluation and
+    the head's calibration leave those out (they still vote) when enough others are labelled."""
+    import torch
+
+    import simsearch.classify as classify_module
+    from simsearch.classify import load_labelled
+    from simsearch.images import hash_file
+
+    data, out = trained_checkpoint(tmp_path, "arcface")
+    files = sorted(data.rglob("*.png"))
+    state = torch.load(out, weights_only=True)
+    assert sorted(state["classifier"]["trained_on"]) == sorted({hash_file(f) for f in files})  # val_fraction 0: all
+    # say the model saw only the first four images of each class: 6 of the 18 labelled ones are new to it
+    seen_files = [f for f in files if int(f.stem) < 4]
+    state["classifier"]["trained_on"] = sorted(hash_file(f) for f in seen_files)
+    partial = tmp_path / "partial.pt"
+    torch.save(state, partial)
+    idx = tmp_path / "idx"
+    assert invoke("index", data, "--index", idx, "--weights", partial, "--workers", "0", "--device", "cpu", "-q").exit_code == 0
+    import_labels(data, idx)
+    with IndexStore.open(idx) as store:
+        labelled = load_labelled(store)
+        rows = store.catalog.rows_by_ids(labelled.ids.tolist())
+    assert labelled.seen is not None
+    assert sorted(rows[int(i)].path for i, s in zip(labelled.ids, labelled.seen) if s) == sorted(str(f.resolve()) for f in seen_files)
+
+    monkeypatch.setattr(classify_module, "MIN_HELD_OUT", 5)
+    knn = classify_index(idx, [files[0]], method="knn", device="cpu").calibration
+    assert knn.fitted_on == 6 and knn.calibrated_on == "labelled images the model was not trained on"
+    report = evaluate_labels(idx)
+    assert report.labelled == 18 and report.evaluated == 6
+    head = classify_index(idx, [files[0]], method="head", device="cpu").calibration
+    assert head.fitted_on == 6 and "not trained on" in head.calibrated_on
+
+    monkeypatch.setattr(classify_module, "MIN_HELD_OUT", 7)  # too few new images: all of them, said to be optimistic
+    with IndexStore.open(idx) as store:
+        store.record_classifier({})  # the recorded choice would be reused otherwise
+    knn = classify_index(idx, [files[0]], method="knn", device="cpu").calibration
+    assert knn.fitted_on == 18 and "optimistic" in knn.calibrated_on
+    assert evaluate_labels(idx).evaluated == 18

@@ -12,7 +12,9 @@ A plain dict (loadable with ``torch.load(weights_only=True)``: tensors, strings,
 * ``classifier`` (checkpoints written since classification by the head exists): ``class_names``
   (the training classes, in the order of) ``proxies``, a (classes, dim) tensor of unit class
   vectors in the embedding space (the loss's learned proxies, or the class means of the training
-  embeddings for a loss without proxies), and ``source``, saying which.
+  embeddings for a loss without proxies), and ``source``, saying which; ``trained_on`` (written
+  since classification calibrates on images the model was not trained on): the sorted content
+  hashes of the training images.
 
 :func:`simsearch.models.create_model` recognises such a file given as ``--weights`` and calls
 :func:`model_from_checkpoint`; the model's ``weights_id`` names the file and its content digest, so
@@ -48,6 +50,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not is_checkpoint(state):
         raise WeightsError(f"{path} is not a simsearch checkpoint")
     return state
+
+
+def trained_on(state: dict[str, Any]) -> frozenset[str] | None:
+    """Content hashes of the images a checkpoint's model was trained on; None when it records none."""
+    hashes = (state.get("classifier") or {}).get("trained_on")
+    if not isinstance(hashes, (list, tuple)):
+        return None
+    return frozenset(str(h) for h in hashes)
 
 
 def head_classes(state: dict[str, Any], path: str | os.PathLike[str]) -> tuple[list[str], Any, str] | None:

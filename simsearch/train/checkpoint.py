@@ -47,7 +47,8 @@ def build_checkpoint(
     """The checkpoint dict for a trained EmbeddingModel (backbone + MetricHead).
 
     ``classifier``: the head's class vectors (``class_names``, ``proxies`` as a (classes, dim)
-    tensor, ``source``), what ``simsearch classify --method head`` classifies with.
+    tensor, ``source``), what ``simsearch classify --method head`` classifies with, and
+    ``trained_on``, the content hashes of the training images (classify calibrates on others).
     """
     from .. import __version__
 
@@ -79,6 +80,7 @@ def build_checkpoint(
             "class_names": [str(c) for c in classifier["class_names"]],
             "proxies": classifier["proxies"].detach().float().cpu().contiguous(),
             "source": str(classifier["source"]),
+            "trained_on": [str(h) for h in classifier.get("trained_on", ())],
         }}),
         "created_at": utc_now(),
         "versions": {"simsearch": str(__version__), "torch": str(torch.__version__)},

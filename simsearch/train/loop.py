@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from ..embed import keep_freed_memory, resolve_device
-from ..errors import InputError
+from ..errors import ImageError, InputError
+from ..images import hash_file
 from ..labelled import LabelledSet, check_classes, drop_items, load_labelled, split_by_class, split_by_image
 from ..models import MetricHead, Preprocessing, create_model, split_backbone
 from .callbacks import TrainCallback
@@ -158,6 +159,7 @@ def train(
     if phase_seconds_views is not None:
         phase_seconds["views"] = phase_seconds_views
         phase_seconds["scan"] = round(phase_seconds["scan"] - phase_seconds_views, 3)
+    trained = content_hashes(train_set.paths)  # recorded with the class vectors, for classify's calibration
     head_checkpoint = None
     if run_head:
         t0 = time.perf_counter()
@@ -171,7 +173,7 @@ def train(
             record = MetricsRecord(
                 frozen_metrics, head_metrics, None, best.metrics, best.phase, best.epoch, run.history
             )
-            classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=False)
+            classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=False, trained=trained)
             save_checkpoint(head_checkpoint, model, config, dataset.class_names, record, classifier)
     finetune_checkpoint = None
     if run_finetune:
@@ -186,10 +188,10 @@ def train(
             record = MetricsRecord(
                 frozen_metrics, head_metrics, finetune_metrics, finetune_metrics, "finetune", None, run.history
             )
-            classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=True)
+            classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=True, trained=trained)
             save_checkpoint(finetune_checkpoint, model, config, dataset.class_names, record, classifier)
     best.restore_best()
-    classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=best.phase == "finetune")
+    classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=best.phase == "finetune", trained=trained)
 
     summary = TrainSummary(
         out=str(out_path),
@@ -223,9 +225,13 @@ def train(
 
 
 def head_classifier(
-    run: PhaseRunner, train_set: LabelledSet, tr_cache: FeatureCache | None, workers: int, finetuned: bool
+    run: PhaseRunner, train_set: LabelledSet, tr_cache: FeatureCache | None, workers: int, finetuned: bool,
+    trained: list[str],
 ) -> dict[str, Any]:
-    """The class vectors the checkpoint records for ``classify --method head``, in the current state.
+    """The class vectors the checkpoint records for ``classify --method head``, in the current state,
+    and ``trained``: the content hashes of the training images. A model scores the images it was
+    fitted on far more confidently than new ones, so ``classify`` calibrates on labelled images that
+    are not among them.
 
     A proxy loss (arcface, cosface, proxyanchor) has learned one vector per class: those. A pair
     loss has none: the normalised class means of the training images' embeddings stand in (from the
@@ -233,7 +239,8 @@ def head_classifier(
     """
     proxies = class_proxies(run.loss)
     if proxies is not None:
-        return {"class_names": train_set.class_names, "proxies": proxies, "source": f"proxies of the {run.loss.name} loss"}
+        return {"class_names": train_set.class_names, "proxies": proxies, "source": f"proxies of the {run.loss.name} loss",
+                "trained_on": trained}
     run.head.eval()
     run.top.eval()
     if not finetuned and tr_cache is not None and tr_cache.features is not None:
@@ -251,7 +258,21 @@ def head_classifier(
         "class_names": train_set.class_names,
         "proxies": nn.functional.normalize(sums, dim=1),
         "source": "class means of the training embeddings",
+        "trained_on": trained,
     }
+
+
+
+def content_hashes(paths: list[str]) -> list[str]:
+    """Content hashes (the index's identity of a file, whatever its path) of ``paths``, sorted;
+    unreadable files are left out."""
+    hashes = set()
+    for path in paths:
+        try:
+            hashes.add(hash_file(path))
+        except (OSError, ImageError):
+            continue
+    return sorted(hashes)
 
 
 def _phase_checkpoint_path(out_path: Path, phase: str) -> Path:
