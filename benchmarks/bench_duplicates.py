@@ -40,10 +40,12 @@ from simsearch.images import is_image_name
 OLD = 1_500_000_000  # originals' mtime (2017): older than every copy
 
 
-# runs the CLI and reports its own peak RSS on exit
+# runs the CLI and reports its own peak RSS on exit: VmHWM, the high-water mark of this process's own
+# memory (ru_maxrss would not do: Linux carries the launching process's peak into it across exec, so
+# a child of a large benchmark process reported the benchmark's peak)
 RUNNER = (
-    "import atexit, resource, sys\n"
-    "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('PEAK_RSS_KB', next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')), file=sys.stderr))\n"
     "sys.argv = ['simsearch'] + sys.argv[1:]\n"
     "from simsearch.cli import main\n"
     "main()\n"
