@@ -262,7 +262,6 @@ def head_classifier(
     }
 
 
-
 def content_hashes(paths: list[str]) -> list[str]:
     """Content hashes (the index's identity of a file, whatever its path) of ``paths``, sorted;
     unreadable files are left out."""
