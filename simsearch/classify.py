@@ -783,6 +783,7 @@ class ClassifyResult:
                 "ece": self.calibration.ece,
                 "labelled": self.calibration.labelled,
                 "fitted_on": self.calibration.fitted_on,
+                "calibrated_on": self.calibration.calibrated_on,
                 "fitted_at": self.calibration.fitted_at,
             },
             "seconds": round(self.seconds, 3),

@@ -614,8 +614,10 @@ def test_a_trained_model_is_calibrated_on_labelled_images_it_never_saw(tmp_path:
     assert sorted(rows[int(i)].path for i, s in zip(labelled.ids, labelled.seen) if s) == sorted(str(f.resolve()) for f in seen_files)
 
     monkeypatch.setattr(classify_module, "MIN_HELD_OUT", 5)
-    knn = classify_index(idx, [files[0]], method="knn", device="cpu").calibration
+    result = classify_index(idx, [files[0]], method="knn", device="cpu")
+    knn = result.calibration
     assert knn.fitted_on == 6 and knn.calibrated_on == "labelled images the model was not trained on"
+    assert result.summary()["calibration"]["calibrated_on"] == knn.calibrated_on  # in --json and the summary line
     report = evaluate_labels(idx)
     assert report.labelled == 18 and report.evaluated == 6
     head = classify_index(idx, [files[0]], method="head", device="cpu").calibration
