@@ -51,7 +51,7 @@ from typing import Any, Iterator, Sequence
 import faiss
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, WeightsError
 from .store import IndexStore, utc_now
 
 log = logging.getLogger(__name__)
@@ -350,12 +350,8 @@ def load_labelled(store: IndexStore) -> LabelledData:
 def training_images_among(store: IndexStore, ids: np.ndarray) -> np.ndarray | None:
     """Which of the rows ``ids`` hold an image the index's model was trained on (by content hash);
     None when the model is not a ``simsearch train`` checkpoint recording them."""
-    state, _ = _index_checkpoint(store)
-    if state is None:
-        return None
-    from .models.checkpoint import trained_on
-
-    trained = trained_on(state)
+    facts, _ = _index_checkpoint(store)
+    trained = None if facts is None else facts["trained_on"]
     if trained is None:
         return None
     rows = store.catalog.rows_by_ids(ids.tolist())
@@ -565,8 +561,9 @@ class HeadClasses:
 
 
 def _index_checkpoint(store: IndexStore) -> tuple[dict[str, Any] | None, str]:
-    """The ``simsearch train`` checkpoint the index was built with (read once per file version), or
-    None and why there is none to read."""
+    """What classification needs from the ``simsearch train`` checkpoint the index was built with
+    (``head``: :func:`head_classes`, ``trained_on``: :func:`trained_on`; the file is read once per
+    version of it, and only these are kept), and its path; or None and why there is none."""
     weights = str(store.meta.get("weights", ""))
     if not weights.startswith("checkpoint:"):
         return None, (
@@ -583,22 +580,31 @@ def _index_checkpoint(store: IndexStore) -> tuple[dict[str, Any] | None, str]:
         return None, f"--method head: the checkpoint {source} has changed since the index was built with it (re-index with it)"
     stat = os.stat(source)
     key = (source, stat.st_mtime_ns, stat.st_size)
-    if _CHECKPOINTS.get("key") != key:
-        _CHECKPOINTS.update(key=key, state=load_checkpoint(source))
-    return _CHECKPOINTS["state"], source
+    if _CHECKPOINT.get("key") != key:
+        from .models.checkpoint import head_classes, trained_on
+
+        state = load_checkpoint(source)
+        facts: dict[str, Any] = {"trained_on": trained_on(state)}
+        try:
+            facts["head"] = head_classes(state, source)
+        except WeightsError as exc:  # damaged proxies: an error for --method head only
+            facts["head_error"] = exc
+        _CHECKPOINT.clear()
+        _CHECKPOINT.update(key=key, facts=facts)
+    return _CHECKPOINT["facts"], source
 
 
-_CHECKPOINTS: dict[str, Any] = {}  # the last checkpoint read: classify's kNN and head paths both need it
+_CHECKPOINT: dict[str, Any] = {}  # the last checkpoint read: classify's kNN and head paths both need it
 
 
 def head_classes_of(store: IndexStore) -> tuple[HeadClasses | None, str]:
     """The class proxies of the checkpoint the index was built with; or None and why there are none."""
-    state, source = _index_checkpoint(store)
-    if state is None:
+    facts, source = _index_checkpoint(store)
+    if facts is None:
         return None, source
-    from .models.checkpoint import head_classes
-
-    found = head_classes(state, source)
+    if "head_error" in facts:
+        raise facts["head_error"]
+    found = facts["head"]
     if found is None:
         return None, (
             f"--method head needs the class proxies of the trained head, which the checkpoint {source} does not record "
