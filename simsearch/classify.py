@@ -302,20 +302,30 @@ class LabelledData:
     seen: np.ndarray | None = None  # which were training images of the index's model (None: not a trained model)
 
     def calibration_positions(self) -> tuple[np.ndarray, str]:
-        """The labelled positions settings are chosen, calibrated and evaluated on, and what they are:
-        the images the index's trained model never saw when there are enough of them, else all."""
-        everything = np.arange(len(self.ids))
-        if self.seen is None:
-            return everything, "labelled images"
-        unseen = np.flatnonzero(~self.seen)
-        if len(unseen) >= MIN_HELD_OUT and len(np.unique(self.y[unseen])) >= 2:
-            return unseen, "labelled images the model was not trained on"
-        log.warning(
-            "only %d of the %d labelled images are not training images of the index's model: the confidence is "
-            "calibrated on images it was trained on and will be too high on new ones (label at least %d others)",
-            len(unseen), len(self.ids), MIN_HELD_OUT,
-        )
-        return everything, "labelled images, most of them the model's training images (optimistic)"
+        """The labelled positions settings are chosen, calibrated and evaluated on, and what they are
+        (see :func:`held_out_of_training`)."""
+        return held_out_of_training(self.seen, len(self.ids), "labelled images", self.y)
+
+
+def held_out_of_training(
+    seen: np.ndarray | None, n: int, what: str, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, str]:
+    """Of ``n`` labelled images (``seen``: which the index's trained model was trained on; None: not
+    a trained model), the positions to calibrate on and what they are (``what``, qualified): those
+    the model never saw when at least :data:`MIN_HELD_OUT` of them (of two classes or more, when
+    ``labels`` are given), else all, and then the confidence is optimistic."""
+    everything = np.arange(n)
+    if seen is None or not seen.any():
+        return everything, what
+    unseen = np.flatnonzero(~seen)
+    if len(unseen) >= MIN_HELD_OUT and (labels is None or len(np.unique(labels[unseen])) >= 2):
+        return unseen, f"{what} the model was not trained on"
+    log.warning(
+        "only %d of the %d %s are not training images of the index's model: the confidence is calibrated on "
+        "images it was trained on and will be too high on new ones (label at least %d others)",
+        len(unseen), n, what, MIN_HELD_OUT,
+    )
+    return everything, f"{what}, including the model's training images (optimistic)"
 
 
 def load_labelled(store: IndexStore) -> LabelledData:
@@ -646,12 +656,9 @@ def fit_head_classifier(store: IndexStore, head: HeadClasses, seed: int = 0) -> 
     labels = store.catalog.labels("given")
     position = {name: i for i, name in enumerate(head.names)}
     usable = np.array(sorted(i for i, label in labels.items() if label in position), dtype=np.int64)
-    calibrated_on = "labelled images of its classes"
     seen = training_images_among(store, usable) if len(usable) else None
-    if seen is not None and (~seen).sum() >= MIN_HELD_OUT:
-        usable, calibrated_on = usable[~seen], "labelled images of its classes the model was not trained on"
-    elif seen is not None and seen.any():
-        calibrated_on = "labelled images of its classes, most of them its training images (optimistic)"
+    positions, calibrated_on = held_out_of_training(seen, len(usable), "labelled images of its classes")
+    usable = usable[positions]
     ids, vectors = store.vectors_of(usable) if len(usable) else (np.zeros(0, np.int64), None)
     classifier = HeadClassifier(
         CalibrationInfo(
