@@ -296,3 +296,45 @@ def test_unreferenced_tail_slots_are_cut_back(tmp_path: Path) -> None:
         store.repair()
         assert store.vectors.count == 10
     assert_consistent(tmp_path)
+
+
+def test_slots_of_ok_rows_by_their_own_index_and_without_it(tmp_path: Path) -> None:
+    """Re-ranking reads candidates' slots through a covering index of ok rows; a catalog made
+    before it answers the same (by the rows), and the next writer adds it."""
+    import sqlite3
+
+    from simsearch.store.catalog import OK_SLOT_INDEX
+
+    fill_store(tmp_path, n=30, failed=3)
+    with IndexStore.open(tmp_path) as store:
+        rows = store.catalog.db.execute("SELECT id, status, slot FROM images").fetchall()
+        ok = sorted(i for i, status, slot in rows if status == "ok" and slot is not None)
+        failed = [i for i, status, _ in rows if status != "ok"]
+        assert len(ok) == 30 and len(failed) == 3
+        wanted = [ok[7], failed[0], ok[2], 10_000, ok[29], ok[2]]  # a failed row, an unknown id, a repeat
+        ids, slots = store.catalog.slots_of(wanted)
+        assert ids.tolist() == sorted({ok[7], ok[2], ok[29]})
+        expected = dict(store.catalog.db.execute("SELECT id, slot FROM images").fetchall())
+        assert slots.tolist() == [expected[i] for i in ids.tolist()]
+        plan = store.catalog.db.execute(
+            f"EXPLAIN QUERY PLAN SELECT id, slot FROM images INDEXED BY {OK_SLOT_INDEX} "
+            "WHERE id IN (1, 2) AND status = 'ok' AND slot IS NOT NULL"
+        ).fetchall()
+        assert "COVERING INDEX" in str(plan)
+        found, vectors = store.vectors_of(wanted)
+        assert found.tolist() == ids.tolist()
+
+    conn = sqlite3.connect(tmp_path / "catalog.db")
+    conn.execute(f"DROP INDEX {OK_SLOT_INDEX}")  # as a catalog written before the index
+    conn.commit()
+    conn.close()
+    with IndexStore.open(tmp_path, readonly=True) as store:
+        again_ids, again = store.vectors_of(wanted)
+        assert again_ids.tolist() == ids.tolist()
+        np.testing.assert_array_equal(again, vectors)
+    with IndexStore.open(tmp_path) as store:
+        store.lock_for_writing()
+        assert store.catalog.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", [OK_SLOT_INDEX]
+        ).fetchone()
+        np.testing.assert_array_equal(store.vectors_of(wanted)[1], vectors)

@@ -33,6 +33,10 @@ from ..errors import IndexCorruptError, IndexNotFoundError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+MMAP_BYTES = 1 << 30  # SQLite reads the catalog through a map of up to this many bytes
+# the slots of ok rows by id, alone in an index of their own (a covering, partial index; see
+# Catalog.slots_of): 19 MB at a million rows, read in place of the rows themselves
+OK_SLOT_INDEX = "idx_images_ok_slot"
 CATALOG_FILE = "catalog.db"
 # Files that only an index holds: a catalog missing or empty beside them is damage, not a new index.
 _INDEX_DATA_FILES = ("vectors.faiss", "vectors.f16")
@@ -165,6 +169,7 @@ class Catalog:
         self.db = db
         self.path = path
         self.readonly = readonly
+        self._ok_slot_index: bool | None = None  # whether OK_SLOT_INDEX exists (looked up once)
         self.schema_version: int | None = None
         self.write_gen: int | None = None  # the generation of the open write transaction
         self._counting = False  # transactions bump the generation once the schema is there
@@ -200,6 +205,10 @@ class Catalog:
                 db = Database(conn)
                 db.enable_wal()
                 db.execute("PRAGMA synchronous=NORMAL")
+            # reads through a memory map: a random row costs a page-table lookup, not a read()
+            # call (120 random rows' slots, what one re-ranked query needs at 1M: 1.1 -> 0.8 ms);
+            # address space only, the pages are the OS's file cache
+            db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
             catalog = cls(db, path, readonly=readonly)
             catalog._ensure_schema(create=create and not data_files)
         except sqlite3.DatabaseError as exc:
@@ -243,6 +252,9 @@ class Catalog:
                 db["images"].create_index(["hash"])
                 db["images"].create_index(["status"])
                 db["images"].create_index(["slot"])
+                db.execute(
+                    f"CREATE INDEX {OK_SLOT_INDEX} ON images (id, slot, status) WHERE status = 'ok' AND slot IS NOT NULL"
+                )
                 db["clusters"].create({"cluster": int, "size": int, "centroid": bytes}, pk="cluster")
                 db["cluster_members"].create({"image_id": int, "cluster": int, "distance": float}, pk="image_id")
                 db["cluster_members"].create_index(["cluster", "distance"])
@@ -271,15 +283,23 @@ class Catalog:
         """Add the indexes a writer's O(changed) checks rely on to a catalog made before them (once).
 
         ``idx_images_slot`` answers "the highest slot referenced" and "rows whose slot lies past the
-        vector file's end" by a seek instead of a scan of every row. Older code ignores it; creating
-        it on a large catalog takes a few seconds, once, under the write lock."""
+        vector file's end" by a seek instead of a scan of every row. :data:`OK_SLOT_INDEX` answers
+        :meth:`slots_of`. Older code ignores them; creating them on a large catalog takes a few
+        seconds, once, under the write lock."""
         if self.readonly or self.schema_version != SCHEMA_VERSION:
             return
-        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'idx_images_slot'").fetchone():
-            return
-        log.info("adding the slot index to %s (once)", self.path)
-        with self.transaction():
-            self.db.execute("CREATE INDEX IF NOT EXISTS idx_images_slot ON images (slot)")
+        have = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        if "idx_images_slot" not in have:
+            log.info("adding the slot index to %s (once)", self.path)
+            with self.transaction():
+                self.db.execute("CREATE INDEX IF NOT EXISTS idx_images_slot ON images (slot)")
+        if OK_SLOT_INDEX not in have:
+            log.info("adding the slot-by-id index to %s (once)", self.path)
+            with self.transaction():
+                self.db.execute(
+                    f"CREATE INDEX IF NOT EXISTS {OK_SLOT_INDEX} ON images (id, slot, status) WHERE status = 'ok' AND slot IS NOT NULL"
+                )
+            self._ok_slot_index = True
 
     def _create_labels_table(self) -> None:
         # One label per image: given (imported) or predicted (classify --write). Keyed by the row id,
@@ -580,6 +600,32 @@ class Catalog:
                 ).fetchall()
                 if rows:
                     yield _slot_arrays(rows)
+
+    def slots_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, slots) of the ok rows among ``ids`` that have a stored vector, in id order.
+
+        What re-ranking needs for each candidate (hundreds per query): read from
+        :data:`OK_SLOT_INDEX` where the catalog has it, whose pages hold a few hundred rows' slots
+        each, instead of the rows with their paths (20 to a page), so a query's random ids touch
+        far fewer pages (120 random ids at 1M: 0.4 ms against 1.1 ms)."""
+        id_list = sorted({int(i) for i in ids})
+        if self._ok_slot_index is None:
+            self._ok_slot_index = self.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", [OK_SLOT_INDEX]
+            ).fetchone() is not None
+        using = f" INDEXED BY {OK_SLOT_INDEX}" if self._ok_slot_index else ""
+        found: list[tuple[int, int]] = []
+        for start in range(0, len(id_list), 500):
+            part = id_list[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found += self.db.execute(
+                f"SELECT id, slot FROM images{using} WHERE id IN ({marks}) AND status = 'ok' AND slot IS NOT NULL ORDER BY id",
+                part,
+            ).fetchall()
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        pairs = np.array(found, dtype=np.int64)
+        return pairs[:, 0], pairs[:, 1]
 
     def free_slots(self, n: int) -> list[int]:
         """Up to ``n`` slots freed by deleted or replaced rows, lowest first, for reuse."""

@@ -287,7 +287,14 @@ class IndexStore:
         vf = self.vectors
         if vf is None:
             return
-        for row_ids, slots, _ in self.catalog.iter_slots(ids, chunk=chunk):
+        if ids is not None:  # a few given rows (re-ranking's candidates): by the slot index
+            id_list = sorted({int(i) for i in ids})
+            for start in range(0, len(id_list), chunk):
+                row_ids, slots = self.catalog.slots_of(id_list[start : start + chunk])
+                if len(row_ids):
+                    yield row_ids, vf.read(slots, mapped)
+            return
+        for row_ids, slots, _ in self.catalog.iter_slots(chunk=chunk):
             yield row_ids, vf.read(slots, mapped)
 
     def vectors_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
