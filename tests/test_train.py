@@ -466,3 +466,50 @@ def test_map_at_r_standard_error_matches_numpy():
         aps.append(float((prec * rel).sum()) / r)
     assert m.map_at_r == pytest.approx(np.mean(aps), abs=1e-9)
     assert m.map_at_r_se == pytest.approx(np.std(aps, ddof=1) / np.sqrt(60), rel=1e-6)
+
+
+# -- the joined (ensemble) model -----------------------------------------------------------------
+
+
+def test_both_phases_keep_the_fine_tuned_model_joined_with_the_head_only_one(shapes: Path, tmp_path: Path):
+    """No validation set: the pair is kept. Its embedding is the two phase models' embeddings,
+    weighted and concatenated, whether computed in one pass (the twin on the shared trunk) or by
+    the two phase checkpoints; index and classify see its full dim."""
+    from simsearch.models.checkpoint import head_classes
+
+    out = tmp_path / "m.pt"
+    summary = train(shapes, out, config(phases="both", epochs=1, val_fraction=0.0, unfreeze=1, ensemble=0.6,
+                                        phase_checkpoints=True))
+    assert summary.best_phase == "ensemble" and summary.dim == 64
+    state = load_checkpoint(out)
+    assert state["dim"] == 64 and state["twin"]["weight"] == 0.6 and state["twin"]["stages"] == 1
+    names, proxies, _ = head_classes(state, out)
+    assert proxies.shape == (len(names), 64)
+    np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, atol=1e-5)
+
+    joined = create_model("resnet18", str(out))
+    head_only = create_model("resnet18", summary.head_checkpoint)
+    tuned = create_model("resnet18", summary.finetune_checkpoint)
+    assert joined.dim == 64 and joined.describe()["dim"] == 64
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        got = joined(x)
+        want = torch.cat([tuned(x) * 0.6**0.5, head_only(x) * 0.4**0.5], dim=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
+    # the twin's top is the pretrained one (as the head phase had it); the main top was fine-tuned
+    from simsearch.models import split_backbone
+
+    pretrained = split_backbone(create_model("resnet18", "random", seed=0), 1)[1].state_dict()
+    assert state["twin"]["top"].keys() == pretrained.keys()
+    assert all(torch.equal(state["twin"]["top"][k], pretrained[k]) for k in pretrained)
+    fine = split_backbone(tuned, 1)[1].state_dict()
+    assert any(not torch.equal(fine[k], pretrained[k]) for k in pretrained if k.endswith("conv1.weight"))
+
+
+def test_ensemble_zero_keeps_one_model(shapes: Path, tmp_path: Path):
+    summary = train(shapes, tmp_path / "m.pt", config(phases="both", epochs=1, val_fraction=0.0, unfreeze=1, ensemble=0.0))
+    assert summary.best_phase in ("head", "finetune") and summary.dim == 32
+    assert "twin" not in load_checkpoint(tmp_path / "m.pt")
+    with pytest.raises(InputError, match="--ensemble"):
+        TrainConfig(model="resnet18", ensemble=1.0).check()

@@ -6,9 +6,9 @@ Modules, lowest first (each imports only those above it):
   :func:`get_spec`, :func:`available_models`.
 * :mod:`.weights`: ImageNet weights from torchvision's cache, state dict files, content digests.
 * :mod:`.resnet` and :mod:`.lite0`: the backbones; importing them registers them.
-* :mod:`.embedding`: :class:`EmbeddingModel` and the gray-level adaptations.
+* :mod:`.embedding`: :class:`EmbeddingModel`, its :class:`Twin`, and the gray-level adaptations.
 * :mod:`.head`: the :class:`MetricHead` a trained model carries.
-* :mod:`.stages`: cutting a backbone into a frozen trunk and a trainable top.
+* :mod:`.stages`: cutting a backbone into a frozen trunk and a trainable top (and a twin's).
 * :mod:`.checkpoint`: reading ``simsearch train`` checkpoints.
 * :mod:`.factory`: :func:`create_model`.
 
@@ -22,11 +22,11 @@ import logging
 
 from . import resnet  # noqa: F401  (registers the ResNets)
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .embedding import LUMA, EmbeddingModel, adapt_first_conv_to_gray, gray_preprocessing
+from .embedding import LUMA, EmbeddingModel, Twin, adapt_first_conv_to_gray, gray_preprocessing
 from .factory import create_model
 from .head import MetricHead
 from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, available_models, get_spec, register
-from .stages import backbone_sequence, split_backbone, top_stages
+from .stages import attach_twin, backbone_sequence, split_backbone, top_stages
 from .weights import file_digest, imagenet_cache_path
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ __all__ = [
     "EmbeddingModel",
     "MetricHead",
     "Preprocessing",
+    "Twin",
     "adapt_first_conv_to_gray",
+    "attach_twin",
     "available_models",
     "backbone_sequence",
     "create_model",

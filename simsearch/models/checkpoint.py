@@ -15,6 +15,9 @@ A plain dict (loadable with ``torch.load(weights_only=True)``: tensors, strings,
   embeddings for a loss without proxies), and ``source``, saying which; ``trained_on`` (written
   since classification calibrates on images the model was not trained on): the sorted content
   hashes of the training images.
+* ``twin`` (a model that joins two embeddings, :class:`~simsearch.models.Twin`): ``stages``,
+  ``weight``, ``top`` (the state dict of its own copy of the backbone's top stages) and ``head``
+  (config and state dict); ``dim`` is then the two heads' dims together.
 
 :func:`simsearch.models.create_model` recognises such a file given as ``--weights`` and calls
 :func:`model_from_checkpoint`; the model's ``weights_id`` names the file and its content digest, so
@@ -30,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, WeightsError
-from .embedding import EmbeddingModel, adapt_first_conv_to_gray
+from .embedding import EmbeddingModel, Twin, adapt_first_conv_to_gray
 from .head import MetricHead
 from .registry import Preprocessing, get_spec
+from .stages import attach_twin, split_backbone
 from .weights import file_digest, load_weights_file
 
 FORMAT = "simsearch-checkpoint"
@@ -100,6 +104,8 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -
         head = MetricHead.from_config(state["head"]["config"])
         head.load_state_dict(state["head"]["state_dict"], strict=True)
         model.head = head
+        if state.get("twin") is not None:
+            _attach_twin(model, state["twin"])
         model.dim = int(state["dim"])
         model.preprocessing = Preprocessing.from_dict(state["preprocessing"])
     except WeightsError:
@@ -110,3 +116,17 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -
     model.weights_id = f"checkpoint:{path.name}:{file_digest(path)}"
     model.eval()
     return model
+
+
+def _attach_twin(model: EmbeddingModel, entry: dict[str, Any]) -> None:
+    """Rebuild a checkpoint's twin (:class:`~simsearch.models.Twin`): a copy of the backbone's top
+    stages with the twin's own weights, and its head."""
+    import copy
+
+    stages = int(entry["stages"])
+    _, top = split_backbone(model, stages)
+    twin_top = copy.deepcopy(top)
+    twin_top.load_state_dict(entry["top"], strict=True)
+    twin_head = MetricHead.from_config(entry["head"]["config"])
+    twin_head.load_state_dict(entry["head"]["state_dict"], strict=True)
+    attach_twin(model, Twin(twin_top, twin_head, stages, float(entry["weight"])))

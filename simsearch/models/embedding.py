@@ -50,6 +50,8 @@ class EmbeddingModel(nn.Module):
         self.preprocessing = preprocessing or spec.preprocessing
         self.in_chans = in_chans
         self.conv_in = conv_in
+        self.twin: Twin | None = None  # a second top + head whose embedding joins this one's (see Twin)
+        self._split: tuple[nn.Module, nn.Module] | None = None  # (trunk, top) of the backbone, with a twin
 
     @property
     def model_name(self) -> str:
@@ -78,6 +80,13 @@ class EmbeddingModel(nn.Module):
         return torch.flatten(f, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.twin is not None and self._split is not None:
+            trunk, top = self._split
+            a = trunk(self.adapt_input(x))
+            main = torch.flatten(top(a), 1)
+            if self.head is not None:
+                main = self.head(main)
+            return self.twin.join(main, a)
         f = self.features(x)
         if self.head is not None:
             f = self.head(f)
@@ -91,6 +100,39 @@ class EmbeddingModel(nn.Module):
             "dim": self.dim,
             "preprocessing": self.preprocessing.to_dict(),
         }
+
+
+class Twin(nn.Module):
+    """A second top (the backbone's last ``stages``, with other weights) and head on the same trunk.
+
+    What ``simsearch train`` keeps by default: the fine-tuned model with the head-only model as its
+    twin. Each model's L2-normalised embedding is weighted, ``sqrt(weight)`` for the main one and
+    ``sqrt(1 - weight)`` for the twin's, and the two are concatenated: a unit vector whose cosine
+    with another is ``weight`` x the main model's cosine + ``(1 - weight)`` x the twin's. Fine-tuning
+    gains on the classes it was trained on and loses on others; this keeps most of the gain and
+    none of the loss (``benchmarks/README.md``, bench_ensemble.py). The trunk runs once; the top
+    stages twice.
+    """
+
+    def __init__(self, top: nn.Module, head: nn.Module, stages: int, weight: float) -> None:
+        super().__init__()
+        if not 0.0 < weight < 1.0:
+            raise InputError(f"a twin's weight must be between 0 and 1, not {weight}")
+        self.top = top
+        self.head = head
+        self.stages = int(stages)
+        self.weight = float(weight)
+
+    def join(self, main: torch.Tensor, trunk_out: torch.Tensor) -> torch.Tensor:
+        """The joined embedding of the main model's head output and the twin's, from the trunk's output."""
+        other = self.head(torch.flatten(self.top(trunk_out), 1))
+        return torch.cat(
+            [
+                nn.functional.normalize(main.float(), dim=1) * self.weight**0.5,
+                nn.functional.normalize(other.float(), dim=1) * (1.0 - self.weight) ** 0.5,
+            ],
+            dim=1,
+        )
 
 
 def gray_preprocessing(prep: Preprocessing) -> Preprocessing:

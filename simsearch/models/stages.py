@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import InputError
-from .embedding import EmbeddingModel
+from .embedding import EmbeddingModel, Twin
 
 
 def backbone_sequence(model: EmbeddingModel) -> list[tuple[str, nn.Module]]:
@@ -38,3 +38,13 @@ def top_stages(model: EmbeddingModel, n_top: int) -> list[str]:
     if not 1 <= n_top <= len(stages):
         raise InputError(f"--unfreeze must be between 1 and {len(stages)} for {model.model_name} ({', '.join(stages)})")
     return list(stages[len(stages) - n_top :])
+
+
+def attach_twin(model: EmbeddingModel, twin: Twin) -> EmbeddingModel:
+    """Give ``model`` a :class:`Twin` on its backbone's trunk (cut before the top ``twin.stages``);
+    its embedding is then the two joined, ``model.dim`` the sum of the heads' dims."""
+    trunk, top = split_backbone(model, twin.stages)
+    model.twin = twin
+    model._split = (trunk, top)  # plain attributes: the modules are the backbone's own
+    model.dim = int(model.head.dim if model.head is not None else model.spec.dim) + int(getattr(twin.head, "dim", 0))
+    return model

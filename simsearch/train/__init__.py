@@ -7,7 +7,8 @@ through a :class:`TrainCallback` and returning a :class:`TrainSummary`. Modules,
   :mod:`.callbacks`: progress hooks.
 * :mod:`.loop`: the orchestration of one run; :mod:`.phases`: the head and fine-tune phases and
   their optimisers; :mod:`.sampling`: batches; :mod:`.early_stopping`: the best state and patience;
-  :mod:`.validation`: validation figures; :mod:`.feature_cache`: the frozen network's outputs.
+  :mod:`.validation`: validation figures; :mod:`.feature_cache`: the frozen network's outputs;
+  :mod:`.ensemble`: joining the fine-tuned model with the head-only one (the default result).
 * :mod:`.losses`: losses and miners; :mod:`.data`: decoding and loaders; :mod:`.runtime`: device,
   precision, workers and seeds; :mod:`.checkpoint`: writing the checkpoint (its format and
   reading it: :mod:`simsearch.models.checkpoint`).

@@ -70,6 +70,12 @@ def build_checkpoint(
             "config": _plain(head.config()),
             "state_dict": _cpu_state(head),
         },
+        **({} if model.twin is None else {"twin": {
+            "stages": int(model.twin.stages),
+            "weight": float(model.twin.weight),
+            "top": _cpu_state(model.twin.top),
+            "head": {"config": _plain(model.twin.head.config()), "state_dict": _cpu_state(model.twin.head)},
+        }}),
         "dim": int(model.dim),
         "preprocessing": _plain(model.preprocessing.to_dict()),
         "class_names": [str(c) for c in class_names],

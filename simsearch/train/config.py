@@ -50,6 +50,9 @@ class TrainConfig:
     cache_max_gb: float = 4.0
     freeze_all_bn: bool = False
     patience: int = 3
+    # with both phases: the kept model joins the fine-tuned model's embedding (this weight) and the
+    # head-only model's (the rest); 0 keeps one of them, the one validation prefers (models.Twin)
+    ensemble: float = 0.6
     phase_checkpoints: bool = False  # also write <out>.head.pt and <out>.finetune.pt: each phase's best
     device: str = "auto"
     workers: int | None = None
@@ -100,6 +103,8 @@ class TrainConfig:
                 raise InputError(f"--unfreeze must be between 1 and {n} for {self.model} ({', '.join(spec.stages)})")
             if spec.sequence is None:
                 raise InputError(f"{self.model} cannot be fine-tuned by stages; use --phases head")
+        if not 0.0 <= self.ensemble < 1.0:
+            raise InputError("--ensemble must be at least 0 and below 1 (0: no ensemble)")
         if not 0 <= self.views <= 64:
             raise InputError("--views must be between 0 and 64")
         if self.cache_trunk and self.phases == "head":

@@ -19,7 +19,9 @@ before the first optimiser step:
 Each epoch is validated with :func:`simsearch.evaluate.retrieval_metrics` (MAP@R, then Recall@1
 to break ties); the best state over both phases is kept (the frozen start of phase 2 included,
 so fine-tuning that does not help never makes the model worse), and ``patience`` epochs without
-improvement stop a phase. The result is one self-describing checkpoint file.
+improvement stop a phase. With both phases (and ``ensemble`` > 0, the default), the model kept is
+the fine-tuned one joined with the head phase's (:mod:`.ensemble`) when validation says the pair
+does better than the head alone. The result is one self-describing checkpoint file.
 
 This module is the orchestration only; each concern has its module in this package (config,
 feature cache, phases, early stopping, validation, results, checkpoint writing).
@@ -42,10 +44,11 @@ from ..embed import keep_freed_memory, resolve_device
 from ..errors import ImageError, InputError
 from ..images import hash_file
 from ..labelled import LabelledSet, check_classes, drop_items, load_labelled, split_by_class, split_by_image
-from ..models import MetricHead, Preprocessing, create_model, split_backbone
+from ..models import MetricHead, Preprocessing, attach_twin, create_model, split_backbone
 from .callbacks import TrainCallback
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
+from .ensemble import join_phases
 from .feature_cache import FeatureCache, augmented_views, cache_fits, scan
 from .losses import class_proxies, init_proxies, make_loss
 from .phases import PhaseRunner
@@ -190,8 +193,18 @@ def train(
             )
             classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=True, trained=trained)
             save_checkpoint(finetune_checkpoint, model, config, dataset.class_names, record, classifier)
-    best.restore_best()
-    classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=best.phase == "finetune", trained=trained)
+    joined = None
+    if run_head and run_finetune and config.ensemble > 0:
+        joined = join_phases(
+            run, best, n_top, config.ensemble, val_set, val_cache, workers,
+            lambda finetuned: head_classifier(run, train_set, tr_cache, workers, finetuned=finetuned, trained=trained),
+        )
+    if joined is not None:  # the fine-tuned state is in place; its twin joins it below
+        best_phase, best_epoch, best_metrics, classifier = "ensemble", None, joined.metrics, joined.classifier
+    else:
+        best.restore_best()
+        best_phase, best_epoch, best_metrics = best.phase, best.epoch, best.metrics
+        classifier = head_classifier(run, train_set, tr_cache, workers, finetuned=best.phase == "finetune", trained=trained)
 
     summary = TrainSummary(
         out=str(out_path),
@@ -203,12 +216,12 @@ def train(
         val_images=0 if val_set is None else len(val_set),
         val_classes=val_names,
         unreadable=unreadable,
-        best_phase=best.phase,
-        best_epoch=best.epoch,
+        best_phase=best_phase,
+        best_epoch=best_epoch,
         frozen_metrics=frozen_metrics,
         head_metrics=head_metrics,
         finetune_metrics=finetune_metrics,
-        best_metrics=best.metrics,
+        best_metrics=best_metrics,
         history=run.history,
         phase_seconds=phase_seconds,
         warnings=dataset.warnings + run.warnings,
@@ -218,6 +231,9 @@ def train(
     )
     model.head = head.cpu().eval()
     model.dim = config.dim
+    if joined is not None:
+        attach_twin(model, joined.twin)
+        summary.dim = model.dim
     model.cpu().eval()
     save_checkpoint(out_path, model, config, dataset.class_names, summary.metrics_record(), classifier)
     summary.seconds = round(time.perf_counter() - t_start, 3)

@@ -95,7 +95,7 @@ class PhaseRunner:
         self.config, self.device, self.cb = config, device, cb
         self.history: list[EpochRecord] = []
         self.warnings: list[str] = []
-        self.best = BestState(head, top, per_phase=config.phase_checkpoints, proxies=loss.loss)
+        self.best = BestState(head, top, per_phase=config.phase_checkpoints or config.ensemble > 0, proxies=loss.loss)
         self.stopping = EarlyStopping(config.patience)
         self.head.to(device)
         self.loss.loss.to(device)
