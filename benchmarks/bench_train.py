@@ -28,6 +28,8 @@ For each it reports Recall@1/2/4/8, MAP@R and k-means NMI of
 3. the model after **fine-tuning** its top stages (``<out>/model.finetune.pt``: the best fine-tuning
    epoch by validation, even where validation preferred the head phase's state, which is then what
    ``<out>/model.pt`` holds);
+4. the **ensemble**, when training kept it (the default, ``--ensemble``): the fine-tuned and the
+   head-only model joined (``<out>/model.pt``, :class:`simsearch.models.Twin`);
 
 and, with ``--instance CALTECH_ROOT``, the **instance-level** Recall@1 of each: Caltech-101's
 ``Faces_easy`` images (crops of the ``Faces`` photos) as queries against the ``Faces`` photos, a hit
@@ -277,6 +279,8 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=d.patience)
     ap.add_argument("--cache-trunk", action=argparse.BooleanOptionalAction, default=d.cache_trunk)
     ap.add_argument("--views", type=int, default=d.views, help="augmented views cached per image (with --cache-trunk)")
+    ap.add_argument("--ensemble", type=float, default=d.ensemble,
+                    help="weight of the fine-tuned model in the kept pair (0: keep one model)")
     ap.add_argument("--no-augment", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=None)
@@ -336,7 +340,7 @@ def main() -> None:
         epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size, lr_head=args.lr_head,
         lr_backbone=args.lr_backbone, lr_decay=args.lr_decay, warmup=args.warmup, unfreeze=unfreeze, phases="both",
         val_classes=val_classes, val_fraction=0.2 if val_classes else args.val_fraction,
-        patience=args.patience, cache_trunk=args.cache_trunk, views=args.views, augment=not args.no_augment,
+        patience=args.patience, cache_trunk=args.cache_trunk, views=args.views, augment=not args.no_augment, ensemble=args.ensemble,
         device=args.device, workers=args.workers, phase_checkpoints=True,
     )
     out = args.out / "model.pt"
@@ -358,10 +362,15 @@ def main() -> None:
     t_test = time.perf_counter() - t0
     assert summary.head_checkpoint and summary.finetune_checkpoint
     checkpoints = {"frozen": None, "head": summary.head_checkpoint, "finetune": summary.finetune_checkpoint}
+    if summary.best_phase == "ensemble":
+        checkpoints["ensemble"] = str(out)  # model.pt: the two above joined (models.Twin)
 
     def embed(which: str, feats: Any, acts: Any) -> Any:
         if which == "frozen":
             return torch.nn.functional.normalize(feats, dim=1)
+        if which == "ensemble":
+            w = args.ensemble
+            return torch.cat([embed("finetune", feats, acts) * w**0.5, embed("head", feats, acts) * (1 - w) ** 0.5], dim=1)
         return apply_checkpoint(checkpoints[which], unfreeze, feats, acts, device, use_acts=which == "finetune")
 
     results: dict[str, dict[str, Any]] = {}
@@ -399,6 +408,7 @@ def main() -> None:
         "head": f"{ps.get('head', 0.0):.0f}s head phase",
         "finetune": (f"{ps.get('views', 0.0):.0f}s caching {args.views} views + " if "views" in ps else "")
         + f"{ps.get('finetune', 0.0):.0f}s fine-tuning ({ft_epochs} epochs, {ft_rate:.1f} img/s with validation)",
+        "ensemble": f"the two above joined (weight {args.ensemble:g} on the fine-tuned; model.pt)",
     }
     for which in checkpoints:
         m = results[which]["eval"]
@@ -411,7 +421,8 @@ def main() -> None:
     print(f"validation R@1: frozen "
           f"{(summary.frozen_metrics or {}).get('recall@1', float('nan')):.4f}, head {(summary.head_metrics or {}).get('recall@1', float('nan')):.4f}, "
           f"finetune {(summary.finetune_metrics or {}).get('recall@1', float('nan')):.4f}; "
-          f"{out.name} keeps {summary.best_phase} epoch {summary.best_epoch}")
+          + (f"{out.name} keeps the ensemble (validation R@1 {(summary.best_metrics or {}).get('recall@1', float('nan')):.4f})"
+             if summary.best_phase == "ensemble" else f"{out.name} keeps {summary.best_phase} epoch {summary.best_epoch}"))
     print(f"frozen stages of the fine-tuned checkpoint bit-identical to the pretrained backbone: {unchanged}")
     payload = {
         "machine": info,

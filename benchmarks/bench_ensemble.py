@@ -1,0 +1,146 @@
+"""Combining the head-only and the fine-tuned model of one ``bench_train.py`` run, without training.
+
+``bench_train.py`` writes the head phase's model (``model.head.pt``) and the fine-tuned one
+(``model.finetune.pt``) of a run. Fine-tuning gains on the classes it was trained on and loses on
+classes it never saw. Two ways to combine the two, measured on the run's own evaluation set:
+
+* **weight interpolation** (WiSE-FT, Wortsman et al. 2022): one model whose trained weights (the
+  fine-tuned top stages, their head) are ``(1 - a) * head-phase + a * fine-tuned``; ``a`` = 0 is the
+  head-only model, 1 the fine-tuned one. Same cost and dim as either.
+* **output ensemble**: both models' L2-normalised embeddings, concatenated with weights
+  ``sqrt(1 - w)`` and ``sqrt(w)`` (a unit vector whose cosine is ``(1 - w) * head + w * fine-tuned``
+  cosine). Twice the dim; the frozen trunk is shared, so the cost is the top stages twice.
+
+    python benchmarks/bench_ensemble.py RUN_DIR [--instance CALTECH_ROOT] [--cache DIR]
+
+``RUN_DIR`` is a ``bench_train.py --out`` folder: its ``results.json`` says the protocol, data and
+stages. ``--cache DIR`` keeps the frozen pass over the evaluation images (one per protocol; the
+seeds of a protocol share it). Prints Recall@1/2/4/8, MAP@R (with its standard error), NMI and the
+instance-level Recall@1 of each setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import bench_train as bt  # noqa: E402
+
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+WEIGHTS = (0.3, 0.5, 0.6, 0.7)
+
+
+def frozen_passes(name: str, eval_set: Any, base: Any, cut: int, cache: Path | None) -> dict[str, Any]:
+    import torch
+
+    path = cache / f"{name}.pt" if cache else None
+    if path is not None and path.exists():
+        return torch.load(path, weights_only=False)
+    args = argparse.Namespace(device="cpu", workers=2)
+    out = {}
+    for side, items in (("queries", eval_set.queries), ("gallery", eval_set.gallery)):
+        if items is not None:
+            out[side] = bt.frozen_pass(base, cut, items, args, f"{name} {side}")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+    return out
+
+
+def interpolated(head_path: str, ft_path: str, a: float, dst: Path) -> str:
+    """A checkpoint whose floating-point weights are ``(1 - a) * head-phase + a * fine-tuned``."""
+    import torch
+
+    h = torch.load(head_path, map_location="cpu", weights_only=False)
+    ft = torch.load(ft_path, map_location="cpu", weights_only=False)
+
+    def mix(x: dict[str, Any], y: dict[str, Any]) -> dict[str, Any]:
+        return {k: ((1 - a) * x[k].float() + a * y[k].float()).to(y[k].dtype) if y[k].is_floating_point()
+                else (y[k] if a >= 0.5 else x[k]) for k in y}
+
+    out = dict(ft)
+    out["backbone"] = dict(ft["backbone"], state_dict=mix(h["backbone"]["state_dict"], ft["backbone"]["state_dict"]))
+    out["head"] = dict(ft["head"], state_dict=mix(h["head"]["state_dict"], ft["head"]["state_dict"]))
+    torch.save(out, dst)
+    return str(dst)
+
+
+def metrics(embed: Any, passes: dict[str, Any], nmi: bool) -> dict[str, float]:
+    from simsearch.evaluate import retrieval_metrics
+
+    q = embed("queries")
+    if "gallery" in passes:
+        m = retrieval_metrics(q, passes["queries"][2], embed("gallery"), passes["gallery"][2], nmi=nmi, seed=0)
+    else:
+        m = retrieval_metrics(q, passes["queries"][2], nmi=nmi, seed=0)
+    return m.to_dict()
+
+
+def main() -> None:
+    import numpy as np
+
+    from simsearch.models import create_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a bench_train.py --out folder")
+    p.add_argument("--instance", type=Path, default=None, help="Caltech-101 root: also Faces_easy -> Faces Recall@1")
+    p.add_argument("--cache", type=Path, default=None, help="keep the frozen passes here")
+    p.add_argument("--json-out", type=Path, default=None)
+    a = p.parse_args()
+    info = json.loads((a.run / "results.json").read_text())
+    args, cut = info["args"], int(info["unfreeze"])
+    split = bt.PROTOCOLS[args["protocol"]]
+    eval_set = split(Path(args["data"]), args.get("limit_per_class"))[1]
+    base = create_model(args["model"], args["weights"], seed=args["seed"])
+    sets = {args["protocol"]: eval_set}
+    if a.instance:
+        sets["instance"] = bt.instance_set(a.instance)
+    passes = {name: frozen_passes(name, es, base, cut, a.cache) for name, es in sets.items()}
+    head_ck, ft_ck = str(a.run / "model.head.pt"), str(a.run / "model.finetune.pt")
+
+    def embedding(ck: str) -> dict[str, dict[str, Any]]:
+        return {name: {side: bt.apply_checkpoint(ck, cut, *ps[side][:2], "cpu", True).numpy() for side in ps}
+                for name, ps in passes.items()}
+
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for alpha in ALPHAS:
+            ck = interpolated(head_ck, ft_ck, alpha, Path(tmp) / f"a{alpha}.pt")
+            emb = embedding(ck)
+            if alpha == 0.0:
+                head_emb = emb
+            if alpha == 1.0:
+                ft_emb = emb
+            rows[f"interpolation a={alpha:g}"] = {
+                name: metrics(lambda side, n=name: emb[n][side], passes[name], nmi=name != "instance") for name in passes
+            }
+    for w in WEIGHTS:
+        def joined(side: str, n: str, w: float = w) -> Any:
+            return np.concatenate([np.sqrt(1 - w) * head_emb[n][side], np.sqrt(w) * ft_emb[n][side]], axis=1)
+
+        rows[f"ensemble w={w:g}"] = {
+            name: metrics(lambda side, n=name: joined(side, n), passes[name], nmi=name != "instance") for name in passes
+        }
+    proto = args["protocol"]
+    print(f"{proto}, seed {args['seed']}, {a.run.name}: {len(eval_set.queries)} queries"
+          + (f" against {len(eval_set.gallery)} gallery images" if eval_set.gallery else " (leave-one-out)"))
+    print(f"{'':>22} {'R@1':>6} {'R@2':>6} {'R@4':>6} {'R@8':>6} {'MAP@R':>6} {'(se)':>7} {'NMI':>6}  instance R@1")
+    for label, r in rows.items():
+        m = r[proto]
+        inst = f"{r['instance']['recall@1']:.4f}" if "instance" in r else ""
+        print(f"{label:>22} {m['recall@1']:6.4f} {m['recall@2']:6.4f} {m['recall@4']:6.4f} {m['recall@8']:6.4f} "
+              f"{m['map@r']:6.4f} {m['map@r_se']:7.4f} {m['nmi']:6.4f}  {inst}")
+    if a.json_out:
+        a.json_out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
