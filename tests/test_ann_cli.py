@@ -31,7 +31,8 @@ def site(tmp_path_factory):
 
 
 def run_cli(args: list[str]) -> tuple[dict, bool]:
-    """Run the CLI in a fresh interpreter: (its JSON output, whether torch got imported)."""
+    """Run the CLI in a fresh interpreter: (its JSON output, whether torch got imported). A run that
+    imported torch ends inside ``main`` (no interpreter teardown), so only the others print the marker."""
     code = (
         "import sys, json\n"
         "from simsearch.cli import main\n"
@@ -143,3 +144,25 @@ def test_import_vectors_command(site, tmp_path):
     np.save(tmp_path / "bad.npy", np.ones((2, 7), np.float32))
     result = invoke("import-vectors", tmp_path / "bad.npy", "--paths", tmp_path / "p.csv", "--index", idx)
     assert result.exit_code == 1 and "7-d" in result.stderr
+
+
+def test_a_command_that_loaded_torch_exits_at_once_with_its_output_and_status(site, tmp_path):
+    """``python -m simsearch`` as a user runs it: after the model ran, the process ends without the
+    interpreter's teardown, its output complete and its exit status click's."""
+    import shutil
+
+    base, paths = site
+    new = tmp_path / "new.jpg"
+    shutil.copy(paths[0], new)  # not in the index: embedded by the model
+    run = [sys.executable, "-m", "simsearch"]
+    ok = subprocess.run(run + ["query", new, "-k", "3", "--json", "--device", "cpu", "--index", base / "idx"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    results = json.loads(ok.stdout)[0]["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3] and str(paths[0]) not in [r["path"] for r in results]  # itself left out
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    failed = subprocess.run(run + ["query", bad, "--device", "cpu", "--index", base / "idx"],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.strip().startswith("Error:") and "Traceback" not in failed.stderr
