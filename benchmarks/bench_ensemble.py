@@ -85,9 +85,9 @@ def metrics(embed: Any, passes: dict[str, Any], nmi: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    import numpy as np
+    import torch
 
-    from simsearch.models import create_model
+    from simsearch.models import create_model, join_embeddings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a bench_train.py --out folder")
@@ -123,8 +123,8 @@ def main() -> None:
                 name: metrics(lambda side, n=name: emb[n][side], passes[name], nmi=name != "instance") for name in passes
             }
     for w in WEIGHTS:
-        def joined(side: str, n: str, w: float = w) -> Any:
-            return np.concatenate([np.sqrt(1 - w) * head_emb[n][side], np.sqrt(w) * ft_emb[n][side]], axis=1)
+        def joined(side: str, n: str, w: float = w) -> Any:  # what a trained model.pt computes (models.Twin)
+            return join_embeddings(torch.from_numpy(ft_emb[n][side]), torch.from_numpy(head_emb[n][side]), w).numpy()
 
         rows[f"ensemble w={w:g}"] = {
             name: metrics(lambda side, n=name: joined(side, n), passes[name], nmi=name != "instance") for name in passes

@@ -293,7 +293,7 @@ def main() -> None:
 
     from simsearch.embed import resolve_device
     from simsearch.evaluate import retrieval_metrics
-    from simsearch.models import create_model
+    from simsearch.models import create_model, join_embeddings
     from simsearch.train import TrainCallback, train
 
     t_all = time.perf_counter()
@@ -368,9 +368,8 @@ def main() -> None:
     def embed(which: str, feats: Any, acts: Any) -> Any:
         if which == "frozen":
             return torch.nn.functional.normalize(feats, dim=1)
-        if which == "ensemble":
-            w = args.ensemble
-            return torch.cat([embed("finetune", feats, acts) * w**0.5, embed("head", feats, acts) * (1 - w) ** 0.5], dim=1)
+        if which == "ensemble":  # what model.pt computes (models.Twin), from the two phase models
+            return join_embeddings(embed("finetune", feats, acts), embed("head", feats, acts), args.ensemble)
         return apply_checkpoint(checkpoints[which], unfreeze, feats, acts, device, use_acts=which == "finetune")
 
     results: dict[str, dict[str, Any]] = {}

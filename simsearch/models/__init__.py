@@ -22,7 +22,7 @@ import logging
 
 from . import resnet  # noqa: F401  (registers the ResNets)
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .embedding import LUMA, EmbeddingModel, Twin, adapt_first_conv_to_gray, gray_preprocessing
+from .embedding import LUMA, EmbeddingModel, Twin, adapt_first_conv_to_gray, gray_preprocessing, join_embeddings
 from .factory import create_model
 from .head import MetricHead
 from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, available_models, get_spec, register
@@ -49,6 +49,7 @@ __all__ = [
     "get_spec",
     "gray_preprocessing",
     "imagenet_cache_path",
+    "join_embeddings",
     "load_checkpoint",
     "model_from_checkpoint",
     "register",

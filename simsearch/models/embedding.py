@@ -125,14 +125,20 @@ class Twin(nn.Module):
 
     def join(self, main: torch.Tensor, trunk_out: torch.Tensor) -> torch.Tensor:
         """The joined embedding of the main model's head output and the twin's, from the trunk's output."""
-        other = self.head(torch.flatten(self.top(trunk_out), 1))
-        return torch.cat(
-            [
-                nn.functional.normalize(main.float(), dim=1) * self.weight**0.5,
-                nn.functional.normalize(other.float(), dim=1) * (1.0 - self.weight) ** 0.5,
-            ],
-            dim=1,
-        )
+        return join_embeddings(main, self.head(torch.flatten(self.top(trunk_out), 1)), self.weight)
+
+
+def join_embeddings(main: torch.Tensor, other: torch.Tensor, weight: float) -> torch.Tensor:
+    """Two models' embeddings (or class vectors) of the same rows as one unit vector each: both
+    L2-normalised, weighted ``sqrt(weight)`` and ``sqrt(1 - weight)``, concatenated; its cosine
+    with another is ``weight`` x the first model's cosine + ``(1 - weight)`` x the second's."""
+    return torch.cat(
+        [
+            nn.functional.normalize(main.float(), dim=1) * weight**0.5,
+            nn.functional.normalize(other.float(), dim=1) * (1.0 - weight) ** 0.5,
+        ],
+        dim=1,
+    )
 
 
 def gray_preprocessing(prep: Preprocessing) -> Preprocessing:

@@ -37,6 +37,9 @@ MMAP_BYTES = 1 << 30  # SQLite reads the catalog through a map of up to this man
 # the slots of ok rows by id, alone in an index of their own (a covering, partial index; see
 # Catalog.slots_of): 19 MB at a million rows, read in place of the rows themselves
 OK_SLOT_INDEX = "idx_images_ok_slot"
+_CREATE_OK_SLOT_INDEX = (
+    f"CREATE INDEX IF NOT EXISTS {OK_SLOT_INDEX} ON images (id, slot, status) WHERE status = 'ok' AND slot IS NOT NULL"
+)
 CATALOG_FILE = "catalog.db"
 # Files that only an index holds: a catalog missing or empty beside them is damage, not a new index.
 _INDEX_DATA_FILES = ("vectors.faiss", "vectors.f16")
@@ -252,9 +255,7 @@ class Catalog:
                 db["images"].create_index(["hash"])
                 db["images"].create_index(["status"])
                 db["images"].create_index(["slot"])
-                db.execute(
-                    f"CREATE INDEX {OK_SLOT_INDEX} ON images (id, slot, status) WHERE status = 'ok' AND slot IS NOT NULL"
-                )
+                db.execute(_CREATE_OK_SLOT_INDEX)
                 db["clusters"].create({"cluster": int, "size": int, "centroid": bytes}, pk="cluster")
                 db["cluster_members"].create({"image_id": int, "cluster": int, "distance": float}, pk="image_id")
                 db["cluster_members"].create_index(["cluster", "distance"])
@@ -296,9 +297,7 @@ class Catalog:
         if OK_SLOT_INDEX not in have:
             log.info("adding the slot-by-id index to %s (once)", self.path)
             with self.transaction():
-                self.db.execute(
-                    f"CREATE INDEX IF NOT EXISTS {OK_SLOT_INDEX} ON images (id, slot, status) WHERE status = 'ok' AND slot IS NOT NULL"
-                )
+                self.db.execute(_CREATE_OK_SLOT_INDEX)
             self._ok_slot_index = True
 
     def _create_labels_table(self) -> None:
@@ -575,31 +574,15 @@ class Catalog:
                 self.db.conn.executemany("DELETE FROM ann_pending WHERE id = ?", [(int(i),) for i in ids])
 
     # -- vector slots (the vectors themselves are in the vector file) ------------------------
-    def iter_slots(
-        self, ids: Iterable[int] | None = None, chunk: int = 4096
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(ids, slots, CRC-32s) of ok rows with a stored vector, in id order, ``chunk`` rows at a time."""
-        if ids is None:
-            cursor = self.db.execute(
-                "SELECT id, slot, vcrc FROM images WHERE status = 'ok' AND slot IS NOT NULL ORDER BY id"
-            )
-            while True:
-                rows = cursor.fetchmany(chunk)
-                if not rows:
-                    return
-                yield _slot_arrays(rows)
-        else:
-            id_list = sorted({int(i) for i in ids})
-            for start in range(0, len(id_list), 500):
-                part = id_list[start : start + 500]
-                marks = ",".join("?" * len(part))
-                rows = self.db.execute(
-                    f"SELECT id, slot, vcrc FROM images WHERE status = 'ok' AND slot IS NOT NULL AND id IN ({marks}) "
-                    "ORDER BY id",
-                    part,
-                ).fetchall()
-                if rows:
-                    yield _slot_arrays(rows)
+    def iter_slots(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, slots, CRC-32s) of every ok row with a stored vector, in id order, ``chunk`` rows at a
+        time (the slots of given rows: :meth:`slots_of`)."""
+        cursor = self.db.execute("SELECT id, slot, vcrc FROM images WHERE status = 'ok' AND slot IS NOT NULL ORDER BY id")
+        while True:
+            rows = cursor.fetchmany(chunk)
+            if not rows:
+                return
+            yield _slot_arrays(rows)
 
     def slots_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the ok rows among ``ids`` that have a stored vector, in id order.

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from ..labelled import LabelledSet
-from ..models import Twin
+from ..models import Twin, join_embeddings
 from .early_stopping import BestState, metric_key
 from .feature_cache import FeatureCache
 from .phases import PhaseRunner
@@ -87,12 +86,11 @@ def _joined_embeddings(
         main, _ = embed_set(run.model, run.trunk, run.top, run.head, val_set, run.device, workers, run.config)
         other, _ = embed_set(run.model, run.trunk, twin.top, twin.head, val_set, run.device, workers, run.config)
     twin.cpu()
-    return torch.cat([main.float() * twin.weight**0.5, other.float() * (1.0 - twin.weight) ** 0.5], dim=1).cpu()
+    return join_embeddings(main, other, twin.weight).cpu()
 
 
 def joined_proxies(main: dict[str, Any], other: dict[str, Any], weight: float) -> dict[str, Any]:
-    """The class vectors of the joined model: each class's two unit vectors, weighted as the
-    embeddings are, so that a class's cosine with an image is the weighted sum of the two models'."""
-    a = nn.functional.normalize(main["proxies"].float(), dim=1) * weight**0.5
-    b = nn.functional.normalize(other["proxies"].float(), dim=1) * (1.0 - weight) ** 0.5
-    return dict(main, proxies=torch.cat([a, b], dim=1), source=f"{main['source']}, joined with the head-only model's")
+    """The class vectors of the joined model: each class's two vectors joined as the embeddings are,
+    so that a class's cosine with an image is the weighted sum of the two models'."""
+    proxies = join_embeddings(main["proxies"], other["proxies"], weight)
+    return dict(main, proxies=proxies, source=f"{main['source']}, joined with the head-only model's")
