@@ -161,8 +161,11 @@ def test_identity_mismatch_needs_rebuild(tmp_path: Path) -> None:
         with pytest.raises(IndexMismatchError, match="--rebuild"):
             store.ensure_identity(other)
         assert store.catalog.counts()["ok"] == 20
+        store.thumbnails.dir.mkdir()
+        (store.thumbnails.dir / "1-h1.jpg").write_bytes(b"jpeg")
         store.ensure_identity(other, rebuild=True)
         assert store.catalog.counts() == {"ok": 0, "failed": 0}
+        assert list(store.thumbnails.dir.iterdir()) == []
         assert store.catalog.identity()["model"] == "other"
 
 

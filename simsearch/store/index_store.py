@@ -351,8 +351,8 @@ class IndexStore:
     def ensure_identity(self, description: dict[str, Any], rebuild: bool = False) -> None:
         """Record the model for a fresh index; refuse a different one unless ``rebuild``.
 
-        Rebuilding (even with the same model) drops every row and vector, and keeps the recorded
-        FAISS layout.
+        Rebuilding (even with the same model) drops every row, vector and thumbnail, and keeps the
+        recorded FAISS layout.
         """
         if not rebuild:
             self.check_model(description)
@@ -365,6 +365,7 @@ class IndexStore:
         self.catalog.clear_all()
         for name in (FAISS_FILE, VECTOR_FILE):
             (self.path / name).unlink(missing_ok=True)
+        self.thumbnails.clear()
         self._vectors = None
         self.catalog.set_meta(dict(description, faiss_factory=factory))
         self.catalog.db.execute("DELETE FROM meta WHERE key = 'faiss_saved'")

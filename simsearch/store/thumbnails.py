@@ -62,6 +62,12 @@ class ThumbnailCache:
             if entry.name.split("-", 1)[0] in wanted:
                 entry.unlink(missing_ok=True)
 
+    def clear(self) -> None:
+        """Delete every thumbnail (the index starts over: ``--rebuild``)."""
+        if self.dir.is_dir():
+            for entry in self.dir.iterdir():
+                entry.unlink(missing_ok=True)
+
     def prune(self) -> int:
         """Delete thumbnails whose row is gone, failed, or now has another hash; returns how many."""
         if not self.dir.is_dir():
