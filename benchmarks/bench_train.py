@@ -345,7 +345,8 @@ def main() -> None:
     )
     out = args.out / "model.pt"
     summary = train(train_csv, out, config, callback=Progress())
-    log(f"training done in {summary.seconds:.0f}s; kept {summary.best_phase} epoch {summary.best_epoch}")
+    epoch = "" if summary.best_epoch is None else f" epoch {summary.best_epoch}"
+    log(f"training done in {summary.seconds:.0f}s; kept {summary.best_phase}{epoch}")
 
     # One frozen pass over the evaluation images, then each model's embeddings from it.
     base = create_model(args.model, args.weights, seed=args.seed)
