@@ -137,7 +137,8 @@ def measure(run: Path, a: argparse.Namespace) -> tuple[str, dict[str, dict[str, 
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for alpha in (0.0, 1.0) if dev else ALPHAS:
-            ck = interpolated(head_ck, ft_ck, alpha, Path(tmp) / f"a{alpha}.pt")
+            # the ends are the phase models themselves (what interpolating would write again)
+            ck = {0.0: head_ck, 1.0: ft_ck}.get(alpha) or interpolated(head_ck, ft_ck, alpha, Path(tmp) / f"a{alpha}.pt")
             emb = embedding(ck)
             if alpha == 0.0:
                 head_emb = emb
@@ -163,8 +164,17 @@ def measure(run: Path, a: argparse.Namespace) -> tuple[str, dict[str, dict[str, 
         inst = f"{r['instance']['recall@1']:.4f}" if "instance" in r else ""
         print(f"{label:>22} {m['recall@1']:6.4f} {m['recall@2']:6.4f} {m['recall@4']:6.4f} {m['recall@8']:6.4f} "
               f"{m['map@r']:6.4f} {m['map@r_se']:7.4f} {m['nmi']:6.4f}  {inst}")
+    if dev:
+        scores = {label: r[proto] for label, r in rows.items()}
+        for key in ("recall@1", "map@r"):
+            print(f"best on this run's development data by {key}: {best_setting(scores, key)}")
     print(flush=True)
     return proto, rows
+
+
+def best_setting(scores: dict[str, dict[str, float]], key: str) -> str:
+    """The setting with the highest ``key`` (ties: the higher MAP@R, then the first listed)."""
+    return max(scores, key=lambda label: (scores[label][key], scores[label]["map@r"]))
 
 
 def pooled(results: list[tuple[str, dict[str, dict[str, Any]]]]) -> None:
@@ -177,7 +187,7 @@ def pooled(results: list[tuple[str, dict[str, dict[str, Any]]]]) -> None:
     for label, m in mean.items():
         print(f"{label:>22} {m['recall@1']:6.4f} {m['map@r']:6.4f}")
     for key in ("recall@1", "map@r"):
-        print(f"best mean {key}: {max(mean, key=lambda k: (mean[k][key], mean[k]['map@r']))}")
+        print(f"best mean {key}: {best_setting(mean, key)}")
 
 
 def main() -> None:
