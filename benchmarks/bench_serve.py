@@ -131,6 +131,18 @@ def start_server(
     sys.exit("simsearch serve did not start in 300 s")
 
 
+def wait_packed(port: int, timeout: float = 600.0) -> dict[str, object]:
+    """The server's vector search once it is no longer packing its float16 copy (``/api/info``);
+    a server without that report (an older one) is taken as it is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=30) as r:
+            search = json.load(r)["serve"].get("vector_search", {})
+        if not search.get("packing") or time.monotonic() > deadline:
+            return search
+        time.sleep(0.2)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far, all its threads (Linux /proc; NaN elsewhere)."""
     try:
@@ -337,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             warm.request("POST", f"/api/search?k={args.k}", body=body, headers={"Content-Type": ctype})
             warm.getresponse().read()
             warm.close()
+            print(f"  {name}: vector search {wait_packed(ports[name])}", flush=True)
         pool.submit(percentile, [1.0], 50).result()  # start the client process before timing
 
         bare_before = bare_query(args.index, files, args.bare, args.k, args.precision)

@@ -481,7 +481,9 @@ def test_server_follows_a_layout_rebuild(tmp_path) -> None:
         response = c.get("/api/search", params={"id": qid, "k": 4})
         assert response.status_code == 200, response.text
         assert [r["id"] for r in response.json()["results"]] == want
-        assert c.get("/api/info").json()["serve"]["vectors_loaded"] == 12
+        serve = c.get("/api/info").json()["serve"]
+        assert serve["vectors_loaded"] == 12
+        assert serve["vector_search"]["using"] == "faiss" and "not flat" in serve["vector_search"]["why"]
 
 
 # -- labels and duplicates ----------------------------------------------------------------------
@@ -750,3 +752,98 @@ def test_a_new_faiss_save_is_loaded_even_if_the_file_looks_the_same(tmp_path, mo
         assert c.get("/api/info").json()["serve"]["generation"] == generation + 1
         assert c.get("/api/search", params={"id": int(ids[1])}).status_code == 200
         assert c.get("/api/info").json()["serve"]["generation"] == generation + 1  # nothing new: no reload
+
+
+# -- the float16 search of a flat index -------------------------------------------------------------
+
+
+def _packed_ready(state, timeout: float = 120.0):
+    snap = state.snapshot()
+    return snap, state.packer.wait(snap, timeout)
+
+
+def test_flat_index_is_searched_through_its_packed_copy_with_faiss_answers(site) -> None:
+    """Once the float16 copy is packed, queries by id and by upload go through it, and answer as
+    FAISS does (ids in the same order, the same scores); ``--search faiss`` never packs."""
+    from simsearch.serve.state import ServeIndex
+
+    ids, vectors, _ = _stored(site / "index")
+    packed, plain = ServeIndex(site / "index", device="cpu"), ServeIndex(site / "index", device="cpu", vector_search="faiss")
+    try:
+        snap, copy = _packed_ready(packed)
+        assert copy is not None and len(copy) == len(ids)
+        assert packed.info()["serve"]["vector_search"] == {
+            "mode": "auto", "using": "float16", "packed_bytes": 2 * len(ids) * vectors.shape[1], "faiss_fallbacks": 0,
+        }
+        plain.snapshot()
+        assert plain.info()["serve"]["vector_search"] == {"mode": "faiss", "using": "faiss", "why": "asked for (--search faiss)"}
+        assert plain.packer.get(plain.snapshot()) is None
+        for row in range(len(ids)):
+            for options in ({"k": 4}, {"k": 100, "include_self": True}, {"k": 5, "threshold": 0.0}):
+                a = packed.query_id(int(ids[row]), **options)["results"]
+                b = plain.query_id(int(ids[row]), **options)["results"]
+                assert [h["id"] for h in a] == [h["id"] for h in b]
+                np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], atol=2e-6)
+            assert [h["id"] for h in packed.query_id(int(ids[row]), k=3)["results"]] == _brute_force(
+                ids, vectors, vectors[row], 3, {int(ids[row])}
+            )
+        _, _, paths = _stored(site / "index")
+        data = Path(paths[int(ids[3])]).read_bytes()
+        a, b = packed.query_upload(data, k=5), plain.query_upload(data, k=5)
+        assert [h["id"] for h in a["results"]] == [h["id"] for h in b["results"]]
+        assert packed.packer.get(snap) is copy  # the copy searched all along
+    finally:
+        packed.close()
+        plain.close()
+
+
+def test_packed_copy_follows_a_writers_save(tmp_path) -> None:
+    """A save loads new vectors: FAISS answers until they are packed in turn, and the old copy goes."""
+    from simsearch.serve.state import ServeIndex
+
+    _build(tmp_path / "photos", tmp_path / "index", n=6, clusters=None)
+    state = ServeIndex(tmp_path / "index", device="cpu")
+    try:
+        first, copy = _packed_ready(state)
+        assert copy is not None and len(copy) == 6
+        make_collection(tmp_path / "photos" / "more", n=6, seed=5)
+        run_index(tmp_path / "photos", tmp_path / "index")
+        ids, vectors, _ = _stored(tmp_path / "index")
+        row = 0
+        got = [h["id"] for h in state.query_id(int(ids[row]), k=100)["results"]]
+        assert got == _brute_force(ids, vectors, vectors[row], 100, {int(ids[row])})  # packed or not yet
+        second, copy2 = _packed_ready(state)
+        assert second is not first and state.packer.get(first) is None
+        assert copy2 is not None and len(copy2) == 12
+        assert [h["id"] for h in state.query_id(int(ids[row]), k=100)["results"]] == got
+    finally:
+        state.close()
+
+
+def test_no_packed_copy_past_the_limit_or_without_fbgemm(tmp_path, monkeypatch) -> None:
+    """Too big a copy, or a torch without FBGEMM: FAISS searches, and /api/info says why."""
+    from simsearch.embed import half_search
+    from simsearch.serve.state import ServeIndex
+
+    _build(tmp_path / "photos", tmp_path / "index", n=6, clusters=None)
+    ids, vectors, _ = _stored(tmp_path / "index")
+    want = _brute_force(ids, vectors, vectors[1], 3, {int(ids[1])})
+    small = ServeIndex(tmp_path / "index", device="cpu", pack_limit=1024)
+    try:
+        assert _packed_ready(small)[1] is None
+        search = small.info()["serve"]["vector_search"]
+        assert search["using"] == "faiss" and "over the limit of" in search["why"]
+        assert [h["id"] for h in small.query_id(int(ids[1]), k=3)["results"]] == want
+    finally:
+        small.close()
+    monkeypatch.setattr(half_search, "_quantized_engines", lambda: ["qnnpack"])
+    bare = ServeIndex(tmp_path / "index", device="cpu")
+    try:
+        assert _packed_ready(bare)[1] is None
+        search = bare.info()["serve"]["vector_search"]
+        assert search["using"] == "faiss" and "packing failed" in search["why"] and "FBGEMM" in search["why"]
+        assert [h["id"] for h in bare.query_id(int(ids[1]), k=3)["results"]] == want
+    finally:
+        bare.close()
+    with pytest.raises(Exception, match="unknown vector search"):
+        ServeIndex(tmp_path / "index", vector_search="gpu")

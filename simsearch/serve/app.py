@@ -47,6 +47,7 @@ def create_app(
     warm: bool = False,
     model_batch: int = 8,
     lean_search: bool = True,
+    vector_search: str = "auto",
 ) -> FastAPI:
     """A FastAPI app serving the index at ``index_dir`` (see the README's ``simsearch serve``).
 
@@ -55,10 +56,12 @@ def create_app(
     ``model_batch``: most concurrent uploads embedded in one forward pass. ``lean_search``: answer
     ``GET /api/search`` in front of FastAPI's routing (:mod:`simsearch.serve.fast`; the same
     answers and errors, less time per query); False sends it through the FastAPI route.
+    ``vector_search``: ``auto`` searches a flat index through a packed float16 copy of its vectors once
+    it is ready (exact, faster), ``faiss`` with FAISS alone (:class:`simsearch.serve.state.ServeIndex`).
     """
     state = ServeIndex(
         index_dir, device=device, precision=precision, max_pixels=max_pixels, max_upload_bytes=max_upload_bytes,
-        model_batch=model_batch,
+        model_batch=model_batch, vector_search=vector_search,
     )
     if warm:
         state.warm_up()

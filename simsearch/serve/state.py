@@ -8,8 +8,13 @@ What it owns and why:
   keeps torch's threads from fighting each other (what a lock around the model gave), and a batch
   costs far less per image than one pass each. ``model_batch=1`` is one image per pass.
 - **Searches batched across requests** (the same module): the vector searches of
-  concurrent queries run as one FAISS call on one search thread, so many clients share each pass
+  concurrent queries run as one call on one search thread, so many clients share each pass
   over the vectors; a query by indexed id never waits for the model or a thread of the pool.
+- **A flat index searched through a float16 copy** (``vector_search="auto"``): the loaded vectors are
+  packed on a thread of their own (:mod:`simsearch.serve.packing`) for the exact float16 search
+  of :mod:`simsearch.embed.half_search`, 2 to 3.5 times faster than FAISS's for the small batches
+  a server sees; FAISS searches until the copy is ready, and for other layouts, collections over
+  :data:`~simsearch.serve.packing.PACK_LIMIT_BYTES` or CPUs without FBGEMM.
 - **The vectors, reloaded when a writer saves.** Each request stats the FAISS file (inode, mtime,
   size; the writer always replaces it by an atomic rename). When that changed, the file is loaded
   again and swapped in as a whole: a request uses one loaded index from start to end, so it never
@@ -51,6 +56,7 @@ from simsearch.store.layouts import LayoutSearch, open_layout_search
 from simsearch.store.thumbnails import thumbnail_of
 
 from .batching import MAX_BATCH, Batcher
+from .packing import PACK_LIMIT_BYTES, LatestPacker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 THUMBNAIL_CACHE = 4096  # thumbnails kept in memory (about 10 kB each at 256 px)
 ROW_CACHE = 16384  # catalog rows a thread keeps between commits (about 0.5 kB each)
 MAX_K = 1000
+SEARCH_CHOICES = ("auto", "faiss")
 
 
 class NotFound(SimsearchError):
@@ -120,9 +127,19 @@ class ServeIndex:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         model_batch: int = 8,
+        vector_search: str = "auto",
+        pack_limit: int = PACK_LIMIT_BYTES,
     ) -> None:
+        """``vector_search``: ``auto`` searches a flat index through a packed float16 copy of its vectors
+        once it is ready (exact; see the module's text), ``faiss`` with FAISS alone. ``pack_limit``:
+        the largest such copy, in bytes."""
         if model_batch < 1:
             raise InputError("the model batch must be at least 1")
+        if vector_search not in SEARCH_CHOICES:
+            raise InputError(f"unknown vector search {vector_search!r}; use {' or '.join(SEARCH_CHOICES)}")
+        self.vector_search = vector_search
+        self.pack_limit = pack_limit
+        self._why_faiss: str | None = None  # why the loaded vectors are not packed (info)
         self.path = Path(index_dir)
         self.device = device
         self.precision = precision
@@ -145,8 +162,10 @@ class ServeIndex:
         self._dups_lock = threading.Lock()
         self.searches = Batcher(self._search_group, "search", max_batch=MAX_BATCH, on_start=_one_openmp_thread)
         self.model_runs = Batcher(self._embed_group, "model", max_batch=model_batch)
+        self.packer = LatestPacker(_pack)
 
     def close(self) -> None:
+        self.packer.close()
         self.model_runs.close()
         self.searches.close()
         for store in self._stores:
@@ -239,7 +258,23 @@ class ServeIndex:
             if self._snapshot is not None:
                 log.info("index %s changed on disk: loaded %d vectors (generation %d)", self.path, len(ann), snap.generation)
             self._snapshot = snap
+            self._pack_later(snap)
             return snap
+
+    def _pack_later(self, snap: Snapshot) -> None:
+        """Have the packer make the float16 copy of ``snap``'s vectors, when they are to have one."""
+        size = 2 * len(snap.ann) * snap.ann.dim  # float16
+        if self.vector_search != "auto":
+            self._why_faiss = "asked for (--search faiss)"
+        elif snap.search is not snap.ann:
+            self._why_faiss = f"the layout ({snap.ann.factory}) is not flat"
+        elif size > self.pack_limit:
+            self._why_faiss = f"a float16 copy would take {size / 2**20:,.0f} MiB, over the limit of {self.pack_limit / 2**20:,.0f} MiB"
+        else:
+            self._why_faiss = None
+            self.packer.want(snap)
+            return
+        self.packer.clear()
 
     def _embedder_for(self, snap: Snapshot) -> Any:
         """The index's model, built on first use (and again only if the index was rebuilt with another)."""
@@ -399,7 +434,10 @@ class ServeIndex:
         """One FAISS search of the query vectors waiting for ``snap`` at ``depth`` (on the search
         thread; see :class:`Batcher`); each query's (scores, ids), of shape (1, depth)."""
         queries = np.ascontiguousarray(np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]))
-        if isinstance(snap.search, LayoutSearch):  # re-ranks from this thread's stored vectors
+        packed = self.packer.get(snap)
+        if packed is not None:
+            scores, ids = packed.search(queries, int(depth))
+        elif isinstance(snap.search, LayoutSearch):  # re-ranks from this thread's stored vectors
             scores, ids = snap.search.search(queries, int(depth), store=self.store)
         else:
             scores, ids = snap.search.search(queries, int(depth))
@@ -591,10 +629,33 @@ class ServeIndex:
             "searches": {"calls": self.searches.calls, "queries": self.searches.items},
             "model_runs": {"calls": self.model_runs.calls, "images": self.model_runs.items,
                            "max_batch": self.model_runs.max_batch},
+            "vector_search": self._search_info(snap),
             "max_upload_bytes": self.max_upload_bytes,
             "max_pixels": self.max_pixels,
         }
         return out
+
+    def _search_info(self, snap: Snapshot | None) -> dict[str, Any]:
+        """How queries search the loaded vectors: the packed float16 copy or FAISS, and why."""
+        packed = self.packer.get(snap) if snap is not None else None
+        if packed is not None:
+            return {"mode": self.vector_search, "using": "float16", "packed_bytes": packed.nbytes, "faiss_fallbacks": packed.fallbacks}
+        out: dict[str, Any] = {"mode": self.vector_search, "using": "faiss"}
+        if snap is not None and self._why_faiss is None:
+            if self.packer.busy or not self.packer.failure:
+                out["packing"] = True
+            else:
+                out["why"] = f"packing failed ({self.packer.failure})"
+        elif self._why_faiss:
+            out["why"] = self._why_faiss
+        return out
+
+
+def _pack(snap: Snapshot) -> Any:
+    """The float16 copy of a snapshot's flat index (on the packer's thread: torch is imported there)."""
+    from simsearch.embed.half_search import HalfPackedIndex
+
+    return HalfPackedIndex(snap.ann)
 
 
 def _one_openmp_thread() -> None:

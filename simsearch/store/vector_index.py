@@ -132,6 +132,22 @@ class VectorIndex:
         vectors = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, self.dim), np.float32)
         return self.ids(), vectors
 
+    def stored_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`stored` without the copy: the vectors are a read-only view of FAISS's own storage
+        (a memory-mapped index stays mapped, not read into memory). Valid only while this object
+        lives and is not changed: whoever keeps the view keeps this index too."""
+        import faiss
+
+        flat = self._flat()[1]
+        if flat is None:
+            raise ValueError(f"the vectors of a {self.factory!r} index are not stored as is")
+        n, d = int(flat.ntotal), int(flat.d)
+        if n == 0:
+            return self.ids(), np.zeros((0, d), np.float32)
+        view = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+        view.flags.writeable = False
+        return self.ids(), view
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n_queries, k), best first; missing neighbours have id -1."""
         return self.index.search(_as_f32(queries), clamp_k(k, len(self)))
