@@ -57,7 +57,7 @@ def removed():
 
 
 @pytest.mark.parametrize("k", [1, 10, 100, 1714, 5000])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 16])
 def test_search_equals_brute_force(removed, k, m) -> None:
     index, ids, x = removed
     packed = HalfPackedIndex(index)
@@ -72,6 +72,17 @@ def test_search_equals_brute_force(removed, k, m) -> None:
     _assert_same_neighbours(got, faiss_ids, ids, x, q)
     np.testing.assert_allclose(scores, faiss_scores, rtol=0, atol=1e-5)
     assert packed.fallbacks == 0
+
+
+def test_a_batch_over_max_queries_is_faiss_s_to_search(removed, monkeypatch) -> None:
+    index, ids, x = removed
+    packed = HalfPackedIndex(index)
+    monkeypatch.setattr(HalfPackedIndex, "_half_scores", lambda self, q: pytest.fail("not for a big batch"))
+    q = x[: half_search.MAX_QUERIES + 1]
+    scores, got = packed.search(q, 5)
+    want_scores, want = index.search(q, 5)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(scores, want_scores)
 
 
 def test_score_error_stays_within_the_bound(removed) -> None:
@@ -112,6 +123,23 @@ def test_copies_of_one_vector_widen_the_candidates_then_go_to_faiss() -> None:
     faiss_scores, faiss_ids = index.search(many[:1], 5)
     np.testing.assert_array_equal(got, faiss_ids)
     np.testing.assert_array_equal(scores, faiss_scores)
+
+
+def test_calibration_measures_how_often_the_first_candidates_suffice() -> None:
+    """Spread-out vectors are proven at once; vectors crowded within the bound of each other (all
+    near one direction) are not, which tells a caller that FAISS is the faster search for them."""
+    spread = HalfPackedIndex(_index(unit_vectors(3000, seed=12, dim=DIM)))
+    assert spread.proven_at_once == 1.0 and spread.widened == spread.fallbacks == 0
+    base = unit_vectors(1, seed=13, dim=DIM)
+    crowded = base + 2e-4 * unit_vectors(3000, seed=14, dim=DIM)
+    crowded /= np.linalg.norm(crowded, axis=1, keepdims=True)
+    packed = HalfPackedIndex(_index(crowded))
+    assert packed.proven_at_once < half_search.MIN_PROVEN_AT_ONCE
+    assert packed.widened == packed.fallbacks == 0  # counted afresh after calibrating
+    ids = np.arange(3000)
+    scores, got = packed.search(crowded[:4], 10)  # still exact, through more candidates or FAISS
+    _assert_same_neighbours(got, _brute_force(ids, crowded, crowded[:4], 10)[1], ids, crowded, crowded[:4])
+    assert packed.widened == 4
 
 
 def test_a_gemm_outside_the_bound_is_refused(removed, monkeypatch) -> None:

@@ -773,7 +773,8 @@ def test_flat_index_is_searched_through_its_packed_copy_with_faiss_answers(site)
         snap, copy = _packed_ready(packed)
         assert copy is not None and len(copy) == len(ids)
         assert packed.info()["serve"]["vector_search"] == {
-            "mode": "auto", "using": "float16", "packed_bytes": 2 * len(ids) * vectors.shape[1], "faiss_fallbacks": 0,
+            "mode": "auto", "using": "float16", "packed_bytes": 2 * len(ids) * vectors.shape[1], "widened": 0,
+            "faiss_fallbacks": 0,
         }
         plain.snapshot()
         assert plain.info()["serve"]["vector_search"] == {"mode": "faiss", "using": "faiss", "why": "asked for (--search faiss)"}
@@ -820,8 +821,9 @@ def test_packed_copy_follows_a_writers_save(tmp_path) -> None:
         state.close()
 
 
-def test_no_packed_copy_past_the_limit_or_without_fbgemm(tmp_path, monkeypatch) -> None:
-    """Too big a copy, or a torch without FBGEMM: FAISS searches, and /api/info says why."""
+def test_no_packed_copy_past_the_limit_without_fbgemm_or_when_faiss_is_faster(tmp_path, monkeypatch) -> None:
+    """Too big a copy, a torch without FBGEMM, or scores too crowded for the float16 search to
+    prove its results: FAISS searches, and /api/info says why."""
     from simsearch.embed import half_search
     from simsearch.serve.state import ServeIndex
 
@@ -841,9 +843,18 @@ def test_no_packed_copy_past_the_limit_or_without_fbgemm(tmp_path, monkeypatch) 
     try:
         assert _packed_ready(bare)[1] is None
         search = bare.info()["serve"]["vector_search"]
-        assert search["using"] == "faiss" and "packing failed" in search["why"] and "FBGEMM" in search["why"]
+        assert search["using"] == "faiss" and "not packed" in search["why"] and "FBGEMM" in search["why"]
         assert [h["id"] for h in bare.query_id(int(ids[1]), k=3)["results"]] == want
     finally:
         bare.close()
+    monkeypatch.undo()
+    monkeypatch.setattr(half_search.HalfPackedIndex, "_calibrate", lambda self, k=10: 0.5)
+    crowded = ServeIndex(tmp_path / "index", device="cpu")
+    try:
+        assert _packed_ready(crowded)[1] is None
+        search = crowded.info()["serve"]["vector_search"]
+        assert search["using"] == "faiss" and "crowd too close" in search["why"] and "50%" in search["why"]
+    finally:
+        crowded.close()
     with pytest.raises(Exception, match="unknown vector search"):
         ServeIndex(tmp_path / "index", vector_search="gpu")

@@ -16,6 +16,12 @@ vector left out belongs in the top k. A query it cannot prove (many near-equal s
 copies of one image) gets four times the candidates, and past :data:`MAX_CANDIDATES` FAISS's own
 search. Scores are float32 sums like FAISS's, and equal scores come in storage order.
 
+When most queries would need that (vectors whose scores all crowd within the bound of each
+other, as a random-weight ResNet-50's do: the 1,000th neighbour at a cosine of 0.9992), the
+float16 search is slower than FAISS's. So building one also measures
+:attr:`HalfPackedIndex.proven_at_once` on stored vectors used as queries, and callers keep FAISS
+below :data:`MIN_PROVEN_AT_ONCE`.
+
 FBGEMM is x86-only: :func:`half_gemm_unavailable` says why not elsewhere, and callers keep FAISS.
 """
 
@@ -32,7 +38,13 @@ from ..store import VectorIndex, clamp_k
 log = logging.getLogger(__name__)
 
 EXTRA_CANDIDATES = 32  # re-scored beyond k at first (at least 2k): all it takes on real and random-weight vectors
-MAX_CANDIDATES = 4096  # a query the bound cannot prove with this many goes to FAISS
+MAX_CANDIDATES = 1024  # a query the bound cannot prove with this many goes to FAISS
+# the float16 GEMM costs about as much per query at any batch size, FAISS's flat search about the
+# same for 1 to 16 queries: past this many queries at once, FAISS is the faster
+MAX_QUERIES = 16
+# below this share of sampled queries proven with their first candidates, FAISS is the faster search
+MIN_PROVEN_AT_ONCE = 0.9
+CALIBRATION_QUERIES = 64
 _RESCORE_FLOATS = 1 << 22  # candidate vectors gathered at once for re-scoring (16 MB)
 _UNIT_ROUNDOFF = 2.0**-24  # float32
 _CHUNK = 8192  # vectors widened to float64 at once when packing (32 MB at 512-d)
@@ -67,7 +79,9 @@ class HalfPackedIndex:
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
         self.vectors = vectors
         self.dim = int(vectors.shape[1])
+        self.widened = 0  # queries that needed more than their first candidates (tests, info)
         self.fallbacks = 0  # queries the bound could not prove, answered by FAISS (tests, info)
+        self.proven_at_once = 1.0  # share of sampled queries proven with their first candidates
         n = len(vectors)
         with warnings.catch_warnings():  # FAISS's read-only map: torch only reads it
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -76,6 +90,7 @@ class HalfPackedIndex:
         self.bound = _score_error_bound(weight, self.dim)
         if n:
             self._check(weight)
+            self.proven_at_once = self._calibrate()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,11 +101,12 @@ class HalfPackedIndex:
         return 2 * len(self) * self.dim
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n_queries, k), best first, as FAISS's flat search gives them."""
+        """(scores, ids), each (n_queries, k), best first, as FAISS's flat search gives them (and
+        by FAISS itself for more than :data:`MAX_QUERIES` queries)."""
         n = len(self)
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        if n == 0 or len(q) == 0:
-            return self.ann.search(q, k)  # FAISS's own answer for the empty cases
+        if n == 0 or len(q) == 0 or len(q) > MAX_QUERIES:
+            return self.ann.search(q, k)  # FAISS's own answer: the empty cases, and big batches
         k = clamp_k(k, n)
         approx = self._half_scores(q)
         out_s = np.empty((len(q), k), np.float32)
@@ -98,7 +114,7 @@ class HalfPackedIndex:
         # how far a float16 score may be from the float32 one, for each query (scaled by its norm)
         margin = np.linalg.norm(q, axis=1) * self.bound
         todo = np.arange(len(q))
-        width = min(n, max(2 * k, k + EXTRA_CANDIDATES))
+        width = first = min(n, max(2 * k, k + EXTRA_CANDIDATES))
         while True:
             rows = approx if len(todo) == len(q) else approx[torch.from_numpy(todo)]
             top, pos = torch.topk(rows, width, dim=1, sorted=False)
@@ -110,6 +126,8 @@ class HalfPackedIndex:
             done = todo[proven]
             out_s[done] = scores[proven, :k]
             out_i[done] = self.ids[pos[proven, :k]]
+            if width == first:
+                self.widened += int((~proven).sum())
             todo = todo[~proven]
             if not len(todo):
                 return out_s, out_i
@@ -127,10 +145,11 @@ class HalfPackedIndex:
         """Float32 scores of each query's candidate positions, best first (equal scores in storage
         order, as FAISS's scan keeps the first of equals), and the positions in that order."""
         pos = np.sort(pos, axis=1)
+        # einsum, not matmul: numpy's own loops, where BLAS would wake its threads for a few rows
         if pos.size * self.dim <= _RESCORE_FLOATS:
-            scores = np.matmul(self.vectors[pos], q[:, :, None])[:, :, 0]
+            scores = np.einsum("cwd,cd->cw", self.vectors[pos], q)
         else:  # many candidates: one query's at a time
-            scores = np.stack([self.vectors[p] @ v for p, v in zip(pos, q)])
+            scores = np.stack([np.einsum("wd,d->w", self.vectors[p], v) for p, v in zip(pos, q)])
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(pos, order, axis=1)
 
@@ -150,6 +169,19 @@ class HalfPackedIndex:
             worst = max(worst, float((approx[:, s : s + _CHUNK] - exact).abs().max()))
         if not worst <= self.bound:
             raise RuntimeError(f"float16 scores are off by {worst:.3g}, more than the bound {self.bound:.3g}")
+
+
+    def _calibrate(self, k: int = 10) -> float:
+        """The share of a seeded sample of stored vectors, as queries for ``k`` neighbours, that
+        the bound proves with their first candidates (the counters start again at 0 after)."""
+        rng = np.random.default_rng(0)
+        picked = rng.choice(len(self), min(len(self), CALIBRATION_QUERIES), replace=False)
+        queries = np.array(self.vectors[np.sort(picked)])
+        for s in range(0, len(queries), MAX_QUERIES):
+            self.search(queries[s : s + MAX_QUERIES], k + 1)  # + 1: a query by id leaves itself out
+        share = 1.0 - self.widened / len(picked)
+        self.widened = self.fallbacks = 0
+        return share
 
 
 def _score_error_bound(weight: torch.Tensor, dim: int, chunk: int = _CHUNK) -> float:

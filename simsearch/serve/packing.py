@@ -93,7 +93,7 @@ class LatestPacker:
             except Exception as exc:  # noqa: BLE001 - the server keeps searching with FAISS
                 failure = str(exc) or type(exc).__name__
                 if failure != self._logged:
-                    log.warning("searching with FAISS: the vectors could not be packed for the float16 search (%s)", failure)
+                    log.warning("searching with FAISS, not a packed float16 copy: %s", failure)
                     self._logged = failure
             with self._cond:
                 self.busy = False

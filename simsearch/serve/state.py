@@ -639,13 +639,14 @@ class ServeIndex:
         """How queries search the loaded vectors: the packed float16 copy or FAISS, and why."""
         packed = self.packer.get(snap) if snap is not None else None
         if packed is not None:
-            return {"mode": self.vector_search, "using": "float16", "packed_bytes": packed.nbytes, "faiss_fallbacks": packed.fallbacks}
+            return {"mode": self.vector_search, "using": "float16", "packed_bytes": packed.nbytes,
+                    "widened": packed.widened, "faiss_fallbacks": packed.fallbacks}
         out: dict[str, Any] = {"mode": self.vector_search, "using": "faiss"}
         if snap is not None and self._why_faiss is None:
             if self.packer.busy or not self.packer.failure:
                 out["packing"] = True
             else:
-                out["why"] = f"packing failed ({self.packer.failure})"
+                out["why"] = f"not packed: {self.packer.failure}"
         elif self._why_faiss:
             out["why"] = self._why_faiss
         return out
@@ -653,9 +654,15 @@ class ServeIndex:
 
 def _pack(snap: Snapshot) -> Any:
     """The float16 copy of a snapshot's flat index (on the packer's thread: torch is imported there)."""
-    from simsearch.embed.half_search import HalfPackedIndex
+    from simsearch.embed.half_search import MIN_PROVEN_AT_ONCE, HalfPackedIndex
 
-    return HalfPackedIndex(snap.ann)
+    packed = HalfPackedIndex(snap.ann)
+    if packed.proven_at_once < MIN_PROVEN_AT_ONCE:
+        raise RuntimeError(
+            f"the vectors' scores crowd too close together for the float16 search to prove its results "
+            f"({packed.proven_at_once:.0%} of sampled queries at once), so FAISS is faster here"
+        )
+    return packed
 
 
 def _one_openmp_thread() -> None:
