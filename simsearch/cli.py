@@ -714,7 +714,8 @@ def _print_eval_result(result: EvalResult) -> None:
               help="Most concurrent uploads embedded in one forward pass (1: one image per pass).")
 @click.option("--search", "search", type=click.Choice(["auto", "faiss"]), default="auto", show_default=True,
               help="auto: search a flat index through a float16 copy of its vectors, packed in the background "
-                   "(exact, 2-3x faster; FAISS until it is ready and for other layouts); faiss: FAISS alone.")
+                   "(exact, about 2x faster for a few queries at once; FAISS until it is ready and for other layouts); "
+                   "faiss: FAISS alone.")
 @device_option
 @precision_option
 @click.pass_context

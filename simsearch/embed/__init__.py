@@ -13,6 +13,7 @@ Modules, each depending only on those above it in this list (and on layers 0-2):
 * ``pipeline``: bounded background stages
 * ``embedder``: :class:`Embedder`, which runs all of the above
 * ``gpu_ops``, ``device_search``: k-means and exact search on a torch device
+* ``half_search``: exact search of a flat index on the CPU through a float16 copy (FBGEMM)
 
 The names below are re-exported lazily (PEP 562), so importing the package, or a torch-free
 module in it such as ``cuda_probe``, does not import torch.

@@ -12,8 +12,8 @@ What it owns and why:
   over the vectors; a query by indexed id never waits for the model or a thread of the pool.
 - **A flat index searched through a float16 copy** (``vector_search="auto"``): the loaded vectors are
   packed on a thread of their own (:mod:`simsearch.serve.packing`) for the exact float16 search
-  of :mod:`simsearch.embed.half_search`, 2 to 3.5 times faster than FAISS's for the small batches
-  a server sees; FAISS searches until the copy is ready, and for other layouts, collections over
+  of :mod:`simsearch.embed.half_search`, about twice as fast as FAISS's for the few queries of a
+  server's batch; FAISS searches until the copy is ready, and for other layouts, collections over
   :data:`~simsearch.serve.packing.PACK_LIMIT_BYTES` or CPUs without FBGEMM.
 - **The vectors, reloaded when a writer saves.** Each request stats the FAISS file (inode, mtime,
   size; the writer always replaces it by an atomic rename). When that changed, the file is loaded
