@@ -858,3 +858,40 @@ def test_no_packed_copy_past_the_limit_without_fbgemm_or_when_faiss_is_faster(tm
         crowded.close()
     with pytest.raises(Exception, match="unknown vector search"):
         ServeIndex(tmp_path / "index", vector_search="gpu")
+
+
+def test_latest_packer_keeps_only_the_newest_sources_result() -> None:
+    """A pack asked for while another runs replaces it (the running one's result is dropped); one
+    running when packing is called off (clear) is dropped too; a failure is kept, with its text."""
+    from simsearch.serve.packing import LatestPacker
+
+    started, release = threading.Event(), threading.Event()
+    packed: list[str] = []
+
+    def pack(source: str) -> str:
+        if source == "slow":
+            started.set()
+            assert release.wait(30)
+        if source == "bad":
+            raise ValueError("cannot pack this")
+        packed.append(source)
+        return source.upper()
+
+    packer = LatestPacker(pack)
+    try:
+        packer.want("slow")
+        assert started.wait(30)
+        packer.want("new")  # while "slow" runs
+        release.set()
+        assert packer.wait("new", 30) == "NEW" and packer.get("slow") is None
+        started.clear()
+        release.clear()
+        packer.want("slow")
+        assert started.wait(30)
+        packer.clear()  # the loaded vectors are not to be packed after all
+        release.set()
+        assert packer.wait("slow", 30) is None and packed[-1] == "slow" and packer.failure is None
+        packer.want("bad")
+        assert packer.wait("bad", 30) is None and packer.failure == "cannot pack this"
+    finally:
+        packer.close()

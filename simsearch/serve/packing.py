@@ -31,6 +31,7 @@ class LatestPacker:
         self.name = name
         self._cond = threading.Condition()
         self._wanted: Any = None
+        self._asked = 0  # counts want() and clear() calls: a pack asked for before the last one is not kept
         self._ready: tuple[Any, Any] | None = None  # (source, packed)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -44,6 +45,7 @@ class LatestPacker:
             if self._closed:
                 return
             self._wanted = source
+            self._asked += 1
             self._ready = None
             self.failure = None
             if self._thread is None:
@@ -55,6 +57,7 @@ class LatestPacker:
         """Drop the packed copy kept (the vectors loaded now are not to be packed)."""
         with self._cond:
             self._wanted = None
+            self._asked += 1
             self._ready = None
             self.failure = None
 
@@ -86,6 +89,7 @@ class LatestPacker:
                 if self._closed:
                     return
                 source, self._wanted = self._wanted, None
+                asked = self._asked
                 self.busy = True
             packed, failure = None, None
             try:
@@ -97,7 +101,7 @@ class LatestPacker:
                     self._logged = failure
             with self._cond:
                 self.busy = False
-                if self._wanted is None and not self._closed:  # not replaced by newer vectors meanwhile
+                if asked == self._asked and not self._closed:  # no newer vectors (or none to pack) meanwhile
                     self._ready = (source, packed) if packed is not None else None
                     self.failure = failure
                 self._cond.notify_all()

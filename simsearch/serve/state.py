@@ -431,8 +431,9 @@ class ServeIndex:
         return [dict(_row_dict(rows[i]), rank=r + 1, score=round(s, 6)) for r, (s, i) in enumerate(found[:k])]
 
     def _search_group(self, snap: Snapshot, depth: Any, vectors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One FAISS search of the query vectors waiting for ``snap`` at ``depth`` (on the search
-        thread; see :class:`Batcher`); each query's (scores, ids), of shape (1, depth)."""
+        """One search of the query vectors waiting for ``snap`` at ``depth`` (on the search
+        thread; see :class:`Batcher`): through the packed float16 copy when it is ready, else
+        FAISS; each query's (scores, ids), of shape (1, depth)."""
         queries = np.ascontiguousarray(np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]))
         packed = self.packer.get(snap)
         if packed is not None:
