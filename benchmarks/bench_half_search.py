@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
     import torch
+    from bench_index import cpu_name
     from threadpoolctl import threadpool_limits
 
-    from bench_index import cpu_name
     from simsearch.embed.half_search import MAX_QUERIES, HalfPackedIndex
     from simsearch.store import IndexStore
 

@@ -75,7 +75,7 @@ def test_search_equals_brute_force(removed, k, m) -> None:
 
 
 def test_a_batch_over_max_queries_is_faiss_s_to_search(removed, monkeypatch) -> None:
-    index, ids, x = removed
+    index, _, x = removed
     packed = HalfPackedIndex(index)
     monkeypatch.setattr(HalfPackedIndex, "_half_scores", lambda self, q: pytest.fail("not for a big batch"))
     q = x[: half_search.MAX_QUERIES + 1]
@@ -137,7 +137,7 @@ def test_calibration_measures_how_often_the_first_candidates_suffice() -> None:
     assert packed.proven_at_once < half_search.MIN_PROVEN_AT_ONCE
     assert packed.widened == packed.fallbacks == 0  # counted afresh after calibrating
     ids = np.arange(3000)
-    scores, got = packed.search(crowded[:4], 10)  # still exact, through more candidates or FAISS
+    _, got = packed.search(crowded[:4], 10)  # still exact, through more candidates or FAISS
     _assert_same_neighbours(got, _brute_force(ids, crowded, crowded[:4], 10)[1], ids, crowded, crowded[:4])
     assert packed.widened == 4
 
