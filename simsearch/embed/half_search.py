@@ -6,7 +6,7 @@ again on each call. FBGEMM's float16-weight GEMM, which torch ships for ``nn.Lin
 float16 weights (``quantized::linear_dynamic_fp16``), keeps the vectors packed once, in half the
 bytes: a batch of 1 to 4 queries over 10,000 x 512 vectors searches 1.9 to 2.3 times faster than
 with FAISS, of 8 to 16 queries 1.1 to 1.4 times (``benchmarks/bench_half_search.py``, 2-core AMD
-EPYC; results checked against FAISS's). Packing is slow (about 25 us a vector, one core), so
+EPYC; results checked against FAISS's). Packing is slow (about 30 us a 512-d vector, one core), so
 it happens once per loaded index and off the request path (``simsearch serve`` packs on a thread
 of its own and searches with FAISS meanwhile).
 

@@ -1,6 +1,6 @@
 """The loaded vectors packed for the float16 search (:mod:`simsearch.embed.half_search`), on a thread of their own.
 
-Why a thread: packing takes about 25 us a vector on one core (0.1-0.3 s for 10,000, several
+Why a thread: packing takes about 30 us a 512-d vector on one core (0.3 s for 10,000, several
 seconds for 250,000), too long for a request to wait, and it has to happen again after every
 reload of the vectors. So the server searches with FAISS until the packed copy of the vectors it
 has loaded is ready. Only the newest loaded vectors are worth packing: a reload while a pack runs
