@@ -19,8 +19,7 @@ search. Scores are float32 sums like FAISS's, and equal scores come in storage o
 
 When most queries would need that (vectors whose scores all crowd within the bound of each
 other, as a random-weight ResNet-50's do: the median image's 1,000th neighbour at a cosine of
-0.9992), the
-float16 search is slower than FAISS's. So building one also measures
+0.9992), the float16 search is slower than FAISS's. So building one also measures
 :attr:`HalfPackedIndex.proven_at_once` on stored vectors used as queries, and callers keep FAISS
 below :data:`MIN_PROVEN_AT_ONCE`.
 
