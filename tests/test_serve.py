@@ -375,6 +375,22 @@ def test_cli_refuses_an_open_host_without_token(site) -> None:
     assert result.exit_code == 2 and "--token" in result.output
     result = CliRunner().invoke(cli, ["serve", "--index", str(site / "nothing-here")])
     assert result.exit_code == 1 and "no index at" in result.output
+    result = CliRunner().invoke(cli, ["serve", "--index", str(site / "index"), "--search", "gpu"])
+    assert result.exit_code == 2 and "'auto', 'faiss'" in result.output
+
+
+def test_cli_search_option_reaches_the_server(site, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    import simsearch.serve.server as server
+    from simsearch.cli import cli
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(server, "serve", lambda index_dir, **options: seen.update(options))
+    for given, want in ((["--search", "faiss"], "faiss"), ([], "auto")):
+        result = CliRunner().invoke(cli, ["serve", "--index", str(site / "index"), *given])
+        assert result.exit_code == 0, result.output
+        assert seen["vector_search"] == want
 
 
 # -- live index: reloads, rebuilds, concurrent writers ----------------------------------------
