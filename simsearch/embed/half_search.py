@@ -90,9 +90,9 @@ class HalfPackedIndex:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             weight = torch.from_numpy(vectors)
             self._packed = torch.ops.quantized.linear_prepack_fp16(weight, None) if n else None
-        self.bound = _score_error_bound(weight, self.dim)
+        self.bound = 0.0
         if n:
-            self._check(weight)
+            self.bound = self._measure_bound(weight)
             self.proven_at_once = self._calibrate()
 
     def __len__(self) -> int:
@@ -156,23 +156,35 @@ class HalfPackedIndex:
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(pos, order, axis=1)
 
-    def _check(self, weight: torch.Tensor, probes: int = 16) -> None:
-        """Compare the packed scores with float32 ones for a few stored vectors and random
-        directions, and refuse (RuntimeError) a build whose GEMM breaks the bound: the proof of
-        exactness rests on it."""
+    def _measure_bound(self, weight: torch.Tensor, probes: int = 16) -> float:
+        """For a query of norm 1: how far a float16 score of any stored vector may be from its true
+        score, plus how far a float32 re-score may be (so that comparing the two is safe). In the
+        same pass over the vectors, the packed scores of a few stored vectors and random directions
+        are compared with float64 ones, and a build whose GEMM breaks the bound is refused
+        (RuntimeError): the proof of exactness rests on it.
+
+        A float16 score sums ``q . h(x)`` in float32: off from ``q . x`` by at most
+        ``|x - h(x)| + g |h(x)|``, and a float32 re-score by ``g |x|``, with ``g = d u / (1 - d u)``
+        the worst case of d float32 roundings (u = 2^-24). The largest of each over the vectors, and
+        1 % to spare."""
         rng = np.random.default_rng(0)
         picked = np.asarray(weight[torch.from_numpy(rng.integers(0, len(weight), probes))])
         q = np.concatenate([picked, rng.standard_normal((probes, self.dim)).astype(np.float32)])
         q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         approx = self._half_scores(q).double()
         qd = torch.from_numpy(q).double()
-        worst = 0.0
+        err = norm = worst = 0.0
         for s in range(0, len(weight), _CHUNK):
-            exact = qd @ weight[s : s + _CHUNK].double().T
-            worst = max(worst, float((approx[:, s : s + _CHUNK] - exact).abs().max()))
-        if not worst <= self.bound:
-            raise RuntimeError(f"float16 scores are off by {worst:.3g}, more than the bound {self.bound:.3g}")
-
+            x = weight[s : s + _CHUNK].double()
+            h = weight[s : s + _CHUNK].half().double()  # round to nearest, as FBGEMM packs
+            err = max(err, float(torch.linalg.vector_norm(x - h, dim=1).max()))
+            norm = max(norm, float(torch.linalg.vector_norm(x, dim=1).max()), float(torch.linalg.vector_norm(h, dim=1).max()))
+            worst = max(worst, float((approx[:, s : s + _CHUNK] - qd @ x.T).abs().max()))
+        g = self.dim * _UNIT_ROUNDOFF / (1 - self.dim * _UNIT_ROUNDOFF)
+        bound = 1.01 * (err + 2 * g * norm)
+        if not worst <= bound:
+            raise RuntimeError(f"float16 scores are off by {worst:.3g}, more than the bound {bound:.3g}")
+        return bound
 
     def _calibrate(self, k: int = 10) -> float:
         """The share of a seeded sample of stored vectors, as queries for ``k`` neighbours, that
@@ -185,22 +197,3 @@ class HalfPackedIndex:
         share = 1.0 - self.widened / len(picked)
         self.widened = self.fallbacks = 0
         return share
-
-
-def _score_error_bound(weight: torch.Tensor, dim: int, chunk: int = _CHUNK) -> float:
-    """For a query of norm 1: how far a float16 score of any stored vector may be from its true
-    score, plus how far a float32 re-score may be (so that comparing the two is safe).
-
-    A float16 score sums ``q . h(x)`` in float32: off from ``q . x`` by at most
-    ``|x - h(x)| + g |h(x)|``, and a float32 re-score by ``g |x|``, with ``g = d u / (1 - d u)``
-    the worst case of d float32 roundings (u = 2^-24). The largest of each over the vectors, and
-    1 % to spare."""
-    err = 0.0
-    norm = 0.0
-    for s in range(0, len(weight), chunk):
-        x = weight[s : s + chunk].double()
-        h = weight[s : s + chunk].half().double()  # round to nearest, as FBGEMM packs
-        err = max(err, float(torch.linalg.vector_norm(x - h, dim=1).max()))
-        norm = max(norm, float(torch.linalg.vector_norm(x, dim=1).max()), float(torch.linalg.vector_norm(h, dim=1).max()))
-    g = dim * _UNIT_ROUNDOFF / (1 - dim * _UNIT_ROUNDOFF)
-    return 1.01 * (err + 2 * g * norm)
