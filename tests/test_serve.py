@@ -659,9 +659,15 @@ def test_batcher_groups_by_target_and_key_and_passes_errors_to_their_callers() -
 
 
 def _both(site, **options):
-    """Test clients of the app with the lean GET /api/search in front of FastAPI, and without it."""
-    return (TestClient(create_app(site / "index", device="cpu", **options)),
-            TestClient(create_app(site / "index", device="cpu", lean_search=False, **options)))
+    """Test clients of the app with the lean GET /api/search in front of FastAPI, and without it,
+    each searching through its packed float16 copy already: answers compared byte for byte must
+    come from the same search (FAISS's float32 sums and the re-scoring's may differ in the last
+    bit, and so in a score's sixth decimal)."""
+    apps = (create_app(site / "index", device="cpu", **options),
+            create_app(site / "index", device="cpu", lean_search=False, **options))
+    for app in apps:
+        assert _packed_ready(app.state.index)[1] is not None
+    return tuple(TestClient(app) for app in apps)
 
 
 def test_lean_search_route_answers_exactly_as_the_fastapi_route(site) -> None:
