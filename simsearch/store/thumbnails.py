@@ -11,7 +11,9 @@ the store layer: the index directory's writer (:class:`simsearch.store.IndexStor
 from __future__ import annotations
 
 import io
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,6 +21,8 @@ from PIL import Image
 
 from ..errors import ImageError
 from ..images import DEFAULT_MAX_PIXELS, decode_image, read_bytes
+
+log = logging.getLogger(__name__)
 
 THUMB_DIR = "thumbs"
 THUMB_SIZE = 256
@@ -41,17 +45,31 @@ class ThumbnailCache:
         path = self.dir / self._name(row.id, row.hash)
         try:
             return path.read_bytes()
-        except FileNotFoundError:
+        except OSError:  # not made yet, or the cache cannot be read: make it
             pass
         try:
             data = make_thumbnail(row.real_path)
         except (ImageError, OSError):
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        self._keep(path, data)
         return data
+
+    def _keep(self, path: Path, data: bytes) -> None:
+        """Cache ``data`` at ``path`` atomically. A cache that cannot be written (a full disk, a
+        ``thumbs`` that is not a folder) only costs the next call the same work: logged, not raised."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # a name of each process's thread: two threads making the same thumbnail never share a
+            # file (and, unlike mkstemp's 0600, the thumbnail gets the umask's usual permissions)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            log.warning("thumbnail not cached in %s: %s", self.dir, exc)
 
     def drop(self, ids: Iterable[int]) -> None:
         """Delete the thumbnails of these rows (their images left the index)."""
