@@ -275,6 +275,33 @@ def test_import_checks_identity_dim_and_replaces_by_path(tmp_path):
         store.close()
 
 
+def test_import_normalises_chunk_by_chunk_whatever_the_dtype(tmp_path, monkeypatch):
+    import simsearch.store.importing as importing
+
+    monkeypatch.setattr(importing, "IMPORT_CHUNK", 7)  # 50 vectors: 8 chunks, the last one short
+    x = clustered(50, seed=3)
+    scaled = (x * np.linspace(0.5, 40, 50)[:, None]).astype(np.float16)  # norms far from 1, as float16
+    store = IndexStore.open(tmp_path / "idx", create=True)
+    try:
+        store.lock_for_writing()
+        with pytest.raises(InputError, match="zero or not finite"):
+            bad = scaled.copy()
+            bad[45] = np.inf  # in the last chunk: every chunk's norms are checked before anything is written
+            store.import_vectors(records(50), bad, IDENTITY)
+        assert store.catalog.counts()["ok"] == 0
+        with pytest.raises(InputError, match="not numbers"):
+            store.import_vectors(records(1), np.array([["a"] * DIM]), IDENTITY)
+        ids = store.import_vectors(records(50), scaled, IDENTITY)
+        store.save()
+        got_ids, got = store.vectors_of(ids)
+        assert got_ids.tolist() == sorted(ids) == ids
+        expected = scaled.astype(np.float32) / np.linalg.norm(scaled.astype(np.float32), axis=1, keepdims=True)
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-3)
+    finally:
+        store.close()
+
+
 def test_kmeans_on_a_sample_assigns_every_vector_to_its_nearest_centroid(tmp_path, monkeypatch):
     import simsearch.cluster as cluster
 
