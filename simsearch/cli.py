@@ -504,6 +504,24 @@ def import_vectors(
     render(summary, as_json, text)
 
 
+@cli.command("export-vectors")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@index_option
+@click.option("--float16", "half", is_flag=True, help="Write the vectors as float16, as the index stores them (half the size).")
+@json_option
+@handle_errors
+def export_vectors(out: Path, index_dir: Path | None, half: bool, as_json: bool) -> None:
+    """Write the index's vectors, paths and file metadata to OUT (an .npz that import-vectors reads)."""
+    from .vector_export import export_vectors as export
+
+    summary = export(index_dir or default_index_dir(), out, dtype="float16" if half else "float32")
+
+    def text(s: Any) -> None:
+        click.echo(f"exported {s.exported} vectors ({s.dim}-d {s.dtype}, {_human_bytes(s.bytes)}) to {s.out} [{s.seconds:.1f}s]")
+
+    render(summary, as_json, text)
+
+
 @cli.command()
 @json_option
 def models(as_json: bool) -> None:

@@ -1,7 +1,8 @@
 """The ``import-vectors`` job: add vectors computed elsewhere (files on disk) to an index.
 
 Reads an ``.npz`` (arrays ``vectors`` and ``paths``, optional ``sizes``, ``mtimes_ns``, ``hashes``,
-``widths``, ``heights`` and ``identity``, a JSON string of the model description) or an ``.npy`` of vectors with a CSV of
+``widths``, ``heights`` and ``identity``, a JSON string of the model description; -1 or ""
+for an unknown value, as ``export-vectors`` writes them) or an ``.npy`` of vectors with a CSV of
 ``path,size,mtime_ns`` (optional ``hash,width,height`` columns) (one line per vector, in order), works out the vectors' model identity, and
 hands everything to :meth:`simsearch.store.IndexStore.import_vectors`; then saves and lets the
 index's layout follow the new size (:func:`simsearch.store.layouts.maintain_layout`). Torch is
@@ -50,7 +51,7 @@ def read_vector_file(vectors_file: str | os.PathLike[str], paths_csv: str | os.P
                     raise InputError(f"{path} needs arrays 'vectors' and 'paths'")
                 vectors = data["vectors"]
                 n = len(vectors)
-                column = lambda key: data[key].tolist() if key in data else [None] * n  # noqa: E731
+                column = lambda key: [_known(v) for v in data[key].tolist()] if key in data else [None] * n  # noqa: E731
                 records = [
                     {"path": str(p), "size": s, "mtime_ns": m, "hash": h, "width": w, "height": hh}
                     for p, s, m, h, w, hh in zip(
@@ -76,6 +77,12 @@ def read_vector_file(vectors_file: str | os.PathLike[str], paths_csv: str | os.P
     except (ValueError, KeyError, OSError) as exc:
         raise InputError(f"cannot read vectors from {path}: {exc}") from exc
     return records, vectors, identity
+
+
+def _known(value: Any) -> Any:
+    """None for the marks of an unknown value in an ``.npz`` (which holds no None): -1 for a size,
+    mtime, width or height, an empty hash (what ``export-vectors`` writes)."""
+    return None if value == "" or value == -1 else value
 
 
 def model_identity(model: str, weights: str = "imagenet", seed: int = 0) -> dict[str, Any]:
@@ -114,6 +121,8 @@ def import_vector_file(
         store.repair(full=False)  # what a crash left, at the cost of what changed (see IndexStore.quick_check)
         store.import_vectors(records, vectors, identity)
         extra = {k: identity[k] for k in ("weights_source", "seed") if k in identity}
+        if identity.get("precisions"):  # what the vectors were computed in (an export says; informational)
+            extra["precisions"] = sorted(set(store.meta.get("precisions", [])) | set(identity["precisions"]))
         if extra:
             store.set_meta(extra)
         store.save()

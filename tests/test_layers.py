@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, int]] = [
     ("simsearch.cluster", 4),
     ("simsearch.evaluate", 4),
     ("simsearch.vector_import", 4),
+    ("simsearch.vector_export", 4),
     ("simsearch.train", 4),
     ("simsearch.duplicates", 4),
     ("simsearch.calibrate", 4),
@@ -189,6 +190,7 @@ LIGHT = [
     ["cluster", "--show", "0", "--index", "{index}"],
     ["duplicates", "--threshold", "0.9", "--verify", "off", "--index", "{index}"],
     ["labels", "--index", "{index}"],
+    ["export-vectors", "{index}/../light-export.npz", "--index", "{index}"],
 ]
 
 

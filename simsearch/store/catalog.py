@@ -326,6 +326,21 @@ class Catalog:
         else:
             self.db.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the catalog, whatever a writer commits meanwhile.
+
+        A read transaction: the write-ahead log keeps the pages it started with until it ends, so a
+        whole-index read (an export) never pairs one commit's rows with another's. Nested: a no-op."""
+        if self.db.conn.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")  # a read transaction has nothing to keep or undo
+
     def _bump_generation(self) -> None:
         self.db.execute(
             "INSERT INTO meta (key, value) VALUES ('generation', '1') "
@@ -583,6 +598,24 @@ class Catalog:
             if not rows:
                 return
             yield _slot_arrays(rows)
+
+    def count_stored(self) -> int:
+        """How many ok rows have a stored vector (what :meth:`iter_ok_rows` yields): a count of
+        :data:`OK_SLOT_INDEX` where the catalog has it."""
+        return int(self.db.execute("SELECT count(*) FROM images WHERE status = 'ok' AND slot IS NOT NULL").fetchone()[0])
+
+    def iter_ok_rows(self, chunk: int = 4096) -> Iterator[tuple[list[ImageRow], np.ndarray, np.ndarray]]:
+        """(rows, slots, CRC-32s) of every ok row with a stored vector, in id order, ``chunk`` rows at
+        a time: what a read of every row with its vector needs (an export), in one statement."""
+        cursor = self.db.execute(
+            f"SELECT {_ROW_COLUMNS}, slot, vcrc FROM images WHERE status = 'ok' AND slot IS NOT NULL ORDER BY id"
+        )
+        while True:
+            rows = cursor.fetchmany(chunk)
+            if not rows:
+                return
+            refs = np.array([r[-2:] for r in rows], dtype=np.int64).reshape(len(rows), 2)
+            yield [ImageRow(*r[:-2]) for r in rows], refs[:, 0].copy(), refs[:, 1].copy()
 
     def slots_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, slots) of the ok rows among ``ids`` that have a stored vector, in id order.

@@ -297,6 +297,29 @@ class IndexStore:
         for row_ids, slots, _ in self.catalog.iter_slots(chunk=chunk):
             yield row_ids, vf.read(slots, mapped)
 
+    def iter_stored(self, chunk: int = 4096) -> Iterator[tuple[list[ImageRow], np.ndarray]]:
+        """Every ok row with its stored vector (float32, as FAISS holds it), in id order, ``chunk``
+        rows at a time, as one state of the index (an export of the whole index).
+
+        The rows come from one read transaction (:meth:`Catalog.snapshot`), and each vector is
+        checked against its row's CRC-32: a slot that a writer freed and filled again meanwhile, or
+        a damaged one, is an error, never another image's vector under this row's path. Plain file
+        reads, so the vector file does not stay resident (see :meth:`VectorFile.read16`)."""
+        vf = self.vectors
+        if vf is None:
+            return
+        with self.catalog.snapshot():
+            for rows, slots, crcs in self.catalog.iter_ok_rows(chunk):
+                rows16 = vf.read16(slots, mapped=False)
+                bad = np.flatnonzero(np.array(row_crcs(rows16), dtype=np.int64) != crcs)
+                if len(bad):
+                    raise IndexCorruptError(
+                        f"the stored vector of {rows[int(bad[0])].path} does not match its checksum: the index "
+                        f"was written while it was read (run again), or it is damaged "
+                        f"(simsearch index --repair --index {self.path})"
+                    )
+                yield rows, from_stored(rows16)
+
     def vectors_of(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids found, their vectors) for ``ids``, in id order; ids with no ok row are left out."""
         parts = list(self.iter_vectors(ids))

@@ -1,0 +1,188 @@
+"""export-vectors: an index's vectors and metadata as the .npz that import-vectors reads, whole,
+from one state of the index, and back into an index without re-embedding anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_collection, make_image, run_index
+from simsearch.cli import cli
+from simsearch.errors import EmptyIndexError, IndexCorruptError, InputError
+from simsearch.store import IndexStore
+from simsearch.store.vector_file import HEADER_SIZE, VECTOR_FILE
+from simsearch.vector_export import export_vectors
+from simsearch.vector_import import import_vector_file
+
+
+def _odd_name(folder: Path, name: bytes) -> str:
+    """A path as os.scandir reports it (surrogate escapes for bytes that are not UTF-8)."""
+    return os.fsdecode(os.fsencode(str(folder)) + b"/" + name)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def stored(index: Path) -> dict[str, tuple[np.ndarray, tuple]]:
+    """real path -> (stored vector, file metadata), read through the store."""
+    with IndexStore.open(index) as store:
+        ids, vectors = store.all_vectors()
+        rows = store.catalog.rows_by_ids(ids)
+    return {
+        rows[int(i)].real_path: (v, (rows[int(i)].size, rows[int(i)].mtime_ns, rows[int(i)].hash, rows[int(i)].width, rows[int(i)].height))
+        for i, v in zip(ids, vectors)
+    }
+
+
+@pytest.fixture
+def indexed(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "photos"
+    make_collection(root, n=10)
+    os.rename(make_image(root / "t.jpg", color=(9, 9, 250), seed=8), _odd_name(root, b"x\xff.jpg"))  # not UTF-8
+    (root / "broken.jpg").write_bytes(b"not an image")  # a failed row: not exported
+    index = tmp_path / "index"
+    summary = run_index(root, index)
+    assert (summary.added, summary.failed) == (11, 1)
+    return root, index
+
+
+def test_export_holds_every_searchable_image_as_the_store_has_it(indexed, tmp_path: Path) -> None:
+    _, index = indexed
+    out = tmp_path / "vectors.npz"
+    summary = export_vectors(index, out, chunk=4)  # several chunks
+    assert (summary.exported, summary.dim, summary.dtype) == (11, 512, "float32")
+    assert summary.bytes == out.stat().st_size
+    expected = stored(index)
+    with np.load(out, allow_pickle=False) as data:
+        assert data["vectors"].dtype == np.float32 and data["vectors"].shape == (11, 512)
+        assert list(data["ids"]) == sorted(data["ids"])
+        got = {
+            p: (v, (s, m, h, w, hh))
+            for p, v, s, m, h, w, hh in zip(
+                data["paths"].tolist(), data["vectors"], data["sizes"].tolist(), data["mtimes_ns"].tolist(),
+                data["hashes"].tolist(), data["widths"].tolist(), data["heights"].tolist(),
+            )
+        }
+        identity = json.loads(str(data["identity"]))
+    assert got.keys() == expected.keys()
+    for path, (vector, meta) in expected.items():
+        assert np.array_equal(got[path][0], vector) and got[path][1] == meta
+    with IndexStore.open(index) as store:
+        assert {k: identity[k] for k in store.catalog.identity()} == store.catalog.identity()
+        assert (identity["weights_source"], identity["seed"]) == ("random", 0)
+
+    half = export_vectors(index, tmp_path / "half.npz", dtype="float16")
+    with np.load(tmp_path / "half.npz", allow_pickle=False) as data:
+        assert data["vectors"].dtype == np.float16
+        np.testing.assert_allclose(data["vectors"].astype(np.float32), np.stack([v for v, _ in got.values()]), atol=1e-3)
+    member = lambda path: zipfile.ZipFile(path).getinfo("vectors.npy").file_size  # noqa: E731
+    assert member(tmp_path / "half.npz") - 128 == (member(out) - 128) // 2 == 11 * 512 * 2  # after the .npy header
+    assert half.bytes < summary.bytes
+
+
+def test_exported_vectors_import_into_an_index_that_needs_no_reembedding(indexed, tmp_path: Path) -> None:
+    root, index = indexed
+    out = tmp_path / "vectors.npz"
+    export_vectors(index, out)
+    merged = tmp_path / "merged"
+    result = import_vector_file(merged, out)  # a new index takes the file's identity
+    assert result.imported == result.total_indexed == 11
+    with IndexStore.open(merged) as store:
+        assert (store.meta["weights_source"], store.meta["seed"], store.meta["precisions"]) == ("random", 0, ["fp32"])
+    before, after = stored(index), stored(merged)
+    assert after.keys() == before.keys()
+    for path, (vector, meta) in before.items():
+        assert np.array_equal(after[path][0], vector) and after[path][1] == meta
+    again = run_index(root, merged)  # the same files, the same model: nothing to embed
+    assert (again.unchanged, again.added, again.updated, again.failed) == (11, 0, 0, 1)
+
+    from simsearch.search import query_images
+
+    [a] = query_images([root / "a" / "img000.jpg"], index, k=5, device="cpu")
+    [b] = query_images([root / "a" / "img000.jpg"], merged, k=5, device="cpu")
+    assert [(h.path, round(h.score, 5)) for h in a.results] == [(h.path, round(h.score, 5)) for h in b.results]
+
+
+def test_unknown_metadata_goes_out_as_marks_and_comes_back_as_none(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    source = tmp_path / "bare.npz"
+    np.savez(source, vectors=rng.normal(size=(3, 512)).astype(np.float32), paths=np.array(["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]))
+    first = tmp_path / "first"
+    import_vector_file(first, source, model="resnet18", weights="random")
+    export_vectors(first, tmp_path / "out.npz")
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as data:
+        assert data["sizes"].tolist() == data["widths"].tolist() == [-1, -1, -1]
+        assert data["hashes"].tolist() == ["", "", ""]
+    second = tmp_path / "second"
+    import_vector_file(second, tmp_path / "out.npz")
+    assert {meta for _, meta in stored(second).values()} == {(None, None, None, None, None)}
+
+
+def test_a_vector_that_does_not_match_its_checksum_stops_the_export(indexed, tmp_path: Path) -> None:
+    _, index = indexed
+    with IndexStore.open(index) as store:
+        victim = store.catalog.rows("status = 'ok'")[3]
+        slot = store.catalog.db.execute("SELECT slot FROM images WHERE id = ?", [victim.id]).fetchone()[0]
+        row_bytes = store.vectors.row_bytes
+    with open(index / VECTOR_FILE, "r+b") as f:  # as a writer reusing the slot meanwhile would leave it
+        f.seek(HEADER_SIZE + slot * row_bytes + 10)
+        f.write(b"\x3c" * 32)
+    out = tmp_path / "vectors.npz"
+    with pytest.raises(IndexCorruptError, match="does not match its checksum"):
+        export_vectors(index, out)
+    assert not out.exists() and not list(tmp_path.glob(".vectors.npz.*"))  # nothing half-written left
+
+
+def test_a_writer_committing_during_an_export_is_not_seen(indexed, tmp_path: Path) -> None:
+    _, index = indexed
+    rng = np.random.default_rng(1)
+    with IndexStore.open(index) as reader:
+        identity = reader.catalog.identity()
+        with reader.catalog.snapshot():
+            n = reader.catalog.count_stored()
+            first = next(reader.iter_stored(chunk=2))
+            with IndexStore.open(index) as writer:  # another connection commits two new rows
+                writer.lock_for_writing()
+                writer.import_vectors(
+                    [{"path": "/elsewhere/new1.jpg"}, {"path": "/elsewhere/new2.jpg"}], rng.normal(size=(2, 512)), identity
+                )
+                writer.save()
+            rows = [r for part in reader.iter_stored(chunk=2) for r in part[0]]
+            assert reader.catalog.count_stored() == n == len(rows) == 11
+            assert [r.id for r in first[0]] == [r.id for r in rows[:2]]
+        assert reader.catalog.count_stored() == 13  # the snapshot ended: the new rows are there
+
+
+def test_export_errors(tmp_path: Path, indexed) -> None:
+    _, index = indexed
+    with pytest.raises(InputError, match=r"\.npz"):
+        export_vectors(index, tmp_path / "vectors.npy")
+    with pytest.raises(InputError, match="float16"):
+        export_vectors(index, tmp_path / "v.npz", dtype="int8")
+    IndexStore.open(tmp_path / "empty", create=True).close()
+    with pytest.raises(EmptyIndexError):
+        export_vectors(tmp_path / "empty", tmp_path / "v.npz")
+    r = invoke("export-vectors", tmp_path / "v.npz", "--index", tmp_path / "nothing-here")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_export_vectors_command(indexed, tmp_path: Path) -> None:
+    _, index = indexed
+    r = invoke("export-vectors", tmp_path / "v.npz", "--index", index)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("exported 11 vectors (512-d float32, ") and str(tmp_path / "v.npz") in r.stdout
+    r = invoke("export-vectors", tmp_path / "h.npz", "--index", index, "--float16", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert (summary["exported"], summary["dtype"], summary["out"]) == (11, "float16", str(tmp_path / "h.npz"))
+    r = invoke("import-vectors", tmp_path / "h.npz", "--index", tmp_path / "copy")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("imported 11 vectors; 11 images indexed")
+
