@@ -120,6 +120,8 @@ def import_vector_file(
             identity = dict(identity, **{k: store.meta[k] for k in ("weights_source", "seed") if k in store.meta})
         store.repair(full=False)  # what a crash left, at the cost of what changed (see IndexStore.quick_check)
         store.import_vectors(records, vectors, identity)
+        imported = len(records)
+        del records, vectors  # the file's arrays: not held while the layout below is rebuilt
         extra = {k: identity[k] for k in ("weights_source", "seed") if k in identity}
         if identity.get("precisions"):  # what the vectors were computed in (an export says; informational)
             extra["precisions"] = sorted(set(store.meta.get("precisions", [])) | set(identity["precisions"]))
@@ -127,4 +129,4 @@ def import_vector_file(
             store.set_meta(extra)
         store.save()
         layout = maintain_layout(store, ann)
-        return ImportSummary(str(index_dir), len(records), store.catalog.counts()["ok"], time.perf_counter() - t0, layout)
+        return ImportSummary(str(index_dir), imported, store.catalog.counts()["ok"], time.perf_counter() - t0, layout)

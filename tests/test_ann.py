@@ -302,6 +302,37 @@ def test_import_normalises_chunk_by_chunk_whatever_the_dtype(tmp_path, monkeypat
         store.close()
 
 
+def test_the_old_layout_is_not_held_in_memory_while_a_new_one_is_built(tmp_path, monkeypatch):
+    store, x = make_store(tmp_path / "idx", 300)
+    try:
+        store.lock_for_writing()
+        assert store.ann is not None and len(store.ann) == 300
+        held_while_building = []
+        real = layouts.build_layout
+        monkeypatch.setattr(layouts, "build_layout", lambda st, *a, **kw: held_while_building.append(st._ann) or real(st, *a, **kw))
+        info = maintain_layout(store, AnnRequest("ivf"))
+        assert info["layout"] == "ivf" and held_while_building == [None]
+        _, found = store.ann.search(x[:5], 1)
+        assert found[:, 0].tolist() == [1, 2, 3, 4, 5] and store.check().ok
+    finally:
+        store.close()
+
+
+def test_release_ann_only_drops_what_the_saved_file_holds(tmp_path):
+    store, x = make_store(tmp_path / "idx", 50)
+    try:
+        store.lock_for_writing()
+        store.import_vectors(records(1, start=50), x[:1] * 2, IDENTITY)  # committed, not saved yet
+        assert not store.release_ann() and len(store.ann) == 51
+        store.save()
+        assert store.release_ann() and store._ann is None
+        assert len(store.ann) == 51  # read again from the file on next use
+        _, found = store.ann.search(x[:1], 2)
+        assert sorted(found[0].tolist()) == [1, 51]
+    finally:
+        store.close()
+
+
 def test_kmeans_on_a_sample_assigns_every_vector_to_its_nearest_centroid(tmp_path, monkeypatch):
     import simsearch.cluster as cluster
 

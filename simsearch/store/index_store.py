@@ -176,6 +176,16 @@ class IndexStore:
     def ann(self, value: VectorIndex | None) -> None:
         self._ann, self._ann_loaded, self._ann_mapped = value, True, False
 
+    def release_ann(self) -> bool:
+        """Drop the in-memory FAISS index when its saved file holds all of it (nothing changed or
+        pending since the last save); the next use reads the file again. For a job about to build
+        a new layout beside it, which would otherwise hold both (a flat index of a million 512-d
+        vectors is 2 GB). Returns whether it was dropped."""
+        if self._ann is None or self._ann.changed or self.catalog.has_pending() or not self._faiss_file_matches_stamp():
+            return False
+        self._ann, self._ann_loaded, self._ann_mapped = None, False, False
+        return True
+
     def _forget_mapped_ann(self) -> None:
         """From now on this store changes FAISS: drop a read-only mapped index, so that the next use
         loads one into memory (FAISS aborts the process on a write to a mapped one)."""

@@ -489,6 +489,7 @@ def maintain_layout(store: Any, request: AnnRequest | None = None, force: bool =
     if not (rebuild or force):
         return None
     log.info("building the %s layout (%s): %s", layout, factory, why)
+    store.release_ann()  # the old layout is on disk: building the new one need not hold both in memory
     ann, info = build_layout(store, int(meta["dim"]), factory, request.recall)
     info.update(layout=layout, reason=why)
     name = f"vectors-{secrets.token_hex(4)}.faiss"
