@@ -76,13 +76,13 @@ def export_vectors(
             with store.catalog.snapshot():  # the count in the header and the rows streamed after it agree
                 store.require_stored_vectors()  # an empty or damaged index is an error, said as for k-means
                 n = store.catalog.count_stored()
-                columns = _write_npz(tmp, store, n, dim, np.dtype(dtype).newbyteorder("<"), chunk, identity)
+                exported = _write_npz(tmp, store, n, dim, np.dtype(dtype).newbyteorder("<"), chunk, identity)
             os.replace(tmp, out)
         except OSError as exc:
-            raise SimsearchError(f"cannot write {out}: {exc}") from exc
+            raise SimsearchError(f"cannot export to {out}: {exc}") from exc
         finally:
             tmp.unlink(missing_ok=True)
-    return ExportSummary(str(index_dir), str(out), columns, dim, dtype, out.stat().st_size, time.perf_counter() - t0)
+    return ExportSummary(str(index_dir), str(out), exported, dim, dtype, out.stat().st_size, time.perf_counter() - t0)
 
 
 def _write_npz(

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import make_collection, make_image, run_index
 from simsearch.cli import cli
-from simsearch.errors import EmptyIndexError, IndexCorruptError, InputError
+from simsearch.errors import EmptyIndexError, IndexCorruptError, InputError, SimsearchError
 from simsearch.store import IndexStore
 from simsearch.store.vector_file import HEADER_SIZE, VECTOR_FILE
 from simsearch.vector_export import export_vectors
@@ -166,6 +166,8 @@ def test_export_errors(tmp_path: Path, indexed) -> None:
         export_vectors(index, tmp_path / "vectors.npy")
     with pytest.raises(InputError, match="float16"):
         export_vectors(index, tmp_path / "v.npz", dtype="int8")
+    with pytest.raises(SimsearchError, match="cannot export to"):
+        export_vectors(index, tmp_path / "no" / "such" / "v.npz")
     IndexStore.open(tmp_path / "empty", create=True).close()
     with pytest.raises(EmptyIndexError):
         export_vectors(tmp_path / "empty", tmp_path / "v.npz")
