@@ -481,19 +481,25 @@ def _check_problems(found: dict[str, Any]) -> str:
 @click.option("--model", default=None, help="The model that made the vectors [default: the .npz's identity, or the index's model].")
 @click.option("--weights", default="imagenet", show_default=True, help="Its weights (with --model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --weights random (with --model).")
+@click.option("--rewrite", "rewrites", multiple=True, metavar="OLD=NEW", help="Paths under folder OLD are under NEW here (another machine's mount point); repeatable, the first that applies wins.")
 @ann_options
 @json_option
 @handle_errors
 def import_vectors(
     vectors: Path, index_dir: Path | None, paths_csv: Path | None, model: str | None, weights: str, seed: int,
-    ann: str | None, ann_memory: str | None, recall: float | None, as_json: bool,
+    rewrites: tuple[str, ...], ann: str | None, ann_memory: str | None, recall: float | None, as_json: bool,
 ) -> None:
     """Add vectors computed elsewhere (an .npz, or an .npy with --paths CSV) to the index."""
-    from .vector_import import import_vector_file
+    from .vector_import import import_vector_file, parse_rewrite
 
+    try:
+        rules = [parse_rewrite(r) for r in rewrites]
+    except SimsearchError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rewrite") from None
     index_dir = index_dir or default_index_dir()
     summary = import_vector_file(
-        index_dir, vectors, paths_csv, model=model, weights=weights, seed=seed, ann=ann_request(ann, ann_memory, recall)
+        index_dir, vectors, paths_csv, model=model, weights=weights, seed=seed, ann=ann_request(ann, ann_memory, recall),
+        rewrite=rules,
     )
 
     def text(s: Any) -> None:

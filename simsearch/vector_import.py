@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -85,6 +85,24 @@ def _known(value: Any) -> Any:
     return None if value == "" or value == -1 else value
 
 
+def parse_rewrite(rule: str) -> tuple[str, str]:
+    """``OLD=NEW`` as a (prefix, replacement) pair of absolute paths."""
+    old, sep, new = rule.partition("=")
+    if not sep or not old or not new:
+        raise InputError(f"a rewrite is OLD=NEW (two folders), not {rule!r}")
+    return old, new
+
+
+def rewrite_path(path: str, rules: Sequence[tuple[str, str]]) -> str:
+    """``path`` with the first rule whose folder holds it applied: ``/mnt/a/x.jpg`` under
+    ``("/mnt/a", "/data")`` is ``/data/x.jpg``; ``/mnt/ab/x.jpg`` is not under ``/mnt/a``."""
+    for old, new in rules:
+        prefix = old.rstrip("/")
+        if path == prefix or path.startswith(prefix + "/"):
+            return new.rstrip("/") + path[len(prefix):] if path != prefix else new
+    return path
+
+
 def model_identity(model: str, weights: str = "imagenet", seed: int = 0) -> dict[str, Any]:
     """The identity of vectors made by a named model (builds the model, so imports torch)."""
     from .models import create_model
@@ -101,14 +119,20 @@ def import_vector_file(
     weights: str = "imagenet",
     seed: int = 0,
     ann: AnnRequest | None = None,
+    rewrite: Sequence[tuple[str, str]] = (),
 ) -> ImportSummary:
     """Add the vectors of ``vectors_file`` to the index at ``index_dir`` (created if need be).
 
     Their identity: the file's own (``.npz`` ``identity``), else ``model``/``weights``/``seed``'s,
-    else (no model named) the existing index's: then only their dim is checked.
+    else (no model named) the existing index's: then only their dim is checked. ``rewrite``:
+    (old folder, new folder) pairs for paths that name the files where they were indexed, not
+    where this index sees them (another machine's mount point); the first that holds a path applies.
     """
     t0 = time.perf_counter()
     records, vectors, identity = read_vector_file(vectors_file, paths_csv)
+    if rewrite:
+        for record in records:
+            record["path"] = rewrite_path(str(record["path"]), rewrite)
     if identity is None and model is not None:
         identity = model_identity(model, weights, seed)
     with IndexStore.open(index_dir, create=True) as store:

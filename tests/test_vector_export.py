@@ -188,3 +188,43 @@ def test_export_vectors_command(indexed, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("imported 11 vectors; 11 images indexed")
 
+
+
+def test_rewrite_path_applies_the_first_folder_that_holds_the_path() -> None:
+    from simsearch.vector_import import parse_rewrite, rewrite_path
+
+    rules = [parse_rewrite("/mnt/a/=/data/a"), parse_rewrite("/mnt=/srv")]
+    assert rewrite_path("/mnt/a/x/y.jpg", rules) == "/data/a/x/y.jpg"
+    assert rewrite_path("/mnt/ab/y.jpg", rules) == "/srv/ab/y.jpg"  # not under /mnt/a: the next rule
+    assert rewrite_path("/mnt", rules) == "/srv"
+    assert rewrite_path("/mntx/y.jpg", rules) == "/mntx/y.jpg"  # no folder holds it
+    assert rewrite_path("/p/q.jpg", [parse_rewrite("/=/root/")]) == "/root/p/q.jpg"
+    for bad in ("/mnt", "=/x", "/x="):
+        with pytest.raises(InputError, match="OLD=NEW"):
+            parse_rewrite(bad)
+
+
+def test_shards_indexed_elsewhere_merge_under_this_machines_paths(tmp_path: Path) -> None:
+    """Two folders indexed where they were mounted elsewhere, merged here with --rewrite: the
+    merged index knows the files where they are now and embeds none of them again."""
+    import shutil
+
+    there = tmp_path / "there"
+    make_collection(there / "2024", n=6, seed=1)
+    make_collection(there / "2025", n=4, seed=2)
+    for year in ("2024", "2025"):
+        run_index(there / year, tmp_path / f"shard-{year}")
+        assert invoke("export-vectors", tmp_path / f"{year}.npz", "--index", tmp_path / f"shard-{year}").exit_code == 0
+    here = tmp_path / "here"
+    shutil.copytree(there, here)  # copy2: the same sizes and mtimes, another folder
+    merged = tmp_path / "merged"
+    for year in ("2024", "2025"):
+        r = invoke("import-vectors", tmp_path / f"{year}.npz", "--index", merged, "--rewrite", f"{there}={here}")
+        assert r.exit_code == 0, r.output
+    with IndexStore.open(merged) as store:
+        paths = sorted(row.path for row in store.catalog.rows())
+    assert len(paths) == 10 and all(p.startswith(str(here) + "/") for p in paths)
+    again = run_index(here, merged)
+    assert (again.unchanged, again.added, again.updated, again.moved, again.removed) == (10, 0, 0, 0, 0)
+    r = invoke("import-vectors", tmp_path / "2024.npz", "--index", merged, "--rewrite", "no-equals-sign")
+    assert r.exit_code == 2 and "OLD=NEW" in r.stderr
