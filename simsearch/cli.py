@@ -190,6 +190,7 @@ def cli(verbose: int) -> None:
 @index_model_options
 @ann_options
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching this glob (repeatable).")
+@click.option("--shard", metavar="I/N", default=None, callback=lambda ctx, param, value: _parse_shard(value), help="Index only part I of N of the files (the same file falls in the same part on every machine); for indexing one collection on N machines at once.")
 @click.option("--rebuild", is_flag=True, help="Drop the index and start over (needed to change model).")
 @click.option("--repair", is_flag=True, help="Bring FAISS back in step with the catalog from stored vectors.")
 @click.option("--show-failed", is_flag=True, help="List the files that could not be indexed, and stop.")
@@ -213,6 +214,7 @@ def index(
     ann_memory: str | None,
     recall: float | None,
     exclude: tuple[str, ...],
+    shard: Any,
     rebuild: bool,
     repair: bool,
     show_failed: bool,
@@ -248,9 +250,20 @@ def index(
     )
     summary = index_folders(
         folders, index_dir, options, exclude=exclude, rebuild=rebuild, progress=TqdmProgress("indexing", quiet),
-        ann=ann_request(ann, ann_memory, recall),
+        ann=ann_request(ann, ann_memory, recall), shard=shard,
     )
     render(summary, as_json, lambda summary: _print_index_summary(summary, index_dir))
+
+
+def _parse_shard(value: str | None) -> Any:
+    if value is None:
+        return None
+    from .images import Shard
+
+    try:
+        return Shard.parse(value)
+    except SimsearchError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard") from None
 
 
 def _print_index_summary(summary: IndexSummary, index_dir: Path) -> None:
@@ -449,6 +462,8 @@ def _print_info(data: dict[str, Any]) -> None:
         ("clustered", f"k={clustering['k']} at {clustering['created_at']}" if clustering else "never"),
         ("layout", _describe_layout(data["ann_layout"]) if data.get("ann_layout") else f"flat ({data['faiss_factory'] or 'IDMap2,Flat'}), exact"),
     ]
+    if data.get("shard"):
+        lines.insert(6, ("shard", f"{data['shard']} of the files (the last index run's --shard)"))
     if data.get("read_only"):
         lines.append(("access", "read-only"))
     found = data.get("check")

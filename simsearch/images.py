@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,36 @@ class FileEntry:
     path: str
     size: int
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count`` of a collection, for indexing it on several machines at once.
+
+    A file belongs to the part picked by a hash of its path relative to the folder it was found
+    under, so every machine puts the same file in the same part whatever the folder is mounted as;
+    the parts are disjoint and together hold every file."""
+
+    index: int  # 1-based
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``I/N``, with 1 <= I <= N."""
+        try:
+            i, n = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise InputError(f"a shard is I/N (part I of N, from 1), not {text!r}") from None
+        if not 1 <= i <= n:
+            raise InputError(f"shard {text}: I must be between 1 and N")
+        return cls(i, n)
+
+    def holds(self, relative_path: str) -> bool:
+        digest = hashlib.blake2b(os.fsencode(relative_path), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 # What an OS error reading a file (permission, I/O) reads like in a stored error: such a failure
@@ -122,13 +152,15 @@ SkipCallback = Callable[[str, str], None]
 
 
 def iter_image_files(
-    roots: Iterable[str | os.PathLike[str]], exclude: Iterable[str] = (), on_skip: SkipCallback | None = None
+    roots: Iterable[str | os.PathLike[str]], exclude: Iterable[str] = (), on_skip: SkipCallback | None = None,
+    shard: Shard | None = None,
 ) -> Iterator[FileEntry]:
     """Walk ``roots`` recursively and yield image files in a stable (sorted) order.
 
     Hidden files and folders, OS junk (``._*``, ``Thumbs.db``, ``.DS_Store``) and paths matching
     an ``exclude`` glob (tested against the name, the path relative to the root, and the absolute
-    path) are skipped. Symlinked folders are followed once: a loop or a second link to the same
+    path) are skipped; with ``shard``, so are the files of the other parts (by their path relative
+    to the root; a root that is a file, by its name). Symlinked folders are followed once: a loop or a second link to the same
     folder never repeats it, and a file reachable by two paths is yielded once.
 
     A FIFO, socket or device with an image name (or given as a root) is never opened (a FIFO
@@ -147,11 +179,11 @@ def iter_image_files(
         if st is not None and not stat.S_ISDIR(st.st_mode):
             if not stat.S_ISREG(st.st_mode):
                 skip(root_path, not_regular_reason(root_path, st.st_mode))
-            elif (st.st_dev, st.st_ino) not in seen_files:
+            elif (st.st_dev, st.st_ino) not in seen_files and (shard is None or shard.holds(os.path.basename(root_path))):
                 seen_files.add((st.st_dev, st.st_ino))
                 yield FileEntry(root_path, st.st_size, st.st_mtime_ns)
             continue
-        yield from _walk(root_path, root_path, patterns, seen_dirs, seen_files, skip)
+        yield from _walk(root_path, root_path, patterns, seen_dirs, seen_files, skip, shard)
 
 
 def _walk(
@@ -161,6 +193,7 @@ def _walk(
     seen_dirs: set[tuple[int, int]],
     seen_files: set[tuple[int, int]],
     skip: SkipCallback,
+    shard: Shard | None = None,
 ) -> Iterator[FileEntry]:
     try:
         st = os.stat(folder)
@@ -188,7 +221,7 @@ def _walk(
             if entry.is_dir(follow_symlinks=True):
                 subdirs.append(entry.path)
                 continue
-            if not is_image_name(entry.name):
+            if not is_image_name(entry.name) or (shard is not None and not shard.holds(rel)):
                 continue
             fst = entry.stat(follow_symlinks=True)
         except OSError:  # dangling link, permission denied
@@ -202,7 +235,7 @@ def _walk(
         seen_files.add(fkey)
         yield FileEntry(entry.path, fst.st_size, fst.st_mtime_ns)
     for sub in subdirs:
-        yield from _walk(root, sub, patterns, seen_dirs, seen_files, skip)
+        yield from _walk(root, sub, patterns, seen_dirs, seen_files, skip, shard)
 
 
 def content_hash(data: bytes) -> str:

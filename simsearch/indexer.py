@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from .errors import ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, FileEntry, hash_file, is_read_error, is_under, iter_image_files
+from .images import DEFAULT_MAX_PIXELS, FileEntry, Shard, hash_file, is_read_error, is_under, iter_image_files
 from .store import CATALOG_FILE, ImageRow, IndexStore, storage_errors, utc_now
 from .store.layouts import AnnRequest, maintain_layout, prepare_layout
 
@@ -153,13 +153,15 @@ def index_folders(
     progress: Progress | None = None,
     save_interval: float = 30.0,
     ann: AnnRequest | None = None,
+    shard: Shard | None = None,
 ) -> IndexSummary:
     """Index (or bring up to date) every image under ``roots`` into the index at ``index_dir``.
 
     ``options.model``/``weights``/``seed`` left None mean the existing index's own (so re-running on
     an index needs no ``--model``). ``ann``: the FAISS layout to keep (default: the one recorded,
     else automatic); after the run the layout is rebuilt from the stored vectors if the collection
-    has grown past it (see :mod:`simsearch.store.layouts`).
+    has grown past it (see :mod:`simsearch.store.layouts`). ``shard``: only that part of the files
+    (:class:`simsearch.images.Shard`); indexed files of the other parts leave the index.
     """
     from .embed import check_embed_options
     from .models import create_model
@@ -177,13 +179,13 @@ def index_folders(
     check_embed_options(options.device, options.decode, options.precision)
     model = create_model(options.model, options.weights, seed=options.seed)
     with storage_errors(index_dir):
-        return _index_into(model, root_list, index_dir, options, exclude, rebuild, progress, save_interval, t0, ann)
+        return _index_into(model, root_list, index_dir, options, exclude, rebuild, progress, save_interval, t0, ann, shard)
 
 
 def _index_into(
     model: Any, root_list: list[str], index_dir: str | os.PathLike[str], options: EmbedOptions,
     exclude: Iterable[str], rebuild: bool, progress: Progress, save_interval: float, t0: float,
-    ann: AnnRequest | None,
+    ann: AnnRequest | None, shard: Shard | None = None,
 ) -> IndexSummary:
     from .embed import Embedder
 
@@ -193,14 +195,14 @@ def _index_into(
         description = dict(model.describe(), weights_source=_weights_source(options.weights), seed=options.seed)
         store.ensure_identity(description, rebuild=rebuild)
         prepare_layout(store)
-        store.set_meta({"weights_source": description["weights_source"], "seed": options.seed})
+        store.set_meta({"weights_source": description["weights_source"], "seed": options.seed, "shard": shard and str(shard)})
         summary = IndexSummary(index=str(index_dir))
         found = store.repair(full=False)  # O(changed); the full scan is index --repair
         summary.repaired = found.count
 
         # Files refused under a lower --max-pixels get another chance when the limit is raised.
         retry_failed = _pixel_limit(options.max_pixels) > _pixel_limit(store.meta.get("max_pixels", DEFAULT_MAX_PIXELS))
-        plan = _plan(store, root_list, exclude, summary, retry_failed=retry_failed)
+        plan = _plan(store, root_list, exclude, summary, retry_failed=retry_failed, shard=shard)
         if plan.to_embed:
             embedder = Embedder(
                 model,
@@ -299,7 +301,8 @@ def _pixel_limit(max_pixels: int | None) -> float:
 
 
 def _plan(
-    store: IndexStore, roots: list[str], exclude: Iterable[str], summary: IndexSummary, retry_failed: bool = False
+    store: IndexStore, roots: list[str], exclude: Iterable[str], summary: IndexSummary, retry_failed: bool = False,
+    shard: Shard | None = None,
 ) -> _Plan:
     """Classify files and apply the cheap changes (moves, touches, removals) before embedding.
 
@@ -317,7 +320,7 @@ def _plan(
         summary.skipped.append({"path": path, "reason": reason})
         log.warning("skipped: %s", reason)
 
-    for entry in iter_image_files(roots, exclude, on_skip=skipped):
+    for entry in iter_image_files(roots, exclude, on_skip=skipped, shard=shard):
         key = entry.path
         seen.add(key)
         row = existing.get(key)

@@ -1,5 +1,7 @@
-"""export-vectors: an index's vectors and metadata as the .npz that import-vectors reads, whole,
-from one state of the index, and back into an index without re-embedding anything."""
+"""Past one machine: export-vectors writes an index's vectors and metadata as the .npz that
+import-vectors reads, whole, from one state of the index, and back into an index without
+re-embedding anything; index --shard splits a collection between machines, import --rewrite merges
+their parts under this machine's paths."""
 
 from __future__ import annotations
 
@@ -228,3 +230,52 @@ def test_shards_indexed_elsewhere_merge_under_this_machines_paths(tmp_path: Path
     assert (again.unchanged, again.added, again.updated, again.moved, again.removed) == (10, 0, 0, 0, 0)
     r = invoke("import-vectors", tmp_path / "2024.npz", "--index", merged, "--rewrite", "no-equals-sign")
     assert r.exit_code == 2 and "OLD=NEW" in r.stderr
+
+
+def test_shards_are_disjoint_balanced_and_the_same_wherever_the_folder_is() -> None:
+    from simsearch.images import Shard
+
+    names = [f"{d}/IMG_{i:05d}.jpg" for d in ("2023", "2024/summer", "x") for i in range(1000)]
+    parts = [[n for n in names if Shard(i, 4).holds(n)] for i in range(1, 5)]
+    assert sorted(sum(parts, [])) == sorted(names)  # every name in exactly one part
+    assert all(abs(len(p) - 750) < 0.1 * 750 for p in parts), [len(p) for p in parts]
+    assert [n for n in names if Shard(1, 1).holds(n)] == names
+    assert str(Shard.parse("3/8")) == "3/8"
+    for bad in ("0/4", "5/4", "1/0", "x", "1/2/3", ""):
+        with pytest.raises(InputError, match="shard"):
+            Shard.parse(bad)
+
+
+def test_a_collection_indexed_in_shards_merges_into_the_whole(tmp_path: Path) -> None:
+    """Three machines index a third each (here, from copies of the collection at other paths), the
+    exports are merged with --rewrite, and the merged index is the collection: nothing to embed."""
+    import shutil
+
+    from simsearch.images import Shard
+
+    root = tmp_path / "photos"
+    make_collection(root, n=18)
+    merged = tmp_path / "merged"
+    seen: list[set[str]] = []
+    for i in (1, 2, 3):
+        mount = tmp_path / f"machine{i}" / "nas"
+        shutil.copytree(root, mount)
+        summary = run_index(mount, tmp_path / f"shard{i}", shard=Shard(i, 3))
+        assert summary.failed == 0
+        with IndexStore.open(tmp_path / f"shard{i}") as store:
+            seen.append({os.path.relpath(r.path, mount) for r in store.catalog.rows()})
+            assert store.meta["shard"] == f"{i}/3"
+        r = invoke("info", "--index", tmp_path / f"shard{i}")
+        assert f"shard: {i}/3 of the files" in r.stdout
+        assert invoke("export-vectors", tmp_path / f"{i}.npz", "--index", tmp_path / f"shard{i}").exit_code == 0
+        r = invoke("import-vectors", tmp_path / f"{i}.npz", "--index", merged, "--rewrite", f"{mount}={root}")
+        assert r.exit_code == 0, r.output
+    assert all(seen) and set.union(*seen) == {os.path.relpath(p, root) for p in root.rglob("*.jpg")}
+    assert sum(len(s) for s in seen) == 18  # disjoint
+    again = run_index(root, merged)
+    assert (again.unchanged, again.added, again.updated, again.removed) == (18, 0, 0, 0)
+    # an index run with another --shard over the same index keeps only that part
+    other = run_index(root, merged, shard=Shard(2, 3))
+    assert other.removed == 18 - len(seen[1]) and other.added == 0
+    r = invoke("index", root, "--index", merged, "--shard", "4/3")
+    assert r.exit_code == 2 and "between 1 and N" in r.stderr

@@ -54,6 +54,7 @@ def index_info(index_dir: str | os.PathLike[str], check: bool = False) -> dict[s
             "created_at": meta.get("created_at"),
             "updated_at": meta.get("updated_at"),
             "roots": meta.get("roots", []),
+            "shard": meta.get("shard"),  # "I/N" when the last index run took part I of N of the files
             "last_clustering": clustering,
             "ann_layout": meta.get("ann_layout"),  # layout, factory, tuned parameters, measured recall@10
         }
