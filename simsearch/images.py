@@ -160,8 +160,9 @@ def iter_image_files(
     Hidden files and folders, OS junk (``._*``, ``Thumbs.db``, ``.DS_Store``) and paths matching
     an ``exclude`` glob (tested against the name, the path relative to the root, and the absolute
     path) are skipped; with ``shard``, so are the files of the other parts (by their path relative
-    to the root; a root that is a file, by its name). Symlinked folders are followed once: a loop or a second link to the same
-    folder never repeats it, and a file reachable by two paths is yielded once.
+    to the root; a root that is a file, by its name). Symlinked folders are followed once: a loop
+    or a second link to the same folder never repeats it, and a file reachable by two paths is
+    yielded once.
 
     A FIFO, socket or device with an image name (or given as a root) is never opened (a FIFO
     would block); ``on_skip(path, reason)`` hears of it.
