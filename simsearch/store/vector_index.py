@@ -126,11 +126,8 @@ class VectorIndex:
 
     def stored(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of a flat layout, in storage order (a copy), e.g. to search them on a GPU."""
-        flat = self._flat()[1]
-        if flat is None:
-            raise ValueError(f"the vectors of a {self.factory!r} index are not stored as is")
-        vectors = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, self.dim), np.float32)
-        return self.ids(), vectors
+        ids, view = self.stored_view()
+        return ids, np.array(view)
 
     def stored_view(self) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`stored` without the copy: the vectors are a read-only view of FAISS's own storage
