@@ -97,7 +97,7 @@ def _write_npz(
             np.lib.format.write_array_header_2_0(f, header)
             for rows, vectors in store.iter_stored(chunk):
                 if written + len(rows) > n:
-                    raise SimsearchError(f"the index at {store.path} changed while it was exported; run again")
+                    raise SimsearchError(f"the rows read from {store.path} are not the {n} counted; nothing was written")
                 f.write(np.ascontiguousarray(vectors, dtype=dtype).tobytes())
                 part = slice(written, written + len(rows))
                 numbers["ids"][part] = [r.id for r in rows]
@@ -108,8 +108,8 @@ def _write_npz(
                 texts["paths"] += [r.real_path for r in rows]  # a name that is not UTF-8 keeps its bytes
                 texts["hashes"] += [r.hash or "" for r in rows]
                 written += len(rows)
-        if written != n:
-            raise SimsearchError(f"the index at {store.path} changed while it was exported; run again")
+        if written != n:  # the header's count and the rows come from one read transaction: never
+            raise SimsearchError(f"the rows read from {store.path} are not the {n} counted; nothing was written")
         columns = {**numbers, **{k: np.array(v, dtype=str).reshape(n) for k, v in texts.items()}}
         for name, array in columns.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
